@@ -1,0 +1,112 @@
+"""Model files: FITS with a format version, the package version and a checksum.
+
+Writes are atomic (a temporary file in the same folder, then ``os.replace``),
+so an interrupted save never leaves a half-written file. Reading refuses an
+unknown format, a missing HDU or a checksum mismatch with a clear error.
+Metadata travels as JSON in a header card (never pickle or eval).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+
+from .errors import ModelFileError
+
+FORMAT_VERSION = 1
+
+
+def _canonical_digest(kind: str, metadata: dict, arrays: dict[str, np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    digest.update(kind.encode())
+    digest.update(json.dumps(metadata, sort_keys=True).encode())
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(name.encode())
+        digest.update(str(array.dtype.str).encode())
+        digest.update(str(array.shape).encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def write_model_file(path, kind: str, metadata: dict, arrays: dict[str, np.ndarray],
+                     overwrite: bool = False) -> Path:
+    """Write ``arrays`` as image HDUs named by their keys and ``metadata`` as JSON."""
+    from . import __version__
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+    arrays = {name: np.asarray(value) for name, value in arrays.items() if value is not None}
+    arrays = {name: (value.astype(np.uint8) if value.dtype == bool else value) for name, value in arrays.items()}
+    primary = fits.PrimaryHDU()
+    header = primary.header
+    header["CB_KIND"] = (kind, "cannon_bridge object stored here")
+    header["CB_FMT"] = (FORMAT_VERSION, "cannon_bridge model-file format version")
+    header["CB_VERS"] = (__version__, "cannon_bridge version that wrote it")
+    header["CB_META"] = json.dumps(metadata, sort_keys=True)
+    header["CB_HDUS"] = ",".join(arrays)
+    header["CB_SHA"] = (_canonical_digest(kind, metadata, arrays), "sha256 of metadata + arrays")
+    hdus = [primary]
+    for name, array in arrays.items():
+        hdus.append(fits.ImageHDU(np.ascontiguousarray(array), name=name.upper()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        fits.HDUList(hdus).writeto(temporary, overwrite=True, checksum=True)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    return path
+
+
+def read_model_file(path, kind: str, bool_arrays: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """Read a file written by :func:`write_model_file`; returns (metadata, arrays)."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelFileError(f"model file {path} does not exist")
+    try:
+        with fits.open(path, memmap=False, checksum=False) as hdul:
+            header = hdul[0].header
+            if header.get("CB_KIND") != kind:
+                raise ModelFileError(
+                    f"{path} is not a cannon_bridge {kind} file (CB_KIND={header.get('CB_KIND')!r})"
+                )
+            version = header.get("CB_FMT")
+            if version != FORMAT_VERSION:
+                raise ModelFileError(
+                    f"{path} has model-file format version {version!r}; this cannon_bridge reads "
+                    f"version {FORMAT_VERSION} (upgrade cannon_bridge or re-save the model)"
+                )
+            metadata = json.loads(header["CB_META"])
+            names = [name for name in header.get("CB_HDUS", "").split(",") if name]
+            arrays = {}
+            for name in names:
+                if name.upper() not in hdul:
+                    raise ModelFileError(f"{path} is missing the {name.upper()} HDU")
+                data = hdul[name.upper()].data
+                if data is None:
+                    raise ModelFileError(f"{path}: HDU {name.upper()} is empty (truncated file?)")
+                array = np.array(data)
+                array = array.astype(array.dtype.newbyteorder("="))
+                if name in bool_arrays:
+                    array = array.astype(bool)
+                arrays[name] = array
+            expected = header.get("CB_SHA")
+    except ModelFileError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise ModelFileError(f"could not read model file {path}: {exc} (truncated or corrupted?)") from None
+    check = {name: (value.astype(np.uint8) if value.dtype == bool else value) for name, value in arrays.items()}
+    if _canonical_digest(kind, metadata, check) != expected:
+        raise ModelFileError(
+            f"{path} failed its checksum: the file was modified or corrupted after it was written"
+        )
+    return metadata, arrays

@@ -1,0 +1,103 @@
+"""One input checker for flux, inverse variance and labels.
+
+Returns float64 copies; never changes the caller's arrays and never "repairs"
+data. Messages name the argument, the problem and what to do.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import InvalidInputError
+
+
+def _as_float_2d(value, name: str, allow_1d_as_row: bool = False) -> np.ndarray:
+    if value is None:
+        raise InvalidInputError(f"{name} is required but got None")
+    try:
+        array = np.array(value, dtype=np.float64, copy=True)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"{name} must be numeric; could not convert it: {exc}") from None
+    if array.ndim == 1 and allow_1d_as_row:
+        array = array[None, :]
+    if array.ndim != 2:
+        raise InvalidInputError(
+            f"{name} must be 2-D with shape (n_stars, n_pixels); got an array of shape {array.shape}"
+            + (" (pass a single spectrum as flux[None, :])" if array.ndim == 1 else "")
+        )
+    return array
+
+
+def check_spectra(flux, ivar=None, n_pixels: int | None = None, name: str = "flux",
+                  allow_1d: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Validate ``flux`` (n_stars, n_pixels) and ``ivar`` of the same shape.
+
+    Rules: ivar >= 0 and finite; flux finite wherever ivar > 0 (where ivar is 0
+    the flux is never used and may be NaN; it is set to 0 in the returned copy).
+    Without ivar every flux value must be finite.
+    """
+    flux = _as_float_2d(flux, name, allow_1d)
+    if flux.shape[0] == 0:
+        raise InvalidInputError(f"{name} is empty: it has shape {flux.shape}; pass at least one spectrum")
+    if flux.shape[1] == 0:
+        raise InvalidInputError(f"{name} has no pixels: shape {flux.shape}")
+    if n_pixels is not None and flux.shape[1] != n_pixels:
+        raise InvalidInputError(
+            f"{name} has {flux.shape[1]} pixels per spectrum but the model has {n_pixels}: "
+            "resample the spectra onto the model's wavelength grid"
+        )
+    ivar_name = "ivar" if name == "flux" else name.replace("flux", "ivar")
+    if ivar is None:
+        bad = ~np.isfinite(flux)
+        if bad.any():
+            star, pixel = np.argwhere(bad)[0]
+            raise InvalidInputError(
+                f"{name} has {int(bad.sum())} NaN/inf values (first at star {star}, pixel {pixel}) "
+                f"and no {ivar_name} was given: pass {ivar_name} with 0 at the bad pixels"
+            )
+        return flux, None
+    ivar = _as_float_2d(ivar, ivar_name, allow_1d)
+    if ivar.shape != flux.shape:
+        raise InvalidInputError(f"{name} has shape {flux.shape} but {ivar_name} has shape {ivar.shape}")
+    if np.isnan(ivar).any():
+        raise InvalidInputError(f"{ivar_name} contains {int(np.isnan(ivar).sum())} NaN values: use 0 for unknown pixels")
+    if np.isinf(ivar).any():
+        raise InvalidInputError(f"{ivar_name} contains inf values: inverse variances must be finite")
+    if (ivar < 0).any():
+        raise InvalidInputError(
+            f"{ivar_name} has {int((ivar < 0).sum())} negative values (min {ivar.min():.3g}): "
+            "inverse variances must be >= 0 (use 0 to mask a pixel)"
+        )
+    used = ivar > 0
+    bad = used & ~np.isfinite(flux)
+    if bad.any():
+        star, pixel = np.argwhere(bad)[0]
+        raise InvalidInputError(
+            f"{name} has {int(bad.sum())} NaN/inf values where {ivar_name} > 0 (first at star {star}, "
+            f"pixel {pixel}): set {ivar_name} to 0 there"
+        )
+    flux[~used] = 0.0
+    return flux, ivar
+
+
+def check_labels(labels, n_labels: int | None = None, n_stars: int | None = None,
+                 allow_nan: bool = False, name: str = "labels") -> np.ndarray:
+    """Validate labels (n_stars, n_labels); NaN allowed only when ``allow_nan``."""
+    labels = np.array(labels, dtype=np.float64, copy=True) if labels is not None else None
+    if labels is None:
+        raise InvalidInputError(f"{name} is required but got None")
+    if labels.ndim == 1:
+        labels = labels[:, None]
+    if labels.ndim != 2:
+        raise InvalidInputError(f"{name} must have shape (n_stars, n_labels); got {labels.shape}")
+    if n_labels is not None and labels.shape[1] != n_labels:
+        raise InvalidInputError(f"{name} has {labels.shape[1]} columns but the model has {n_labels} labels")
+    if n_stars is not None and labels.shape[0] != n_stars:
+        raise InvalidInputError(f"{name} has {labels.shape[0]} rows but flux has {n_stars} spectra")
+    if np.isinf(labels).any():
+        raise InvalidInputError(f"{name} contains inf values")
+    if not allow_nan and np.isnan(labels).any():
+        raise InvalidInputError(
+            f"{name} contains {int(np.isnan(labels).sum())} NaN values: this model needs complete labels "
+            "(drop those stars, or use BridgeModel, which trains with missing labels)"
+        )
+    return labels

@@ -1,0 +1,87 @@
+"""Compute kernels behind one interface.
+
+A backend is a small namespace of pure array functions:
+
+``solve_normal_equations(design, weights, flux, active=None, diagonal=None)``
+    Per-pixel weighted least squares for one block of pixels. ``design`` is
+    (n_stars, n_terms), ``weights`` and ``flux`` are (n_stars, n_pixels);
+    ``active`` (n_pixels, n_terms) marks the terms a pixel may use (censored
+    terms get a coefficient of exactly 0); ``diagonal`` (n_pixels, n_terms) is
+    added to each pixel's normal matrix (ridge / reweighted L1). Returns
+    ``(coef, ok)`` with coef (n_pixels, n_terms) and ok (n_pixels,) bool.
+``fit_scatter(residuals, data_variance, observed, dof_factor)``
+    Per-pixel intrinsic variance s^2 maximising the marginal likelihood.
+``xp``
+    The array module used by the batched test step (numpy or cupy).
+
+``numpy`` is the reference; ``numba`` and ``cupy`` are tested against it.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from ..errors import BackendUnavailableError, InvalidInputError
+
+__all__ = ["get_backend", "available_backends", "BACKEND_NAMES"]
+
+BACKEND_NAMES = ("numpy", "numba", "cupy", "auto")
+
+
+def _numba_available() -> bool:
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _cupy_available() -> bool:
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # no CuPy, no driver or no device: all mean "not available"
+        return False
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that can run on this machine."""
+    names = ["numpy"]
+    if _numba_available():
+        names.append("numba")
+    if _cupy_available():
+        names.append("cupy")
+    return names
+
+
+def get_backend(name: str = "auto") -> SimpleNamespace:
+    """Return the kernel namespace for ``name`` (``"auto"`` picks cupy > numba > numpy)."""
+    if name not in BACKEND_NAMES:
+        raise InvalidInputError(
+            f"The 'backend' parameter must be one of {BACKEND_NAMES}. Got {name!r} instead."
+        )
+    if name == "auto":
+        if _cupy_available():
+            name = "cupy"
+        elif _numba_available():
+            name = "numba"
+        else:
+            name = "numpy"
+    if name == "numpy":
+        from . import _numpy as module
+    elif name == "numba":
+        if not _numba_available():
+            raise BackendUnavailableError("backend='numba' needs numba: pip install numba")
+        from . import _numba as module
+    else:
+        if not _cupy_available():
+            raise BackendUnavailableError(
+                "backend='cupy' needs CuPy and a CUDA GPU: pip install 'cannon_bridge[gpu]'"
+            )
+        from . import _cupy as module
+    return SimpleNamespace(
+        name=name,
+        xp=module.xp,
+        solve_normal_equations=module.solve_normal_equations,
+        fit_scatter=module.fit_scatter,
+    )

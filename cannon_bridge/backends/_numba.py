@@ -1,0 +1,168 @@
+"""Fast CPU kernels: one GEMM per pixel block, then a numba packed Cholesky per pixel.
+
+The normal matrices of all pixels come from one BLAS-3 call (``W^T Z``, see
+:mod:`._packed`); the per-pixel solves run in parallel over pixels directly on
+the packed upper triangles, so no (n_pixels, n_terms, n_terms) array is built.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from ._packed import packed_products
+
+xp = np
+
+
+@numba.njit(cache=True, fastmath=False)
+def _solve_packed_one(packed_row, rhs_row, active_row, diag_row, n_terms, work, out):
+    # Unpack into the lower triangle of `work` with Jacobi scaling, then Cholesky.
+    index = 0
+    for i in range(n_terms):
+        for j in range(i, n_terms):
+            value = packed_row[index]
+            index += 1
+            if i == j:
+                value += diag_row[i]
+            if not (active_row[i] and active_row[j]):
+                value = 1.0 if i == j else 0.0
+            work[j, i] = value
+    scale = np.empty(n_terms)
+    for i in range(n_terms):
+        d = work[i, i]
+        scale[i] = np.sqrt(d) if d > 0 else 1.0
+    for i in range(n_terms):
+        for j in range(i + 1):
+            work[i, j] /= scale[i] * scale[j]
+    # in-place Cholesky (lower)
+    for j in range(n_terms):
+        s = work[j, j]
+        for k in range(j):
+            s -= work[j, k] * work[j, k]
+        if not s > 1e-14:
+            return False
+        d = np.sqrt(s)
+        work[j, j] = d
+        for i in range(j + 1, n_terms):
+            t = work[i, j]
+            for k in range(j):
+                t -= work[i, k] * work[j, k]
+            work[i, j] = t / d
+    # forward and back substitution
+    y = np.empty(n_terms)
+    for i in range(n_terms):
+        t = (rhs_row[i] if active_row[i] else 0.0) / scale[i]
+        for k in range(i):
+            t -= work[i, k] * y[k]
+        y[i] = t / work[i, i]
+    for i in range(n_terms - 1, -1, -1):
+        t = y[i]
+        for k in range(i + 1, n_terms):
+            t -= work[k, i] * out[k]
+        out[i] = t / work[i, i]
+    for i in range(n_terms):
+        out[i] /= scale[i]
+    return True
+
+
+@numba.njit(parallel=True, cache=True)
+def _solve_packed(packed, rhs, active, diagonal, n_terms):
+    n_pixels = packed.shape[0]
+    coef = np.zeros((n_pixels, n_terms))
+    ok = np.zeros(n_pixels, dtype=np.bool_)
+    for m in numba.prange(n_pixels):
+        work = np.empty((n_terms, n_terms))
+        out = np.zeros(n_terms)
+        if _solve_packed_one(packed[m], rhs[m], active[m], diagonal[m], n_terms, work, out):
+            finite = True
+            for i in range(n_terms):
+                if not np.isfinite(out[i]):
+                    finite = False
+            if finite:
+                coef[m] = out
+                ok[m] = True
+    return coef, ok
+
+
+def solve_normal_equations(design, weights, flux, active=None, diagonal=None):
+    """Per-pixel weighted least squares; see :mod:`cannon_bridge.backends`."""
+    n_pixels = weights.shape[1]
+    n_terms = design.shape[1]
+    packed = weights.T @ packed_products(design)  # one GEMM for every pixel's normal matrix
+    rhs = (weights * flux).T @ design
+    if active is None:
+        active = np.ones((n_pixels, n_terms), dtype=np.bool_)
+    if diagonal is None:
+        diagonal = np.zeros((n_pixels, n_terms))
+    return _solve_packed(
+        np.ascontiguousarray(packed),
+        np.ascontiguousarray(rhs),
+        np.ascontiguousarray(active, dtype=np.bool_),
+        np.ascontiguousarray(diagonal, dtype=np.float64),
+        n_terms,
+    )
+
+
+@numba.njit(parallel=True, cache=True)
+def _fit_scatter(residuals, data_variance, observed, dof_factor, n_iter):
+    n_stars, n_pixels = residuals.shape
+    out = np.zeros(n_pixels)
+    for m in numba.prange(n_pixels):
+        # gradient at v = 0, the maximum r^2 (upper bracket) and a moment start
+        g0 = 0.0
+        high = 0.0
+        total_r2 = 0.0
+        total_var = 0.0
+        n_obs = 0
+        for n in range(n_stars):
+            if observed[n, m]:
+                r2 = residuals[n, m] ** 2 * dof_factor
+                var = data_variance[n, m]
+                if var > 0:
+                    g0 += 0.5 * (r2 / (var * var) - 1.0 / var)
+                else:
+                    g0 = np.inf
+                high = max(high, r2)
+                total_r2 += r2
+                total_var += var
+                n_obs += 1
+        if n_obs == 0 or g0 <= 0 or high <= 0:
+            continue
+        low = 0.0
+        v = min(max((total_r2 - total_var) / n_obs, 0.0), high)
+        for _ in range(n_iter):
+            g = 0.0
+            h = 0.0
+            for n in range(n_stars):
+                if observed[n, m]:
+                    r2 = residuals[n, m] ** 2 * dof_factor
+                    inv = 1.0 / (data_variance[n, m] + v)
+                    g += 0.5 * (r2 * inv * inv - inv)
+                    h += -r2 * inv * inv * inv + 0.5 * inv * inv
+            if g > 0:
+                low = v
+            else:
+                high = v
+            if h < 0:
+                candidate = v - g / h
+            else:
+                candidate = -1.0
+            if not (candidate > low and candidate < high):
+                candidate = 0.5 * (low + high)
+            if abs(candidate - v) <= 1e-12 * max(v, 1e-30):
+                v = candidate
+                break
+            v = candidate
+        out[m] = v
+    return out
+
+
+def fit_scatter(residuals, data_variance, observed, dof_factor=1.0, n_iter=40):
+    """Intrinsic variance s^2 per pixel; same maths as the numpy reference."""
+    return _fit_scatter(
+        np.ascontiguousarray(residuals, dtype=np.float64),
+        np.ascontiguousarray(np.where(observed, data_variance, 1.0), dtype=np.float64),
+        np.ascontiguousarray(observed, dtype=np.bool_),
+        float(dof_factor),
+        int(n_iter),
+    )

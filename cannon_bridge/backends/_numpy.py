@@ -1,0 +1,107 @@
+"""Reference kernels in plain numpy (also run on CuPy arrays by ``_cupy``)."""
+from __future__ import annotations
+
+import numpy as np
+
+from ._packed import packed_products, unpack
+
+xp = np
+
+
+def _regularise_system(normal, rhs, active, diagonal, xp):
+    """Apply ridge/L1 diagonal and censoring to full normal matrices in place."""
+    n_terms = normal.shape[-1]
+    diag_view = xp.einsum("mii->mi", normal)
+    if diagonal is not None:
+        diag_view += diagonal
+    if active is not None:
+        inactive = ~active
+        # A censored term: zero its row and column, 1 on the diagonal and 0 on the
+        # right-hand side, so its coefficient is exactly 0 and the others solve
+        # the reduced system.
+        normal *= active[:, :, None]
+        normal *= active[:, None, :]
+        normal += inactive[:, :, None] * xp.eye(n_terms, dtype=normal.dtype)[None]
+        rhs *= active
+    return normal, rhs
+
+
+def solve_normal_equations(design, weights, flux, active=None, diagonal=None, xp=np):
+    """Per-pixel weighted least squares; see :mod:`cannon_bridge.backends`."""
+    n_terms = design.shape[1]
+    packed = weights.T @ packed_products(design, xp)  # (n_pixels, n_packed): one GEMM
+    rhs = (weights * flux).T @ design  # (n_pixels, n_terms)
+    normal = unpack(packed, n_terms, xp)
+    normal, rhs = _regularise_system(normal, rhs, active, diagonal, xp)
+    scale = xp.sqrt(xp.abs(xp.einsum("mii->mi", normal)))
+    scale = xp.where(scale > 0, scale, 1.0)
+    # Jacobi preconditioning keeps the solve accurate when labels span decades.
+    normal = normal / scale[:, :, None] / scale[:, None, :]
+    coef = xp.zeros((normal.shape[0], n_terms))
+    ok = xp.zeros(normal.shape[0], dtype=bool)
+    try:
+        chol = xp.linalg.cholesky(normal)
+        good = xp.all(xp.isfinite(chol.reshape(chol.shape[0], -1)), axis=1)
+    except np.linalg.LinAlgError:  # numpy raises when some pixel is not positive definite
+        good = None
+    if good is not None and bool(good.all()):
+        solution = xp.linalg.solve(normal, (rhs / scale)[:, :, None])[:, :, 0]
+        coef = solution / scale
+        ok[:] = True
+    else:
+        # Fall back pixel by pixel so one singular pixel does not spoil the block.
+        for m in range(normal.shape[0]):
+            try:
+                np.linalg.cholesky(_to_numpy(normal[m]))
+            except np.linalg.LinAlgError:
+                continue
+            coef[m] = xp.linalg.solve(normal[m], rhs[m] / scale[m]) / scale[m]
+            ok[m] = True
+    ok &= xp.all(xp.isfinite(coef), axis=1)
+    coef[~ok] = 0.0
+    return coef, ok
+
+
+def _to_numpy(array):
+    return array.get() if hasattr(array, "get") else np.asarray(array)
+
+
+def fit_scatter(residuals, data_variance, observed, dof_factor=1.0, xp=np, n_iter=40):
+    """Intrinsic variance s^2 per pixel maximising the marginal likelihood.
+
+    ``ln L(v) = -1/2 sum_n [r_n^2 / (var_n + v) + ln(var_n + v)]`` over the stars
+    ``observed`` at that pixel. The derivative is monotone between 0 and
+    ``max r^2``, so a bracketed Newton iteration (bisection as a safeguard) is
+    robust. ``dof_factor`` (>= 1) inflates r^2 for the degrees of freedom used
+    by the coefficients (a REML-like correction).
+    """
+    r2 = xp.where(observed, residuals**2 * dof_factor, 0.0)
+    var = xp.where(observed, data_variance, 1.0)
+    n_obs = observed.sum(axis=0)
+    low = xp.zeros(r2.shape[1])
+    high = xp.max(r2, axis=0) + 1e-300
+
+    def derivatives(v):
+        total = var + v[None, :]
+        inv = xp.where(observed, 1.0 / xp.where(total > 0, total, 1.0), 0.0)
+        inv = xp.where(observed & (total <= 0), xp.inf, inv)
+        g = 0.5 * (r2 * inv**2 - inv).sum(axis=0)
+        h = (-r2 * inv**3 + 0.5 * inv**2).sum(axis=0)
+        return g, h
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        g0, _ = derivatives(low)
+    g0 = xp.where(xp.isnan(g0), xp.inf, g0)  # a noise-free star makes v = 0 infinitely unlikely
+    moment = xp.maximum(0.0, (r2.sum(axis=0) - (var * observed).sum(axis=0)) / xp.maximum(n_obs, 1))
+    v = xp.clip(moment, low, high)
+    for _ in range(n_iter):
+        g, h = derivatives(v)
+        # maintain the bracket [low, high] around the root of g
+        low = xp.where(g > 0, v, low)
+        high = xp.where(g <= 0, v, high)
+        step = xp.where(h < 0, -g / xp.where(h < 0, h, -1.0), 0.0)
+        candidate = v + step
+        bad = (h >= 0) | (candidate <= low) | (candidate >= high) | ~xp.isfinite(candidate)
+        v = xp.where(bad, 0.5 * (low + high), candidate)
+    v = xp.where((g0 <= 0) | (n_obs == 0), 0.0, v)
+    return v

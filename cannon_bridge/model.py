@@ -1,0 +1,620 @@
+"""The single-survey Cannon: :class:`CannonModel`.
+
+Each pixel's normalised flux is a polynomial in the scaled labels with a
+per-pixel intrinsic scatter ``s``::
+
+    f_nm = a(x_n) . theta_m + noise,   noise ~ N(0, sigma_nm^2 + s_m^2)
+
+Training is per-pixel weighted least squares (all pixels of a block in one
+GEMM), alternated with a maximum-marginal-likelihood fit of ``s_m``. The test
+step is a batched Levenberg-Marquardt over stars with the analytic Jacobian.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+from scipy import stats
+from sklearn.base import BaseEstimator, RegressorMixin
+
+from ._fitsio import read_model_file, write_model_file
+from ._validation import check_labels, check_spectra
+from .backends import get_backend
+from .backends._inference import LikelihoodBlock, levenberg_marquardt
+from .errors import InvalidInputError, NotFittedError
+from .vectorizer import PolynomialVectorizer
+
+__all__ = ["CannonModel", "InferenceResult", "PixelFlag", "StarFlag"]
+
+logger = logging.getLogger(__name__)
+
+
+class PixelFlag:
+    """Bits of ``CannonModel.pixel_flags_`` (0 = pixel used)."""
+
+    NO_DATA = 1 << 0  #: fewer observed stars than free terms (e.g. all ivar 0)
+    SOLVE_FAILED = 1 << 1  #: singular normal matrix
+
+
+class StarFlag:
+    """Bits of ``InferenceResult.flags`` (0 = nothing to report)."""
+
+    NOT_CONVERGED = 1 << 0  #: the optimiser stopped before converging
+    OUTSIDE_RANGE = 1 << 1  #: a label lies outside the training labels' min-max range
+    OUTSIDE_HULL = 1 << 2  #: far from the training labels' distribution (Mahalanobis, p < 0.001)
+    LOW_SNR = 1 << 3  #: median S/N over used pixels below ``low_snr``
+    SINGULAR = 1 << 4  #: the labels are not all constrained (covariance from a pseudo-inverse)
+    FEW_PIXELS = 1 << 5  #: fewer usable pixels than labels
+
+    @classmethod
+    def names(cls, value: int) -> list[str]:
+        return [name for name in ("NOT_CONVERGED", "OUTSIDE_RANGE", "OUTSIDE_HULL", "LOW_SNR",
+                                  "SINGULAR", "FEW_PIXELS") if value & getattr(cls, name)]
+
+
+@dataclass
+class InferenceResult:
+    """Labels inferred by the test step.
+
+    Attributes
+    ----------
+    labels : ndarray of shape (n_stars, n_labels), physical units
+    covariance : ndarray of shape (n_stars, n_labels, n_labels), in label units
+        (K^2, dex^2, ...), from the inverse Gauss-Newton Hessian of chi^2.
+    chi2, reduced_chi2 : ndarray of shape (n_stars,)
+    n_iter : ndarray of shape (n_stars,), optimiser iterations of the best start
+    flags : ndarray of shape (n_stars,), int, bits of :class:`StarFlag`
+    label_names : list of str
+    """
+
+    labels: np.ndarray
+    covariance: np.ndarray
+    chi2: np.ndarray
+    reduced_chi2: np.ndarray
+    n_iter: np.ndarray
+    flags: np.ndarray
+    label_names: list = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def uncertainties(self) -> np.ndarray:
+        """Standard deviations (n_stars, n_labels): sqrt of the covariance diagonal."""
+        return np.sqrt(np.einsum("sii->si", self.covariance))
+
+    def to_table(self):
+        """An astropy Table with one row per star (labels, ``e_<label>``, chi2, flags)."""
+        from astropy.table import Table
+
+        table = Table()
+        errors = self.uncertainties
+        for k, name in enumerate(self.label_names):
+            table[name] = self.labels[:, k]
+            table[f"e_{name}"] = errors[:, k]
+        table["chi2"] = self.chi2
+        table["reduced_chi2"] = self.reduced_chi2
+        table["n_iter"] = self.n_iter
+        table["flags"] = self.flags
+        for name, value in self.extra.items():
+            if np.ndim(value) >= 1 and len(value) == len(table):
+                table[name] = value
+        return table
+
+
+def _effective_weights(ivar, scatter_variance):
+    """1 / (sigma^2 + s^2) written so that ivar = 0 gives 0; ivar None means noise-free."""
+    if ivar is None:
+        floor = np.where(scatter_variance > 0, scatter_variance, 1.0)
+        return np.broadcast_to(1.0 / floor, scatter_variance.shape)
+    return ivar / (1.0 + ivar * scatter_variance)
+
+
+class CannonModel(RegressorMixin, BaseEstimator):
+    """A polynomial Cannon model of one survey's spectra.
+
+    Parameters
+    ----------
+    label_names : sequence of str, optional
+        Names of the labels (columns of ``labels``); default ``label_0 ...``.
+    order : int, default 2
+        Polynomial order of the label dependence.
+    regularization : float, default 0
+        L1 strength (Casey et al. 2016) on every coefficient but the constant,
+        in chi^2 units, solved by iteratively reweighted ridge.
+    censors : mapping of str to ndarray of shape (n_pixels,), bool, optional
+        ``{label: use_mask}``: ``True`` marks pixels the label may affect (its
+        lines); elsewhere every term involving that label is exactly 0.
+    backend : {"auto", "numpy", "numba", "cupy"}, default "auto"
+    scatter_iterations : int, default 2
+        Extra passes that refit the coefficients with the fitted scatter.
+    max_iter : int, default 100
+        Test-step iterations per star.
+    block_size : int, default 1024
+        Pixels per training block (bounds memory).
+    chunk_size : int, default 64
+        Stars per test-step chunk (bounds memory).
+    low_snr : float, default 10
+        Median S/N below which a star is flagged LOW_SNR.
+    progress : bool, default False
+        Show tqdm progress bars.
+
+    Attributes
+    ----------
+    coef_ : ndarray of shape (n_pixels, n_terms)
+    scatter_ : ndarray of shape (n_pixels,), intrinsic scatter (flux units)
+    term_names_, term_exponents_ : term names and exponents (n_terms, n_labels)
+    label_names_ : list of str
+    label_pivots_, label_scales_ : ndarray of shape (n_labels,)
+    pixel_flags_ : ndarray of shape (n_pixels,), bits of :class:`PixelFlag`
+    censors_ : ndarray of shape (n_pixels, n_labels), bool, True = label allowed
+    n_features_in_ : int, number of pixels
+    wavelength_ : ndarray of shape (n_pixels,) or None
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> labels = rng.uniform(-1, 1, size=(200, 2))
+    >>> coef = rng.normal(size=(50, 6)) * 0.05
+    >>> model = CannonModel(["a", "b"], backend="numpy")
+    >>> flux = 1 + labels @ rng.normal(size=(2, 50)) * 0.1 + rng.normal(0, 0.01, (200, 50))
+    >>> model = model.fit(flux, labels, ivar=np.full_like(flux, 1e4))
+    >>> np.abs(model.predict(flux[:5], np.full((5, 50), 1e4)) - labels[:5]).max() < 0.1
+    True
+    """
+
+    def __init__(
+        self,
+        label_names: Sequence[str] | None = None,
+        order: int = 2,
+        regularization: float = 0.0,
+        censors: Mapping[str, np.ndarray] | None = None,
+        backend: str = "auto",
+        scatter_iterations: int = 2,
+        max_iter: int = 100,
+        block_size: int = 1024,
+        chunk_size: int = 64,
+        low_snr: float = 10.0,
+        progress: bool = False,
+    ) -> None:
+        self.label_names = label_names
+        self.order = order
+        self.regularization = regularization
+        self.censors = censors
+        self.backend = backend
+        self.scatter_iterations = scatter_iterations
+        self.max_iter = max_iter
+        self.block_size = block_size
+        self.chunk_size = chunk_size
+        self.low_snr = low_snr
+        self.progress = progress
+
+    # ----------------------------------------------------------------- checks
+    def _validate_params(self) -> None:
+        def need(condition, name, text):
+            if not condition:
+                raise InvalidInputError(
+                    f"The '{name}' parameter of CannonModel must be {text}. Got {getattr(self, name)!r} instead."
+                )
+
+        need(isinstance(self.order, (int, np.integer)) and not isinstance(self.order, bool) and self.order >= 1,
+             "order", "an int >= 1")
+        need(np.isscalar(self.regularization) and np.isfinite(self.regularization) and self.regularization >= 0,
+             "regularization", "a float >= 0")
+        for name in ("scatter_iterations",):
+            value = getattr(self, name)
+            need(isinstance(value, (int, np.integer)) and value >= 0, name, "an int >= 0")
+        for name in ("max_iter", "block_size", "chunk_size"):
+            value = getattr(self, name)
+            need(isinstance(value, (int, np.integer)) and value >= 1, name, "an int >= 1")
+        need(self.censors is None or isinstance(self.censors, Mapping), "censors",
+             "None or a mapping {label: boolean pixel mask}")
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "coef_"):
+            raise NotFittedError(
+                "This CannonModel is not fitted yet: call fit(flux, labels) or CannonModel.load(path) first"
+            )
+
+    @property
+    def vectorizer_(self) -> PolynomialVectorizer:
+        self._check_fitted()
+        return PolynomialVectorizer(self.label_names_, pivots=self.label_pivots_, scales=self.label_scales_,
+                                    term_exponents=self.term_exponents_)
+
+    def _censor_matrix(self, names, n_pixels):
+        allowed = np.ones((n_pixels, len(names)), dtype=bool)
+        for label, mask in (self.censors or {}).items():
+            if label not in names:
+                raise InvalidInputError(f"censors names label {label!r}, which is not one of {list(names)}")
+            mask = np.asarray(mask)
+            if mask.shape != (n_pixels,) or mask.dtype != bool:
+                raise InvalidInputError(
+                    f"censors[{label!r}] must be a boolean mask of shape ({n_pixels},); "
+                    f"got dtype {mask.dtype} and shape {mask.shape}"
+                )
+            allowed[:, names.index(label)] = mask
+        return allowed
+
+    # -------------------------------------------------------------------- fit
+    def fit(self, flux, labels, ivar=None, wavelength=None) -> "CannonModel":
+        """Train on ``flux`` (n_stars, n_pixels) with ``labels`` (n_stars, n_labels).
+
+        ``ivar`` is the inverse variance of the flux (0 = no information); without
+        it the spectra are taken as noise-free and the scatter absorbs all residuals.
+        """
+        self._validate_params()
+        flux, ivar = check_spectra(flux, ivar)
+        labels_in = np.asarray(labels)
+        self._single_output_ = labels_in.ndim == 1
+        labels = check_labels(labels, n_stars=flux.shape[0])
+        n_stars, n_pixels = flux.shape
+        names = list(self.label_names) if self.label_names is not None else [
+            f"label_{k}" for k in range(labels.shape[1])]
+        if len(names) != labels.shape[1]:
+            raise InvalidInputError(
+                f"labels has {labels.shape[1]} columns but label_names names {len(names)}: {names}"
+            )
+        vectorizer = PolynomialVectorizer(names, order=self.order).fit(labels)
+        allowed = self._censor_matrix(names, n_pixels)
+        active = self._active_terms(vectorizer.term_exponents, allowed)
+        backend = get_backend(self.backend)
+        design = vectorizer.design_matrix(labels)
+        coef, scatter_variance, flags = fit_pixels(
+            design, flux, ivar, active, backend, self.scatter_iterations, self.regularization,
+            self.block_size, self.progress)
+        self.coef_ = coef
+        self.scatter_ = np.sqrt(scatter_variance)
+        self.pixel_flags_ = flags
+        self.label_names_ = names
+        self.term_exponents_ = vectorizer.term_exponents
+        self.term_names_ = vectorizer.term_names
+        self.label_pivots_ = vectorizer.pivots
+        self.label_scales_ = vectorizer.scales
+        self.censors_ = allowed
+        self.n_features_in_ = n_pixels
+        self.wavelength_ = None if wavelength is None else np.asarray(wavelength, dtype=float).copy()
+        if self.wavelength_ is not None and self.wavelength_.shape != (n_pixels,):
+            raise InvalidInputError(f"wavelength has shape {self.wavelength_.shape}, expected ({n_pixels},)")
+        self._set_training_domain(labels)
+        return self
+
+    @staticmethod
+    def _active_terms(term_exponents, allowed):
+        # a term is active on a pixel only if every label it involves is allowed there
+        involves = term_exponents > 0  # (P, K)
+        blocked = (~allowed).astype(np.int64) @ involves.T.astype(np.int64)  # (M, P)
+        return blocked == 0
+
+    def _set_training_domain(self, labels):
+        self.training_label_min_ = np.nanmin(labels, axis=0)
+        self.training_label_max_ = np.nanmax(labels, axis=0)
+        self.training_label_mean_ = np.nanmean(labels, axis=0)
+        complete = labels[np.all(np.isfinite(labels), axis=1)]
+        if len(complete) > labels.shape[1]:
+            cov = np.atleast_2d(np.cov(complete, rowvar=False))
+        else:
+            cov = np.diag(np.nanvar(labels, axis=0) + 1e-12)
+        self.training_label_covariance_ = cov
+        # a spread of training labels used as starting points of the test step
+        source = complete if len(complete) else np.nan_to_num(labels[:1], nan=0.0)
+        pick = np.random.default_rng(0).choice(len(source), size=min(len(source), 48), replace=False)
+        self.start_labels_ = source[np.sort(pick)]
+
+    # -------------------------------------------------------------- test step
+    def _weights_for(self, ivar, n_stars):
+        usable = self.pixel_flags_ == 0
+        s2 = self.scatter_**2
+        if ivar is None:
+            weights = np.broadcast_to(_effective_weights(None, s2), (n_stars, s2.size)).copy()
+        else:
+            weights = _effective_weights(ivar, s2)
+        weights[:, ~usable] = 0.0
+        return weights
+
+    def infer(self, flux, ivar=None, progress: bool | None = None) -> InferenceResult:
+        """Labels, covariance (label units), chi^2 and flags for each spectrum."""
+        self._check_fitted()
+        flux, ivar = check_spectra(flux, ivar, n_pixels=self.n_features_in_, allow_1d=True)
+        weights = self._weights_for(ivar, flux.shape[0])
+        block_builder = lambda rows: [LikelihoodBlock(self.coef_, weights[rows], flux[rows],
+                                                      self.term_exponents_, np.arange(len(self.label_names_)))]
+        vectorizer = self.vectorizer_
+        starts = [self._linear_start(flux, weights), self._grid_start(flux, weights)]
+        x, chi2, hessian, converged, n_iter = run_test_step(
+            block_builder, starts, flux.shape[0], get_backend(self.backend).xp, self.max_iter,
+            self.chunk_size, self.progress if progress is None else progress)
+        labels = vectorizer.unscale(x)
+        covariance, singular = scaled_covariance(hessian, self.label_scales_)
+        n_used = (weights > 0).sum(axis=1)
+        dof = np.maximum(n_used - len(self.label_names_), 1)
+        flags = self._star_flags(labels, converged, singular, flux, ivar, weights, n_used)
+        result = InferenceResult(labels, covariance, chi2, chi2 / dof, n_iter, flags, list(self.label_names_))
+        return result
+
+    def _linear_start(self, flux, weights):
+        # Keep only the constant and linear terms: (theta_L^T W theta_L) x = theta_L^T W (f - theta_0)
+        linear = self.vectorizer_.linear_terms
+        if np.any(linear < 0):
+            return np.zeros((flux.shape[0], len(self.label_names_)))
+        theta_lin = self.coef_[:, linear]
+        residual = flux - self.coef_[:, 0]
+        weighted = weights[:, :, None] * theta_lin[None]  # (S, M, K)
+        normal = np.einsum("smk,ml->skl", weighted, theta_lin)
+        rhs = np.einsum("smk,sm->sk", weighted, residual)
+        normal += 1e-6 * np.eye(normal.shape[-1]) * np.maximum(np.einsum("sii->s", normal), 1e-12)[:, None, None]
+        x = np.linalg.solve(normal, rhs[:, :, None])[:, :, 0]
+        return np.clip(np.nan_to_num(x), -3.0, 3.0)
+
+    def _grid_start(self, flux, weights):
+        # chi^2 of every star against model spectra at a spread of training labels
+        grid = self.vectorizer_.scale(self.start_labels_)
+        templates = self.vectorizer_.design_matrix_scaled(grid) @ self.coef_.T  # (G, M)
+        chi2 = (-2.0 * (weights * flux) @ templates.T + weights @ (templates**2).T)
+        return grid[np.argmin(chi2, axis=1)]
+
+    def _star_flags(self, labels, converged, singular, flux, ivar, weights, n_used):
+        flags = np.zeros(labels.shape[0], dtype=np.int64)
+        flags[~converged] |= StarFlag.NOT_CONVERGED
+        flags[singular] |= StarFlag.SINGULAR
+        outside = np.any((labels < self.training_label_min_) | (labels > self.training_label_max_), axis=1)
+        flags[outside] |= StarFlag.OUTSIDE_RANGE
+        delta = labels - self.training_label_mean_
+        precision = np.linalg.pinv(self.training_label_covariance_)
+        distance2 = np.einsum("sk,kl,sl->s", delta, precision, delta)
+        flags[distance2 > stats.chi2.ppf(0.999, labels.shape[1])] |= StarFlag.OUTSIDE_HULL
+        if ivar is not None:
+            snr = np.where(weights > 0, np.abs(flux) * np.sqrt(ivar), np.nan)
+            with np.errstate(all="ignore"):
+                median_snr = np.array([np.nanmedian(row) if np.isfinite(row).any() else 0.0 for row in snr])
+            flags[median_snr < self.low_snr] |= StarFlag.LOW_SNR
+        flags[n_used < labels.shape[1]] |= StarFlag.FEW_PIXELS
+        return flags
+
+    def predict(self, flux, ivar=None) -> np.ndarray:
+        """Labels (n_stars, n_labels) that best explain each spectrum."""
+        labels = self.infer(flux, ivar).labels
+        return labels[:, 0] if getattr(self, "_single_output_", False) else labels
+
+    def generate(self, labels) -> np.ndarray:
+        """Model flux (n_stars, n_pixels) at the given labels (physical units)."""
+        self._check_fitted()
+        labels = check_labels(labels, n_labels=len(self.label_names_))
+        return self.vectorizer_.design_matrix(labels) @ self.coef_.T
+
+    def score(self, flux, labels, sample_weight=None) -> float:
+        """Coefficient of determination R^2 of the predicted labels, averaged over labels.
+
+        This is scikit-learn's ``RegressorMixin.score``: 1 is perfect, 0 is as
+        good as predicting the mean label. Pass ivar-free spectra (as for ``predict``).
+        """
+        return super().score(flux, labels, sample_weight=sample_weight)
+
+    # --------------------------------------------------------------- file I/O
+    def _metadata(self) -> dict:
+        return {
+            "label_names": list(self.label_names_),
+            "params": {"order": int(self.order), "regularization": float(self.regularization),
+                       "backend": self.backend, "scatter_iterations": int(self.scatter_iterations),
+                       "max_iter": int(self.max_iter), "block_size": int(self.block_size),
+                       "chunk_size": int(self.chunk_size), "low_snr": float(self.low_snr)},
+            "single_output": bool(getattr(self, "_single_output_", False)),
+        }
+
+    def _arrays(self) -> dict:
+        return {
+            "coef": self.coef_, "scatter": self.scatter_, "term_exponents": self.term_exponents_,
+            "pixel_flags": self.pixel_flags_, "censors": self.censors_, "pivots": self.label_pivots_,
+            "scales": self.label_scales_, "label_min": self.training_label_min_,
+            "label_max": self.training_label_max_, "label_mean": self.training_label_mean_,
+            "label_covariance": self.training_label_covariance_, "start_labels": self.start_labels_,
+            "wavelength": self.wavelength_,
+        }
+
+    def save(self, path, overwrite: bool = False):
+        """Write the fitted model to a FITS file (atomic; exact round trip)."""
+        self._check_fitted()
+        return write_model_file(path, "CannonModel", self._metadata(), self._arrays(), overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path) -> "CannonModel":
+        """Read a model written by :meth:`save` (refuses tampered or truncated files)."""
+        metadata, arrays = read_model_file(path, "CannonModel", bool_arrays=("censors",))
+        return cls._from_parts(metadata, arrays)
+
+    @classmethod
+    def _from_parts(cls, metadata, arrays):
+        names = metadata["label_names"]
+        censors_allowed = arrays["censors"]
+        model = cls(label_names=names, **metadata["params"])
+        if not censors_allowed.all():
+            model.censors = {name: censors_allowed[:, k].copy() for k, name in enumerate(names)
+                             if not censors_allowed[:, k].all()}
+        model.coef_ = arrays["coef"]
+        model.scatter_ = arrays["scatter"]
+        model.term_exponents_ = arrays["term_exponents"].astype(np.int64)
+        model.pixel_flags_ = arrays["pixel_flags"].astype(np.int64)
+        model.censors_ = censors_allowed
+        model.label_names_ = list(names)
+        model.label_pivots_ = arrays["pivots"]
+        model.label_scales_ = arrays["scales"]
+        model.term_names_ = PolynomialVectorizer(names, term_exponents=model.term_exponents_).term_names
+        model.training_label_min_ = arrays["label_min"]
+        model.training_label_max_ = arrays["label_max"]
+        model.training_label_mean_ = arrays["label_mean"]
+        model.training_label_covariance_ = arrays["label_covariance"]
+        model.start_labels_ = arrays["start_labels"]
+        model.wavelength_ = arrays.get("wavelength")
+        model.n_features_in_ = model.coef_.shape[0]
+        model._single_output_ = metadata.get("single_output", False)
+        return model
+
+    @classmethod
+    def from_theta(cls, theta, scatter, label_names, pivots, scales, term_exponents,
+                   wavelength=None, training_labels=None, backend: str = "auto") -> "CannonModel":
+        """Import a model trained elsewhere (AnniesLasso layout).
+
+        ``flux = A . theta^T`` with column ``j`` of ``A`` equal to
+        ``prod_i ((label_i - pivot_i) / scale_i) ** term_exponents[j, i]``.
+        ``scatter`` is the intrinsic standard deviation per pixel (``sqrt(s2)``).
+        ``training_labels`` (optional) sets the training domain used by the flags.
+        """
+        theta = np.asarray(theta, dtype=float)
+        term_exponents = np.asarray(term_exponents, dtype=np.int64)
+        vectorizer = PolynomialVectorizer(label_names, pivots=pivots, scales=scales, term_exponents=term_exponents)
+        if theta.ndim != 2 or theta.shape[1] != vectorizer.n_terms:
+            raise InvalidInputError(f"theta must have shape (n_pixels, {vectorizer.n_terms}); got {theta.shape}")
+        scatter = np.broadcast_to(np.asarray(scatter, dtype=float), (theta.shape[0],)).copy()
+        model = cls(label_names=list(label_names), order=vectorizer.order, backend=backend)
+        model.coef_ = theta
+        model.scatter_ = scatter
+        model.term_exponents_ = term_exponents
+        model.term_names_ = vectorizer.term_names
+        model.label_names_ = list(vectorizer.label_names)
+        model.label_pivots_ = vectorizer.pivots
+        model.label_scales_ = vectorizer.scales
+        finite = np.all(np.isfinite(theta), axis=1) & np.isfinite(scatter)
+        model.pixel_flags_ = np.where(finite, 0, PixelFlag.NO_DATA).astype(np.int64)
+        model.censors_ = np.ones((theta.shape[0], vectorizer.n_labels), dtype=bool)
+        model.n_features_in_ = theta.shape[0]
+        model.wavelength_ = None if wavelength is None else np.asarray(wavelength, dtype=float)
+        if training_labels is None:
+            # without the training set, take +-1 scale around the pivot as the domain
+            training_labels = np.vstack([vectorizer.pivots - vectorizer.scales, vectorizer.pivots,
+                                         vectorizer.pivots + vectorizer.scales])
+        model._set_training_domain(np.asarray(training_labels, dtype=float))
+        model._single_output_ = False
+        return model
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        tags.target_tags.single_output = True
+        return tags
+
+
+# ---------------------------------------------------------------------------
+# shared training and test-step drivers (also used by the bridge)
+# ---------------------------------------------------------------------------
+def fit_pixels(design, flux, ivar, active, backend, scatter_iterations=2, regularization=0.0,
+               block_size=1024, progress=False, star_mask=None):
+    """Fit coefficients and scatter for every pixel, one block of pixels at a time.
+
+    ``star_mask`` (n_stars, n_pixels) bool, optional: stars allowed at each
+    pixel (the bridge excludes stars missing a label that pixel depends on).
+    Returns coef (n_pixels, n_terms), scatter variance (n_pixels,), flags.
+    """
+    from tqdm.auto import tqdm
+
+    n_stars, n_pixels = flux.shape
+    n_terms = design.shape[1]
+    coef = np.zeros((n_pixels, n_terms))
+    scatter_variance = np.zeros(n_pixels)
+    flags = np.zeros(n_pixels, dtype=np.int64)
+    starts = range(0, n_pixels, block_size)
+    for start in tqdm(starts, desc="training pixels", disable=not progress, unit="block"):
+        block = slice(start, min(start + block_size, n_pixels))
+        f = flux[:, block]
+        observed = (ivar[:, block] > 0) if ivar is not None else np.ones_like(f, dtype=bool)
+        if star_mask is not None:
+            observed = observed & star_mask[:, block]
+        iv = ivar[:, block] if ivar is not None else None
+        if iv is None:
+            variance = np.zeros_like(f)  # noise-free: the scatter absorbs every residual
+        else:
+            variance = np.where(observed, 1.0 / np.where(iv > 0, iv, 1.0), 1.0)
+        act = active[block]
+        n_free = act.sum(axis=1)
+        no_data = observed.sum(axis=0) < np.maximum(n_free, 1)
+        weights = np.where(observed, iv if iv is not None else 1.0, 0.0)
+        s2 = np.zeros(f.shape[1])
+        theta = np.zeros((f.shape[1], n_terms))
+        ok = np.zeros(f.shape[1], dtype=bool)
+        dof_factor = n_stars / max(n_stars - n_terms, 1)
+        for iteration in range(scatter_iterations + 1):
+            theta, ok = _solve_with_regularization(backend, design, weights, f, act, regularization)
+            residual = f - design @ theta.T
+            s2 = np.asarray(backend.fit_scatter(residual, variance, observed, dof_factor))
+            if iv is None:
+                weights = np.where(observed, 1.0 / np.where(s2 > 0, s2, 1.0), 0.0)
+            else:
+                weights = np.where(observed, iv / (1.0 + iv * s2), 0.0)
+        bad = no_data | ~ok
+        theta[bad] = 0.0
+        s2[bad] = 0.0
+        coef[block] = theta
+        scatter_variance[block] = s2
+        flags[block] = np.where(no_data, PixelFlag.NO_DATA, np.where(~ok, PixelFlag.SOLVE_FAILED, 0))
+    return coef, scatter_variance, flags
+
+
+def _solve_with_regularization(backend, design, weights, flux, active, regularization, n_reweight=6):
+    coef, ok = backend.solve_normal_equations(design, weights, flux, active=active)
+    if regularization <= 0:
+        return np.asarray(coef), np.asarray(ok)
+    # L1 via iteratively reweighted ridge: lambda |t| ~ lambda t^2 / (2 |t_prev|)
+    for _ in range(n_reweight):
+        diagonal = regularization / (2.0 * np.maximum(np.abs(coef), 1e-6))
+        diagonal[:, 0] = 0.0  # the constant term is not regularised
+        coef, ok = backend.solve_normal_equations(design, weights, flux, active=active, diagonal=diagonal)
+    return np.asarray(coef), np.asarray(ok)
+
+
+def run_test_step(block_builder, starts, n_stars, xp, max_iter, chunk_size, progress, prior_builder=None):
+    """Run LM from every start for chunks of stars and keep the best chi^2 per star."""
+    from tqdm.auto import tqdm
+
+    n_labels = starts[0].shape[1]
+    x_best = np.zeros((n_stars, n_labels))
+    chi2_best = np.full(n_stars, np.inf)
+    hessian_best = np.zeros((n_stars, n_labels, n_labels))
+    converged_best = np.zeros(n_stars, dtype=bool)
+    n_iter_best = np.zeros(n_stars, dtype=np.int64)
+    for start in tqdm(range(0, n_stars, chunk_size), desc="inferring labels", disable=not progress, unit="chunk"):
+        rows = np.arange(start, min(start + chunk_size, n_stars))
+        n_rows = len(rows)
+        stacked_rows = np.concatenate([rows] * len(starts))
+        blocks = block_builder(stacked_rows)
+        prior = prior_builder(stacked_rows) if prior_builder is not None else None
+        x0 = np.concatenate([s[rows] for s in starts])
+        x, chi2, hessian, converged, n_iter = levenberg_marquardt(x0, blocks, prior, max_iter=max_iter, xp=xp)
+        chi2 = np.where(np.isfinite(chi2), chi2, np.inf).reshape(len(starts), n_rows)
+        best = np.argmin(chi2, axis=0)
+        pick = best * n_rows + np.arange(n_rows)
+        x_best[rows] = x[pick]
+        chi2_best[rows] = chi2[best, np.arange(n_rows)]
+        hessian_best[rows] = hessian[pick]
+        converged_best[rows] = converged[pick]
+        n_iter_best[rows] = n_iter[pick]
+    return x_best, chi2_best, hessian_best, converged_best, n_iter_best
+
+
+def scaled_covariance(hessian, scales):
+    """Invert chi^2/2 curvature (scaled units) and convert to label units.
+
+    The Gauss-Newton matrix returned by the test step is J^T W J, the Fisher
+    information; its inverse is the covariance of the scaled labels, and
+    ``cov(label) = diag(scale) cov(x) diag(scale)``.
+    """
+    n_stars, n_labels, _ = hessian.shape
+    singular = np.zeros(n_stars, dtype=bool)
+    diag = np.sqrt(np.abs(np.einsum("sii->si", hessian)))
+    diag = np.where(diag > 0, diag, 1.0)
+    normalised = hessian / diag[:, :, None] / diag[:, None, :]  # Jacobi scaling for conditioning
+    eigenvalues = np.linalg.eigvalsh(normalised)
+    well_posed = eigenvalues[:, 0] > 1e-12 * np.maximum(eigenvalues[:, -1], 1e-300)
+    covariance = np.zeros_like(hessian)
+    if well_posed.any():
+        covariance[well_posed] = np.linalg.inv(normalised[well_posed])
+    if (~well_posed).any():
+        covariance[~well_posed] = np.linalg.pinv(normalised[~well_posed], hermitian=True)
+        singular |= ~well_posed
+    covariance = covariance / diag[:, :, None] / diag[:, None, :]
+    # unconstrained directions: pinv gives 0 variance there, which would be dishonest
+    zero = np.einsum("sii->si", covariance) <= 0
+    if zero.any():
+        idx = np.nonzero(zero)
+        covariance[idx[0], idx[1], idx[1]] = np.inf
+        singular |= zero.any(axis=1)
+    return covariance * scales[None, :, None] * scales[None, None, :], singular
