@@ -1,0 +1,225 @@
+"""The :class:`CrossMatch` container: stars observed by both APOGEE and GALAH.
+
+Labels are in physical units with NaN where unknown; both surveys' spectra are
+on their own fixed grids (APOGEE vacuum, GALAH air), flux and inverse variance
+``(n_stars, n_pixels)`` with ivar 0 marking unusable pixels.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from astropy.io import fits
+
+from .errors import InvalidInputError
+
+__all__ = ["CrossMatch", "APOGEE_CHIP_GAPS", "apogee_gap_mask"]
+
+#: pixel ranges [start, stop) of the apStar grid with no data (chip gaps and ends)
+APOGEE_CHIP_GAPS = ((0, 246), (3274, 3586), (6080, 6345), (8335, 8575))
+
+
+def apogee_gap_mask(n_pixels: int = 8575) -> np.ndarray:
+    """Boolean mask, True on the apStar pixels outside the three chips."""
+    mask = np.zeros(n_pixels, dtype=bool)
+    for start, stop in APOGEE_CHIP_GAPS:
+        mask[start:min(stop, n_pixels)] = True
+    return mask
+
+
+@dataclass
+class CrossMatch:
+    """Matched APOGEE + GALAH spectra with one label vector per star.
+
+    Attributes
+    ----------
+    label_names : list of str
+    labels : ndarray of shape (n_stars, n_labels), NaN = missing
+    ids : ndarray of shape (n_stars,), str
+    apogee_wavelength : ndarray of shape (n_apogee_pixels,), vacuum Angstrom
+    apogee_flux, apogee_ivar : ndarray of shape (n_stars, n_apogee_pixels)
+    galah_wavelength : ndarray of shape (n_galah_pixels,), air Angstrom
+    galah_flux, galah_ivar : ndarray of shape (n_stars, n_galah_pixels)
+    galah_ccd : ndarray of shape (n_galah_pixels,), int CCD number (1-4)
+    is_giant : ndarray of shape (n_stars,), bool, optional
+    meta : dict of str to scalar
+    """
+
+    label_names: list
+    labels: np.ndarray
+    apogee_wavelength: np.ndarray
+    apogee_flux: np.ndarray
+    apogee_ivar: np.ndarray
+    galah_wavelength: np.ndarray
+    galah_flux: np.ndarray
+    galah_ivar: np.ndarray
+    ids: np.ndarray = None
+    galah_ccd: np.ndarray = None
+    is_giant: np.ndarray = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.label_names = [str(name) for name in self.label_names]
+        n = self.labels.shape[0]
+        if self.labels.shape != (n, len(self.label_names)):
+            raise InvalidInputError(
+                f"labels has shape {self.labels.shape} but there are {len(self.label_names)} label names"
+            )
+        for survey in ("apogee", "galah"):
+            wave = getattr(self, f"{survey}_wavelength")
+            for kind in ("flux", "ivar"):
+                array = getattr(self, f"{survey}_{kind}")
+                if array.shape != (n, wave.size):
+                    raise InvalidInputError(
+                        f"{survey}_{kind} has shape {array.shape}, expected ({n}, {wave.size}) "
+                        f"for {n} stars on a {wave.size}-pixel {survey} grid"
+                    )
+        if self.ids is None:
+            self.ids = np.array([f"star{i:06d}" for i in range(n)])
+        if self.galah_ccd is None:
+            self.galah_ccd = np.repeat(np.arange(1, 5), int(np.ceil(self.galah_wavelength.size / 4)))[
+                : self.galah_wavelength.size]
+
+    # ---------------------------------------------------------------- basics
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def label_index(self, names: Sequence[str]) -> np.ndarray:
+        missing = [name for name in names if name not in self.label_names]
+        if missing:
+            raise InvalidInputError(f"labels {missing} are not in this CrossMatch ({self.label_names})")
+        return np.array([self.label_names.index(name) for name in names])
+
+    def labels_for(self, names: Sequence[str]) -> np.ndarray:
+        return self.labels[:, self.label_index(names)]
+
+    def subset(self, index) -> "CrossMatch":
+        """A new CrossMatch with the selected stars (index array or boolean mask)."""
+        index = np.asarray(index)
+        take = lambda a: None if a is None else a[index]
+        return replace(self, labels=self.labels[index], apogee_flux=self.apogee_flux[index],
+                       apogee_ivar=self.apogee_ivar[index], galah_flux=self.galah_flux[index],
+                       galah_ivar=self.galah_ivar[index], ids=take(self.ids), is_giant=take(self.is_giant),
+                       meta=dict(self.meta))
+
+    def with_noise(self, snr_apogee: float = 100.0, snr_galah: float = 40.0, seed=0,
+                   mask_apogee_gaps: bool = True) -> "CrossMatch":
+        """A noisy copy: Gaussian noise of sigma = 1/S/N per pixel, ivar = S/N^2.
+
+        The flux is treated as noise-free truth. ``mask_apogee_gaps`` sets ivar
+        to 0 in the apStar chip gaps (when the grid is the 8575-px apStar grid).
+        """
+        rng = np.random.default_rng(seed)
+        apogee_flux = self.apogee_flux + rng.normal(0, 1.0 / snr_apogee, self.apogee_flux.shape)
+        galah_flux = self.galah_flux + rng.normal(0, 1.0 / snr_galah, self.galah_flux.shape)
+        apogee_ivar = np.full(self.apogee_flux.shape, float(snr_apogee) ** 2)
+        galah_ivar = np.full(self.galah_flux.shape, float(snr_galah) ** 2)
+        apogee_ivar[self.apogee_ivar == 0] = 0.0
+        galah_ivar[self.galah_ivar == 0] = 0.0
+        if mask_apogee_gaps and self.apogee_wavelength.size == 8575:
+            apogee_ivar[:, apogee_gap_mask()] = 0.0
+        meta = dict(self.meta, snr_apogee=float(snr_apogee), snr_galah=float(snr_galah))
+        return replace(self, apogee_flux=apogee_flux, apogee_ivar=apogee_ivar, galah_flux=galah_flux,
+                       galah_ivar=galah_ivar, meta=meta)
+
+    def blank_labels(self, names: Sequence[str], fraction: float, seed=0) -> "CrossMatch":
+        """A copy with each named label set to NaN independently in ``fraction`` of the stars."""
+        rng = np.random.default_rng(seed)
+        labels = self.labels.copy()
+        for k in self.label_index(names):
+            labels[rng.random(len(self)) < fraction, k] = np.nan
+        return replace(self, labels=labels, meta=dict(self.meta))
+
+    # ------------------------------------------------------------------ I/O
+    @classmethod
+    def from_physset(cls, path) -> "CrossMatch":
+        """Read the noise-free physics-synthesised matched set (``physset*.npz``).
+
+        Add noise with :meth:`with_noise`. The APOGEE chip gaps are synthesised
+        in this set; ``with_noise`` masks them.
+        """
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"physset file {path} does not exist")
+        with np.load(path, allow_pickle=False) as data:
+            required = ("labels", "label_names", "apogee_wave", "apogee_flux", "galah_wave", "galah_flux")
+            missing = [key for key in required if key not in data.files]
+            if missing:
+                raise InvalidInputError(f"{path} is not a physset file: missing arrays {missing}")
+            labels = data["labels"].astype(np.float64)
+            apogee_flux = data["apogee_flux"].astype(np.float64)
+            galah_flux = data["galah_flux"].astype(np.float64)
+            ids = np.array([f"physset{int(i):05d}" for i in data["star_index"]]) if "star_index" in data.files else None
+            return cls(
+                label_names=[str(name) for name in data["label_names"]],
+                labels=labels,
+                apogee_wavelength=data["apogee_wave"].astype(np.float64),
+                apogee_flux=apogee_flux,
+                apogee_ivar=np.ones_like(apogee_flux),
+                galah_wavelength=data["galah_wave"].astype(np.float64),
+                galah_flux=galah_flux,
+                galah_ivar=np.ones_like(galah_flux),
+                ids=ids,
+                galah_ccd=data["galah_ccd"].astype(np.int64) if "galah_ccd" in data.files else None,
+                is_giant=data["is_giant"].astype(bool) if "is_giant" in data.files else None,
+                meta={"source": str(path.name), "noise_free": True},
+            )
+
+    def save(self, path, overwrite: bool = False) -> Path:
+        """Write to a FITS file (one image HDU per array, labels in a table)."""
+        from astropy.table import Table
+
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+        primary = fits.PrimaryHDU()
+        primary.header["CB_KIND"] = "CrossMatch"
+        for key, value in self.meta.items():
+            if isinstance(value, (bool, int, float, str)):
+                primary.header[f"HIERARCH CB_META_{key.upper()}"] = value
+        table = Table({name: self.labels[:, k] for k, name in enumerate(self.label_names)})
+        table["id"] = self.ids.astype(str)
+        if self.is_giant is not None:
+            table["is_giant"] = self.is_giant
+        hdus = [primary, fits.BinTableHDU(table, name="LABELS")]
+        for name in ("apogee_wavelength", "apogee_flux", "apogee_ivar", "galah_wavelength", "galah_flux",
+                     "galah_ivar", "galah_ccd"):
+            hdus.append(fits.ImageHDU(np.asarray(getattr(self, name)), name=name.upper()))
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+        os.close(handle)
+        try:
+            fits.HDUList(hdus).writeto(temporary, overwrite=True, checksum=True)
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+        return path
+
+    @classmethod
+    def load(cls, path) -> "CrossMatch":
+        """Read a file written by :meth:`save`."""
+        from astropy.table import Table
+
+        path = Path(path)
+        try:
+            with fits.open(path, memmap=False) as hdul:
+                if hdul[0].header.get("CB_KIND") != "CrossMatch":
+                    raise InvalidInputError(f"{path} is not a CrossMatch file")
+                table = Table.read(hdul["LABELS"])
+                arrays = {name: np.array(hdul[name.upper()].data) for name in (
+                    "apogee_wavelength", "apogee_flux", "apogee_ivar", "galah_wavelength", "galah_flux",
+                    "galah_ivar", "galah_ccd")}
+                meta = {key[len("CB_META_"):].lower(): value for key, value in hdul[0].header.items()
+                        if key.startswith("CB_META_")}
+        except (OSError, KeyError) as exc:
+            raise InvalidInputError(f"could not read CrossMatch file {path}: {exc}") from None
+        names = [name for name in table.colnames if name not in ("id", "is_giant")]
+        arrays = {k: v.astype(v.dtype.newbyteorder("=")) for k, v in arrays.items()}
+        return cls(label_names=names, labels=np.column_stack([np.asarray(table[n], float) for n in names]),
+                   ids=np.asarray(table["id"]).astype(str),
+                   is_giant=np.asarray(table["is_giant"]) if "is_giant" in table.colnames else None,
+                   meta=meta, **arrays)
