@@ -1,0 +1,585 @@
+"""The bridge: one two-survey Cannon with a shared label vector.
+
+APOGEE pixels depend on the core labels (and on a heavy label only where an
+H-band line list has lines of that element); GALAH pixels depend on the core
+labels and, within each element's line windows, on the heavy labels. Both
+surveys have their own coefficients and scatter. Trained on a cross-match
+(labels may be NaN), the model infers labels from APOGEE alone, GALAH alone or
+both (stacked likelihood), and regenerates GALAH spectra with a predictive
+variance. Heavy labels that the given spectra cannot constrain are held by a
+population prior p(heavy | core) learned from the training labels, so their
+uncertainties say how little the spectra tell.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.linear_model import RidgeCV
+
+from ._fitsio import read_model_file, write_model_file
+from ._validation import check_labels, check_spectra
+from .backends import get_backend
+from .backends._inference import LikelihoodBlock
+from .backends._polynomial import monomial_jacobian, monomials
+from .errors import InvalidInputError, NotFittedError
+from .lines import element_masks, element_of_label, line_windows, window_mask
+from .model import CannonModel, InferenceResult, PixelFlag, StarFlag, fit_pixels, run_test_step, scaled_covariance
+from .vectorizer import PolynomialVectorizer, polynomial_exponents
+
+__all__ = ["BridgeModel", "BridgeInferenceResult", "BUILTIN_GALAH_LINES"]
+
+logger = logging.getLogger(__name__)
+
+#: Strong heavy-element lines in the GALAH CCDs (air Angstrom): the default censoring windows
+#: when no line list is given (GALAH DR3 abundance lines).
+BUILTIN_GALAH_LINES = {
+    "Ba": [5853.668, 6496.897],
+    "Y": [4819.638, 4854.861, 4883.682, 5662.924, 5728.887],
+    "Zr": [4739.480, 4772.310, 4805.870, 4828.040, 5680.900],
+    "La": [4716.440, 4748.730, 4804.069, 5805.770],
+    "Ce": [4773.941],
+    "Nd": [4811.342, 5740.858, 5770.489, 5811.570, 5842.366, 5843.200, 6740.078],
+    "Eu": [5818.727, 6645.098],
+    "Sr": [6550.244],
+}
+
+MODES = ("apogee", "galah", "both")
+
+
+@dataclass
+class BridgeInferenceResult(InferenceResult):
+    """:class:`InferenceResult` plus chi^2 per survey (``chi2_apogee``, ``chi2_galah``)."""
+
+    chi2_apogee: np.ndarray = None
+    chi2_galah: np.ndarray = None
+    mode: str = ""
+
+
+class _PopulationPrior:
+    """Gaussian p(heavy | core) in scaled units: mean quadratic in core, full residual covariance."""
+
+    def __init__(self, exponents, coef, cholesky_inverse, core_index, heavy_index):
+        self.exponents = exponents  # (Q, n_core)
+        self.coef = coef  # (n_heavy, Q)
+        self.cholesky_inverse = cholesky_inverse  # (n_heavy, n_heavy): L^-1 with Sigma = L L^T
+        self.core_index = core_index
+        self.heavy_index = heavy_index
+
+    @classmethod
+    def fit(cls, scaled_labels, core_index, heavy_index, order=2):
+        core = scaled_labels[:, core_index]
+        complete_core = np.all(np.isfinite(core), axis=1)
+        exponents = polynomial_exponents(len(core_index), order)
+        design = monomials(core, exponents) if len(core) else np.zeros((0, len(exponents)))
+        n_heavy = len(heavy_index)
+        coef = np.zeros((n_heavy, len(exponents)))
+        residuals = np.full((len(core), n_heavy), np.nan)
+        for h, k in enumerate(heavy_index):
+            use = complete_core & np.isfinite(scaled_labels[:, k])
+            if use.sum() < 3:
+                raise InvalidInputError(f"heavy label column {k} has fewer than 3 training values")
+            ridge = RidgeCV(alphas=np.logspace(-4, 3, 15), fit_intercept=False).fit(design[use], scaled_labels[use, k])
+            coef[h] = ridge.coef_
+            residuals[use, h] = scaled_labels[use, k] - design[use] @ ridge.coef_
+        covariance = np.empty((n_heavy, n_heavy))
+        for i in range(n_heavy):
+            for j in range(n_heavy):
+                both = np.isfinite(residuals[:, i]) & np.isfinite(residuals[:, j])
+                covariance[i, j] = np.mean(residuals[both, i] * residuals[both, j])
+        # pairwise-complete covariances need not be positive definite: clip the eigenvalues
+        values, vectors = np.linalg.eigh(covariance)
+        values = np.maximum(values, 1e-6 * max(values.max(), 1e-12))
+        covariance = (vectors * values) @ vectors.T
+        cholesky_inverse = np.linalg.inv(np.linalg.cholesky(covariance))
+        return cls(exponents, coef, cholesky_inverse, np.asarray(core_index), np.asarray(heavy_index))
+
+    def mean(self, x_core):
+        return monomials(x_core, self.exponents) @ self.coef.T
+
+    def __call__(self, x):
+        """Residuals z = L^-1 (x_h - mu(x_c)) and dz/dx, for the LM kernel."""
+        x_core = x[:, self.core_index]
+        delta = x[:, self.heavy_index] - self.mean(x_core)
+        z = delta @ self.cholesky_inverse.T
+        n_stars, n_labels = x.shape
+        dz = np.zeros((n_stars, len(self.heavy_index), n_labels))
+        dz[:, :, self.heavy_index] = self.cholesky_inverse[None]
+        d_mean = np.einsum("hq,sqc->shc", self.coef, monomial_jacobian(x_core, self.exponents))
+        dz[:, :, self.core_index] = -np.einsum("ij,sjc->sic", self.cholesky_inverse, d_mean)
+        return z, dz
+
+    @property
+    def covariance(self):
+        inverse = np.linalg.inv(self.cholesky_inverse)
+        return inverse @ inverse.T
+
+
+class BridgeModel(BaseEstimator):
+    """Two-survey Cannon with shared labels: APOGEE spectrum -> labels -> GALAH spectrum.
+
+    Parameters
+    ----------
+    core_labels : sequence of str
+        Labels constrained by both surveys (e.g. teff, logg, fe_h, alpha_fe, vmic).
+    heavy_labels : sequence of str
+        GALAH-only labels ("ba_fe", "y_fe", ...); the element is the part before "_".
+    order : int, default 2
+    censoring : {"linelist", None}, default "linelist"
+        With "linelist", a heavy label enters GALAH pixels only inside its element's
+        line windows, and APOGEE pixels only where ``apogee_linelist`` has lines of it.
+    galah_linelist : astropy Table, optional
+        Lines (``wavelength`` air Angstrom, ``element``, ``ion``, ``log_gf``,
+        ``excitation_potential``), e.g. from :func:`cannon_bridge.lines.read_turbospectrum_linelist`.
+        Lines within ``line_depth_range`` dex of the element's strongest line are used.
+    galah_mode_mask : astropy Table, optional
+        A GALAH DR3 mode mask table (:func:`cannon_bridge.lines.read_galah_mode_mask`).
+    apogee_linelist : astropy Table, optional
+        H-band lines (vacuum) of heavy elements; without it APOGEE ignores the heavy labels.
+    galah_resolution, apogee_resolution : float
+        Resolving powers that set the line-window widths (FWHM = lambda / R).
+    window_fwhm : float, default 1.0
+        Half-width of a line window in FWHM.
+    line_depth_range : float, default 1.0
+        Keep line-list lines at most this many dex weaker than the element's strongest.
+    prior : bool, default True
+        Use the population prior p(heavy | core) at inference.
+    calibrate : bool, default True
+        Cross-validate on the training set (``cv_folds``) to set each survey's
+        out-of-sample scatter and to calibrate the label uncertainties per label and mode.
+    cv_folds : int, default 4
+    backend, scatter_iterations, max_iter, chunk_size, progress : as for CannonModel.
+
+    Attributes
+    ----------
+    label_names_ : list of str, core then heavy
+    apogee_model_, galah_model_ : CannonModel
+    apogee_labels_, galah_labels_ : list of str, the labels each survey's model uses
+    uncertainty_scale_ : dict mode -> ndarray (n_labels,), CV calibration factors
+    """
+
+    def __init__(
+        self,
+        core_labels: Sequence[str] = ("teff", "logg", "fe_h", "alpha_fe", "vmic"),
+        heavy_labels: Sequence[str] = ("ba_fe", "y_fe", "eu_fe", "ce_fe", "nd_fe", "la_fe", "zr_fe"),
+        order: int = 2,
+        censoring: str | None = "linelist",
+        backend: str = "auto",
+        galah_linelist=None,
+        galah_mode_mask=None,
+        apogee_linelist=None,
+        galah_resolution: float = 28000.0,
+        apogee_resolution: float = 22500.0,
+        window_fwhm: float = 1.0,
+        line_depth_range: float = 1.0,
+        prior: bool = True,
+        calibrate: bool = True,
+        cv_folds: int = 4,
+        scatter_iterations: int = 2,
+        max_iter: int = 100,
+        chunk_size: int = 32,
+        random_state: int = 0,
+        progress: bool = False,
+    ) -> None:
+        self.core_labels = core_labels
+        self.heavy_labels = heavy_labels
+        self.order = order
+        self.censoring = censoring
+        self.backend = backend
+        self.galah_linelist = galah_linelist
+        self.galah_mode_mask = galah_mode_mask
+        self.apogee_linelist = apogee_linelist
+        self.galah_resolution = galah_resolution
+        self.apogee_resolution = apogee_resolution
+        self.window_fwhm = window_fwhm
+        self.line_depth_range = line_depth_range
+        self.prior = prior
+        self.calibrate = calibrate
+        self.cv_folds = cv_folds
+        self.scatter_iterations = scatter_iterations
+        self.max_iter = max_iter
+        self.chunk_size = chunk_size
+        self.random_state = random_state
+        self.progress = progress
+
+    # ------------------------------------------------------------- censoring
+    def _element_masks(self, wavelength, survey):
+        elements = [element_of_label(name) for name in self.heavy_labels]
+        if survey == "galah":
+            linelist, resolution = self.galah_linelist, self.galah_resolution
+        else:
+            linelist, resolution = self.apogee_linelist, self.apogee_resolution
+        if linelist is None:
+            if survey == "apogee" or wavelength is None:
+                return {e: np.zeros(0 if wavelength is None else len(wavelength), bool) for e in elements}
+            masks = {e: window_mask(wavelength, line_windows(BUILTIN_GALAH_LINES.get(e, []), resolution,
+                                                             self.window_fwhm)) for e in elements}
+        else:
+            from .lines import line_strength
+
+            cuts = {}
+            for e in elements:
+                rows = linelist[linelist["element"] == e]
+                inside = (np.asarray(rows["wavelength"]) > wavelength.min()) & (np.asarray(rows["wavelength"]) < wavelength.max())
+                strengths = line_strength(rows[inside]) if inside.any() else np.array([np.inf])
+                cuts[e] = strengths.max() - self.line_depth_range
+            masks = element_masks(wavelength, elements, resolution, linelist=linelist, min_strength=cuts,
+                                  n_fwhm=self.window_fwhm)
+        if survey == "galah" and self.galah_mode_mask is not None:
+            extra = element_masks(wavelength, elements, resolution, mode_mask=self.galah_mode_mask)
+            masks = {e: masks[e] | extra[e] for e in elements}
+        return masks
+
+    def _allowed(self, wavelength, n_pixels, survey):
+        names = list(self.core_labels) + list(self.heavy_labels)
+        allowed = np.ones((n_pixels, len(names)), dtype=bool)
+        if self.censoring is None:
+            if survey == "apogee":
+                allowed[:, len(self.core_labels):] = True
+            return allowed
+        if self.censoring != "linelist":
+            raise InvalidInputError(
+                f"The 'censoring' parameter of BridgeModel must be 'linelist' or None. Got {self.censoring!r} instead."
+            )
+        if wavelength is None:
+            raise InvalidInputError(
+                f"censoring='linelist' needs the {survey} wavelength grid: pass {survey}_wavelength "
+                "(or a CrossMatch), or set censoring=None"
+            )
+        masks = self._element_masks(np.asarray(wavelength, float), survey)
+        for h, name in enumerate(self.heavy_labels):
+            allowed[:, len(self.core_labels) + h] = masks[element_of_label(name)]
+        return allowed
+
+    # -------------------------------------------------------------------- fit
+    def fit(self, apogee_flux, galah_flux=None, labels=None, apogee_ivar=None, galah_ivar=None,
+            apogee_wavelength=None, galah_wavelength=None) -> "BridgeModel":
+        """Train on matched spectra; ``labels`` (n_stars, n_core + n_heavy) may hold NaN.
+
+        The first argument may be a :class:`cannon_bridge.data.CrossMatch`, whose
+        labels are picked by name. A pixel is fitted with the stars that have every
+        label it depends on, so incomplete stars still train every other pixel.
+        """
+        from .data import CrossMatch
+
+        names = list(self.core_labels) + list(self.heavy_labels)
+        if isinstance(apogee_flux, CrossMatch):
+            xm = apogee_flux
+            apogee_flux, galah_flux, labels = xm.apogee_flux, xm.galah_flux, xm.labels_for(names)
+            apogee_ivar, galah_ivar = xm.apogee_ivar, xm.galah_ivar
+            apogee_wavelength, galah_wavelength = xm.apogee_wavelength, xm.galah_wavelength
+        if not self.core_labels:
+            raise InvalidInputError("core_labels must name at least one label")
+        apogee_flux, apogee_ivar = check_spectra(apogee_flux, apogee_ivar, name="apogee_flux")
+        galah_flux, galah_ivar = check_spectra(galah_flux, galah_ivar, name="galah_flux")
+        if apogee_flux.shape[0] != galah_flux.shape[0]:
+            raise InvalidInputError(
+                f"apogee_flux has {apogee_flux.shape[0]} stars but galah_flux has {galah_flux.shape[0]}: "
+                "rows must be the same stars in the same order"
+            )
+        labels = check_labels(labels, n_labels=len(names), n_stars=apogee_flux.shape[0], allow_nan=True)
+        core_missing = ~np.isfinite(labels[:, : len(self.core_labels)])
+        if core_missing.any():
+            raise InvalidInputError(
+                f"{int(core_missing.any(axis=1).sum())} stars lack a core label ({list(self.core_labels)}): "
+                "core labels must be complete (drop those stars)"
+            )
+        self.label_names_ = names
+        self.n_core_ = len(self.core_labels)
+        vectorizer = PolynomialVectorizer(names, order=self.order).fit(labels)
+        self.label_pivots_, self.label_scales_ = vectorizer.pivots, vectorizer.scales
+        self.apogee_allowed_ = self._allowed(apogee_wavelength, apogee_flux.shape[1], "apogee")
+        self.galah_allowed_ = self._allowed(galah_wavelength, galah_flux.shape[1], "galah")
+        self.apogee_wavelength_ = None if apogee_wavelength is None else np.asarray(apogee_wavelength, float)
+        self.galah_wavelength_ = None if galah_wavelength is None else np.asarray(galah_wavelength, float)
+        self._fit_models(apogee_flux, apogee_ivar, galah_flux, galah_ivar, labels)
+        scaled = (labels - self.label_pivots_) / self.label_scales_
+        self.prior_ = _PopulationPrior.fit(scaled, np.arange(self.n_core_), np.arange(self.n_core_, len(names)))
+        self.uncertainty_scale_ = {mode: np.ones(len(names)) for mode in MODES}
+        if self.calibrate:
+            self._calibrate(apogee_flux, apogee_ivar, galah_flux, galah_ivar, labels)
+        return self
+
+    def _fit_models(self, apogee_flux, apogee_ivar, galah_flux, galah_ivar, labels, scatter_floor=None):
+        names = self.label_names_
+        backend = get_backend(self.backend)
+        finite = np.isfinite(labels)
+        models = {}
+        for survey, flux, ivar, allowed in (("apogee", apogee_flux, apogee_ivar, self.apogee_allowed_),
+                                            ("galah", galah_flux, galah_ivar, self.galah_allowed_)):
+            used = np.flatnonzero(allowed.any(axis=0))  # labels this survey depends on anywhere
+            sub_names = [names[k] for k in used]
+            vectorizer = PolynomialVectorizer(sub_names, order=self.order, pivots=self.label_pivots_[used],
+                                              scales=self.label_scales_[used])
+            sub_labels = np.where(finite[:, used], labels[:, used], self.label_pivots_[used])
+            design = vectorizer.design_matrix(sub_labels)
+            sub_allowed = allowed[:, used]
+            active = CannonModel._active_terms(vectorizer.term_exponents, sub_allowed)
+            # a star trains a pixel only if it has every label that pixel depends on
+            star_mask = ((~finite[:, used]).astype(np.int32) @ sub_allowed.T.astype(np.int32)) == 0
+            coef, scatter_variance, flags = fit_pixels(design, flux, ivar, active, backend, self.scatter_iterations,
+                                                       0.0, 1024, self.progress, star_mask=star_mask)
+            model = CannonModel.from_theta(coef, np.sqrt(scatter_variance), sub_names, vectorizer.pivots,
+                                           vectorizer.scales, vectorizer.term_exponents,
+                                           wavelength=getattr(self, f"{survey}_wavelength_"),
+                                           training_labels=labels[:, used], backend=self.backend)
+            model.order = self.order
+            model.pixel_flags_ = flags
+            model.censors_ = sub_allowed
+            model.chunk_size = self.chunk_size
+            model.max_iter = self.max_iter
+            models[survey] = (model, used)
+        self.apogee_model_, self.apogee_label_index_ = models["apogee"]
+        self.galah_model_, self.galah_label_index_ = models["galah"]
+        self.apogee_labels_ = [names[k] for k in self.apogee_label_index_]
+        self.galah_labels_ = [names[k] for k in self.galah_label_index_]
+
+    # ------------------------------------------------------------ calibration
+    def _calibrate(self, apogee_flux, apogee_ivar, galah_flux, galah_ivar, labels):
+        """K-fold CV on the training stars: out-of-sample scatter per pixel, then z-score scaling per label/mode."""
+        from sklearn.model_selection import KFold
+
+        n_stars = labels.shape[0]
+        folds = list(KFold(self.cv_folds, shuffle=True, random_state=self.random_state).split(np.arange(n_stars)))
+        fold_models = []
+        excess = {"apogee": np.zeros(apogee_flux.shape[1]), "galah": np.zeros(galah_flux.shape[1])}
+        counts = {"apogee": np.zeros(apogee_flux.shape[1]), "galah": np.zeros(galah_flux.shape[1])}
+        for train, test in folds:
+            sub = self._clone_for_cv()
+            sub.label_pivots_, sub.label_scales_ = self.label_pivots_, self.label_scales_
+            sub.label_names_, sub.n_core_ = self.label_names_, self.n_core_
+            sub.apogee_allowed_, sub.galah_allowed_ = self.apogee_allowed_, self.galah_allowed_
+            sub.apogee_wavelength_, sub.galah_wavelength_ = self.apogee_wavelength_, self.galah_wavelength_
+            sub._fit_models(apogee_flux[train], apogee_ivar[train] if apogee_ivar is not None else None,
+                            galah_flux[train], galah_ivar[train] if galah_ivar is not None else None, labels[train])
+            scaled = (labels[train] - self.label_pivots_) / self.label_scales_
+            sub.prior_ = _PopulationPrior.fit(scaled, np.arange(self.n_core_), np.arange(self.n_core_, len(self.label_names_)))
+            sub.uncertainty_scale_ = {mode: np.ones(len(self.label_names_)) for mode in MODES}
+            fold_models.append(sub)
+            # out-of-sample residuals at the true labels, where every label the pixel needs is known
+            for survey, flux, ivar in (("apogee", apogee_flux, apogee_ivar), ("galah", galah_flux, galah_ivar)):
+                model = getattr(sub, f"{survey}_model_")
+                index = getattr(sub, f"{survey}_label_index_")
+                truth = labels[test][:, index]
+                finite = np.isfinite(truth)
+                allowed = model.censors_
+                usable = ((~finite).astype(np.int32) @ allowed.T.astype(np.int32)) == 0
+                model_flux = model.generate(np.where(finite, truth, model.label_pivots_))
+                variance = 0.0 if ivar is None else np.where(ivar[test] > 0, 1.0 / np.where(ivar[test] > 0, ivar[test], 1), np.nan)
+                observed = usable & (np.ones_like(model_flux, bool) if ivar is None else ivar[test] > 0)
+                r2 = np.where(observed, (flux[test] - model_flux) ** 2 - np.nan_to_num(variance), 0.0)
+                excess[survey] += r2.sum(axis=0)
+                counts[survey] += observed.sum(axis=0)
+        cv_scatter = {s: np.sqrt(np.maximum(excess[s] / np.maximum(counts[s], 1), 0.0)) for s in excess}
+        for model in [self] + fold_models:
+            for survey in ("apogee", "galah"):
+                sub_model = getattr(model, f"{survey}_model_")
+                sub_model.scatter_ = np.maximum(sub_model.scatter_, cv_scatter[survey])
+        # z-scores of held-out stars, per mode and label
+        z = {mode: [] for mode in MODES}
+        for (train, test), sub in zip(folds, fold_models):
+            for mode in MODES:
+                kwargs = {}
+                if mode in ("apogee", "both"):
+                    kwargs.update(apogee_flux=apogee_flux[test],
+                                  apogee_ivar=None if apogee_ivar is None else apogee_ivar[test])
+                if mode in ("galah", "both"):
+                    kwargs.update(galah_flux=galah_flux[test],
+                                  galah_ivar=None if galah_ivar is None else galah_ivar[test])
+                result = sub.infer(**kwargs)
+                z[mode].append((result.labels - labels[test]) / result.uncertainties)
+        for mode in MODES:
+            values = np.vstack(z[mode])
+            with np.errstate(invalid="ignore"):
+                scale = np.array([_robust_std(values[:, k]) for k in range(values.shape[1])])
+            self.uncertainty_scale_[mode] = np.where(np.isfinite(scale) & (scale > 0), np.maximum(scale, 1.0), 1.0)
+        self.cv_scatter_ = cv_scatter
+
+    def _clone_for_cv(self):
+        from sklearn.base import clone
+
+        return clone(self).set_params(calibrate=False, progress=False)
+
+    # ------------------------------------------------------------- inference
+    def _check_fitted(self):
+        if not hasattr(self, "galah_model_"):
+            raise NotFittedError("This BridgeModel is not fitted yet: call fit(...) or BridgeModel.load(path) first")
+
+    def infer(self, apogee_flux=None, apogee_ivar=None, galah_flux=None, galah_ivar=None,
+              progress: bool | None = None) -> BridgeInferenceResult:
+        """Labels (core then heavy) with full covariance from APOGEE, GALAH or both spectra."""
+        self._check_fitted()
+        if apogee_flux is None and galah_flux is None:
+            raise InvalidInputError("infer needs apogee_flux, galah_flux or both")
+        blocks_data = []
+        n_stars = None
+        for survey, flux, ivar in (("apogee", apogee_flux, apogee_ivar), ("galah", galah_flux, galah_ivar)):
+            if flux is None:
+                continue
+            model = getattr(self, f"{survey}_model_")
+            flux, ivar = check_spectra(flux, ivar, n_pixels=model.n_features_in_, name=f"{survey}_flux", allow_1d=True)
+            if n_stars is not None and flux.shape[0] != n_stars:
+                raise InvalidInputError(f"apogee_flux has {n_stars} stars but galah_flux has {flux.shape[0]}")
+            n_stars = flux.shape[0]
+            weights = model._weights_for(ivar, n_stars)
+            blocks_data.append((survey, model, flux, weights, getattr(self, f"{survey}_label_index_")))
+        mode = "both" if len(blocks_data) == 2 else blocks_data[0][0]
+        n_labels = len(self.label_names_)
+
+        def block_builder(rows):
+            return [LikelihoodBlock(m.coef_, w[rows], f[rows], m.term_exponents_, index)
+                    for _, m, f, w, index in blocks_data]
+
+        prior = self.prior_ if self.prior else None
+        starts = self._starts(blocks_data, n_stars, prior)
+        x, chi2, hessian, converged, n_iter = run_test_step(
+            block_builder, starts, n_stars, np, self.max_iter, self.chunk_size,
+            self.progress if progress is None else progress,
+            prior_builder=(lambda rows: prior) if prior is not None else None)
+        labels = x * self.label_scales_ + self.label_pivots_
+        covariance, singular = scaled_covariance(hessian, self.label_scales_)
+        factor = self.uncertainty_scale_[mode]
+        covariance = covariance * factor[None, :, None] * factor[None, None, :]
+        chi2_per = {}
+        n_used = 0
+        for survey, model, flux, weights, index in blocks_data:
+            residual = flux - model.vectorizer_.design_matrix_scaled(x[:, index]) @ model.coef_.T
+            chi2_per[survey] = np.sum(weights * residual**2, axis=1)
+            n_used = n_used + (weights > 0).sum(axis=1)
+        dof = np.maximum(n_used - n_labels, 1)
+        flags = np.zeros(n_stars, dtype=np.int64)
+        flags[~converged] |= StarFlag.NOT_CONVERGED
+        flags[singular] |= StarFlag.SINGULAR
+        low, high = self.galah_model_.training_label_min_, self.galah_model_.training_label_max_
+        index = self.galah_label_index_
+        outside = np.any((labels[:, index] < low) | (labels[:, index] > high), axis=1)
+        flags[outside] |= StarFlag.OUTSIDE_RANGE
+        return BridgeInferenceResult(labels, covariance, chi2, chi2 / dof, n_iter, flags, list(self.label_names_),
+                                     chi2_apogee=chi2_per.get("apogee"), chi2_galah=chi2_per.get("galah"), mode=mode)
+
+    def _starts(self, blocks_data, n_stars, prior):
+        """Two starts: the best training-grid template, and the linear estimate (+ prior mean)."""
+        n_labels = len(self.label_names_)
+        grid = self._grid_labels()
+        chi2 = np.zeros((n_stars, len(grid)))
+        linear = np.zeros((n_stars, n_labels))
+        for survey, model, flux, weights, index in blocks_data:
+            templates = model.vectorizer_.design_matrix_scaled(grid[:, index]) @ model.coef_.T
+            chi2 += -2.0 * (weights * flux) @ templates.T + weights @ (templates**2).T
+        # the linear estimate from the survey that constrains the most labels
+        survey, model, flux, weights, index = blocks_data[-1]
+        linear[:, index] = model._linear_start(flux, weights)
+        if prior is not None:
+            heavy = np.arange(self.n_core_, n_labels)
+            unconstrained = np.setdiff1d(heavy, index)
+            if unconstrained.size:
+                mean = prior.mean(linear[:, : self.n_core_])
+                linear[:, unconstrained] = mean[:, unconstrained - self.n_core_]
+        return [grid[np.argmin(chi2, axis=1)], linear]
+
+    def _grid_labels(self):
+        # scaled start grid: training label spread of the GALAH model, heavy labels filled by the prior mean
+        start = self.galah_model_.start_labels_
+        names = self.galah_labels_
+        full = np.zeros((len(start), len(self.label_names_)))
+        full[:, self.galah_label_index_] = (start - self.label_pivots_[self.galah_label_index_]) / \
+            self.label_scales_[self.galah_label_index_]
+        return full
+
+    def predict(self, apogee_flux, apogee_ivar=None) -> np.ndarray:
+        """All labels (core then heavy) from APOGEE spectra alone."""
+        return self.infer(apogee_flux=apogee_flux, apogee_ivar=apogee_ivar).labels
+
+    def _generate(self, survey, labels, covariance=None):
+        self._check_fitted()
+        labels = check_labels(labels, n_labels=len(self.label_names_))
+        model = getattr(self, f"{survey}_model_")
+        index = getattr(self, f"{survey}_label_index_")
+        x = (labels[:, index] - model.label_pivots_) / model.label_scales_
+        flux = monomials(x, model.term_exponents_) @ model.coef_.T
+        if covariance is None:
+            return flux
+        variance = np.empty_like(flux)
+        for start in range(0, len(labels), self.chunk_size):
+            rows = slice(start, start + self.chunk_size)
+            d_design = monomial_jacobian(x[rows], model.term_exponents_) / model.label_scales_  # (S, P, Kb)
+            jac = np.einsum("mp,spk->smk", model.coef_, d_design)
+            cov = covariance[rows][:, index[:, None], index[None, :]]
+            variance[rows] = np.einsum("smk,skl,sml->sm", jac, cov, jac)
+        return flux, variance + model.scatter_**2
+
+    def generate_galah(self, labels) -> np.ndarray:
+        """GALAH model flux (n_stars, n_galah_pixels) at labels (core then heavy)."""
+        return self._generate("galah", labels)
+
+    def generate_apogee(self, labels) -> np.ndarray:
+        """APOGEE model flux (n_stars, n_apogee_pixels) at labels (core then heavy)."""
+        return self._generate("apogee", labels)
+
+    def predict_galah(self, apogee_flux, apogee_ivar=None, return_variance: bool = False):
+        """Regenerated GALAH spectra from APOGEE spectra alone.
+
+        With ``return_variance`` also the per-pixel predictive variance: the label
+        covariance through the model Jacobian plus the model's intrinsic scatter
+        (add the observation's own noise variance to compare with observed spectra).
+        """
+        result = self.infer(apogee_flux=apogee_flux, apogee_ivar=apogee_ivar)
+        if not return_variance:
+            return self.generate_galah(result.labels)
+        return self._generate("galah", result.labels, result.covariance)
+
+    # ------------------------------------------------------------------ I/O
+    def save(self, path, overwrite: bool = False):
+        """Write the bridge (both survey models, prior, calibration) to one FITS file."""
+        self._check_fitted()
+        arrays = {}
+        for survey in ("apogee", "galah"):
+            model = getattr(self, f"{survey}_model_")
+            for name, value in model._arrays().items():
+                arrays[f"{survey}_{name}"] = value
+            arrays[f"{survey}_label_index"] = getattr(self, f"{survey}_label_index_")
+        arrays.update(pivots=self.label_pivots_, scales=self.label_scales_, prior_exponents=self.prior_.exponents,
+                      prior_coef=self.prior_.coef, prior_cholesky_inverse=self.prior_.cholesky_inverse)
+        for mode in MODES:
+            arrays[f"uncertainty_scale_{mode}"] = self.uncertainty_scale_[mode]
+        params = {k: v for k, v in self.get_params().items()
+                  if k not in ("galah_linelist", "galah_mode_mask", "apogee_linelist")}
+        params["core_labels"], params["heavy_labels"] = list(self.core_labels), list(self.heavy_labels)
+        metadata = {"label_names": self.label_names_, "n_core": self.n_core_, "params": params,
+                    "apogee_labels": self.apogee_labels_, "galah_labels": self.galah_labels_}
+        return write_model_file(path, "BridgeModel", metadata, arrays, overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path) -> "BridgeModel":
+        """Read a bridge written by :meth:`save`."""
+        metadata, arrays = read_model_file(path, "BridgeModel", bool_arrays=("apogee_censors", "galah_censors"))
+        model = cls(**metadata["params"])
+        model.label_names_ = metadata["label_names"]
+        model.n_core_ = metadata["n_core"]
+        model.label_pivots_, model.label_scales_ = arrays["pivots"], arrays["scales"]
+        for survey in ("apogee", "galah"):
+            parts = {name[len(survey) + 1:]: value for name, value in arrays.items() if name.startswith(survey + "_")}
+            sub_meta = {"label_names": metadata[f"{survey}_labels"],
+                        "params": {"order": model.order, "backend": model.backend, "max_iter": model.max_iter,
+                                   "chunk_size": model.chunk_size}}
+            setattr(model, f"{survey}_model_", CannonModel._from_parts(sub_meta, parts))
+            setattr(model, f"{survey}_label_index_", parts["label_index"].astype(np.int64))
+            setattr(model, f"{survey}_labels_", metadata[f"{survey}_labels"])
+            setattr(model, f"{survey}_allowed_", None)
+            setattr(model, f"{survey}_wavelength_", parts.get("wavelength"))
+        model.prior_ = _PopulationPrior(arrays["prior_exponents"].astype(np.int64), arrays["prior_coef"],
+                                        arrays["prior_cholesky_inverse"], np.arange(model.n_core_),
+                                        np.arange(model.n_core_, len(model.label_names_)))
+        model.uncertainty_scale_ = {mode: arrays[f"uncertainty_scale_{mode}"] for mode in MODES}
+        return model
+
+
+def _robust_std(values):
+    values = values[np.isfinite(values)]
+    if values.size < 5:
+        return np.nan
+    low, high = np.percentile(values, [15.865, 84.135])
+    return 0.5 * (high - low)
