@@ -299,6 +299,7 @@ class BridgeModel(BaseEstimator):
         scaled = (labels - self.label_pivots_) / self.label_scales_
         self.prior_ = _PopulationPrior.fit(scaled, np.arange(self.n_core_), np.arange(self.n_core_, len(names)))
         self.uncertainty_scale_ = {mode: np.ones(len(names)) for mode in MODES}
+        self.galah_variance_scale_ = 1.0
         if self.calibrate:
             self._calibrate(apogee_flux, apogee_ivar, galah_flux, galah_ivar, labels)
         return self
@@ -317,11 +318,22 @@ class BridgeModel(BaseEstimator):
             sub_labels = np.where(finite[:, used], labels[:, used], self.label_pivots_[used])
             design = vectorizer.design_matrix(sub_labels)
             sub_allowed = allowed[:, used]
-            active = CannonModel._active_terms(vectorizer.term_exponents, sub_allowed)
-            # a star trains a pixel only if it has every label that pixel depends on
-            star_mask = ((~finite[:, used]).astype(np.int32) @ sub_allowed.T.astype(np.int32)) == 0
-            coef, scatter_variance, flags = fit_pixels(design, flux, ivar, active, backend, self.scatter_iterations,
-                                                       0.0, 1024, self.progress, star_mask=star_mask)
+            coef = np.zeros((flux.shape[1], vectorizer.n_terms))
+            scatter_variance = np.zeros(flux.shape[1])
+            flags = np.zeros(flux.shape[1], dtype=np.int64)
+            # Pixels sharing one censoring pattern are fitted together with only the terms
+            # they may use: most pixels depend on the core labels alone, so this is much cheaper
+            # than carrying every heavy term, and censored terms are exactly 0 by construction.
+            for pixels, terms, local in _pixel_groups(sub_allowed, vectorizer.term_exponents):
+                has_all = np.all(finite[:, used[local]], axis=1)  # stars with every label these pixels need
+                star_mask = np.broadcast_to(has_all[:, None], (flux.shape[0], pixels.size))
+                group_coef, group_s2, group_flags = fit_pixels(
+                    design[:, terms], flux[:, pixels], None if ivar is None else ivar[:, pixels],
+                    np.ones((pixels.size, terms.size), dtype=bool), backend, self.scatter_iterations, 0.0, 1024,
+                    self.progress, star_mask=star_mask)
+                coef[np.ix_(pixels, terms)] = group_coef
+                scatter_variance[pixels] = group_s2
+                flags[pixels] = group_flags
             model = CannonModel.from_theta(coef, np.sqrt(scatter_variance), sub_names, vectorizer.pivots,
                                            vectorizer.scales, vectorizer.term_exponents,
                                            wavelength=getattr(self, f"{survey}_wavelength_"),
@@ -358,6 +370,7 @@ class BridgeModel(BaseEstimator):
             scaled = (labels[train] - self.label_pivots_) / self.label_scales_
             sub.prior_ = _PopulationPrior.fit(scaled, np.arange(self.n_core_), np.arange(self.n_core_, len(self.label_names_)))
             sub.uncertainty_scale_ = {mode: np.ones(len(self.label_names_)) for mode in MODES}
+            sub.galah_variance_scale_ = 1.0
             fold_models.append(sub)
             # out-of-sample residuals at the true labels, where every label the pixel needs is known
             for survey, flux, ivar in (("apogee", apogee_flux, apogee_ivar), ("galah", galah_flux, galah_ivar)):
@@ -378,10 +391,12 @@ class BridgeModel(BaseEstimator):
             for survey in ("apogee", "galah"):
                 sub_model = getattr(model, f"{survey}_model_")
                 sub_model.scatter_ = np.maximum(sub_model.scatter_, cv_scatter[survey])
-        # z-scores of held-out stars, per mode and label
-        z = {mode: [] for mode in MODES}
-        for (train, test), sub in zip(folds, fold_models):
-            for mode in MODES:
+        # Correlated model errors make each survey's chi^2 overconfident: the z-scores of
+        # held-out training stars set one uncertainty factor per label and mode.
+        # (Tempering each survey's chi^2 before stacking was tried and gave worse labels.)
+        def held_out(mode):
+            results = []
+            for (train, test), sub in zip(folds, fold_models):
                 kwargs = {}
                 if mode in ("apogee", "both"):
                     kwargs.update(apogee_flux=apogee_flux[test],
@@ -389,13 +404,33 @@ class BridgeModel(BaseEstimator):
                 if mode in ("galah", "both"):
                     kwargs.update(galah_flux=galah_flux[test],
                                   galah_ivar=None if galah_ivar is None else galah_ivar[test])
-                result = sub.infer(**kwargs)
-                z[mode].append((result.labels - labels[test]) / result.uncertainties)
-        for mode in MODES:
-            values = np.vstack(z[mode])
+                results.append((test, sub, sub.infer(**kwargs)))
+            return results
+
+        def z_spread(results):
+            z = np.vstack([(r.labels - labels[test]) / r.uncertainties for test, _, r in results])
             with np.errstate(invalid="ignore"):
-                scale = np.array([_robust_std(values[:, k]) for k in range(values.shape[1])])
-            self.uncertainty_scale_[mode] = np.where(np.isfinite(scale) & (scale > 0), np.maximum(scale, 1.0), 1.0)
+                return np.array([_robust_std(z[:, k]) for k in range(z.shape[1])])
+
+        for mode in MODES:
+            results = held_out(mode)
+            scale = z_spread(results)
+            self.uncertainty_scale_[mode] = np.where(np.isfinite(scale), np.clip(scale, 0.5, 100.0), 1.0)
+            if mode != "apogee":
+                continue
+            # predictive variance of regenerated GALAH spectra: scale the label-propagation term
+            excess, propagated = 0.0, 0.0
+            factor = self.uncertainty_scale_["apogee"]
+            for test, sub, result in results:
+                covariance = result.covariance * factor[None, :, None] * factor[None, None, :]
+                flux, variance = sub._generate("galah", result.labels, covariance, propagation_scale=1.0)
+                s2 = sub.galah_model_.scatter_**2
+                noise = 0.0 if galah_ivar is None else np.where(galah_ivar[test] > 0, 1.0 / np.where(
+                    galah_ivar[test] > 0, galah_ivar[test], 1.0), 0.0)
+                observed = np.ones_like(flux, bool) if galah_ivar is None else galah_ivar[test] > 0
+                excess += np.sum(np.where(observed, (galah_flux[test] - flux) ** 2 - s2 - noise, 0.0))
+                propagated += np.sum(np.where(observed, variance - s2, 0.0))
+            self.galah_variance_scale_ = float(np.clip(excess / propagated, 0.0, 10.0)) if propagated > 0 else 1.0
         self.cv_scatter_ = cv_scatter
 
     def _clone_for_cv(self):
@@ -404,6 +439,13 @@ class BridgeModel(BaseEstimator):
         return clone(self).set_params(calibrate=False, progress=False)
 
     # ------------------------------------------------------------- inference
+    def _groups(self, survey):
+        cache = self.__dict__.setdefault("_group_cache", {})
+        if survey not in cache:
+            model = getattr(self, f"{survey}_model_")
+            cache[survey] = _pixel_groups(model.censors_, model.term_exponents_, model.pixel_flags_ == 0)
+        return cache[survey]
+
     def _check_fitted(self):
         if not hasattr(self, "galah_model_"):
             raise NotFittedError("This BridgeModel is not fitted yet: call fit(...) or BridgeModel.load(path) first")
@@ -429,9 +471,15 @@ class BridgeModel(BaseEstimator):
         mode = "both" if len(blocks_data) == 2 else blocks_data[0][0]
         n_labels = len(self.label_names_)
 
+        groups = []
+        for survey, model, flux, weights, index in blocks_data:
+            for pixels, terms, local in self._groups(survey):
+                groups.append((model.coef_[np.ix_(pixels, terms)], weights[:, pixels], flux[:, pixels],
+                               model.term_exponents_[np.ix_(terms, local)], index[local]))
+
         def block_builder(rows):
-            return [LikelihoodBlock(m.coef_, w[rows], f[rows], m.term_exponents_, index)
-                    for _, m, f, w, index in blocks_data]
+            return [LikelihoodBlock(coef, w[rows], f[rows], exponents, index)
+                    for coef, w, f, exponents, index in groups]
 
         prior = self.prior_ if self.prior else None
         starts = self._starts(blocks_data, n_stars, prior)
@@ -493,7 +541,7 @@ class BridgeModel(BaseEstimator):
         """All labels (core then heavy) from APOGEE spectra alone."""
         return self.infer(apogee_flux=apogee_flux, apogee_ivar=apogee_ivar).labels
 
-    def _generate(self, survey, labels, covariance=None):
+    def _generate(self, survey, labels, covariance=None, propagation_scale=None):
         self._check_fitted()
         labels = check_labels(labels, n_labels=len(self.label_names_))
         model = getattr(self, f"{survey}_model_")
@@ -509,7 +557,9 @@ class BridgeModel(BaseEstimator):
             jac = np.einsum("mp,spk->smk", model.coef_, d_design)
             cov = covariance[rows][:, index[:, None], index[None, :]]
             variance[rows] = np.einsum("smk,skl,sml->sm", jac, cov, jac)
-        return flux, variance + model.scatter_**2
+        if propagation_scale is None:
+            propagation_scale = self.galah_variance_scale_ if survey == "galah" else 1.0
+        return flux, propagation_scale * variance + model.scatter_**2
 
     def generate_galah(self, labels) -> np.ndarray:
         """GALAH model flux (n_stars, n_galah_pixels) at labels (core then heavy)."""
@@ -545,6 +595,7 @@ class BridgeModel(BaseEstimator):
                       prior_coef=self.prior_.coef, prior_cholesky_inverse=self.prior_.cholesky_inverse)
         for mode in MODES:
             arrays[f"uncertainty_scale_{mode}"] = self.uncertainty_scale_[mode]
+        arrays["galah_variance_scale"] = np.array([self.galah_variance_scale_])
         params = {k: v for k, v in self.get_params().items()
                   if k not in ("galah_linelist", "galah_mode_mask", "apogee_linelist")}
         params["core_labels"], params["heavy_labels"] = list(self.core_labels), list(self.heavy_labels)
@@ -574,7 +625,26 @@ class BridgeModel(BaseEstimator):
                                         arrays["prior_cholesky_inverse"], np.arange(model.n_core_),
                                         np.arange(model.n_core_, len(model.label_names_)))
         model.uncertainty_scale_ = {mode: arrays[f"uncertainty_scale_{mode}"] for mode in MODES}
+        model.galah_variance_scale_ = float(arrays["galah_variance_scale"][0])
         return model
+
+
+def _pixel_groups(allowed, term_exponents, usable=None):
+    """Split pixels by censoring pattern: [(pixels, terms, labels)] with the terms each group may use."""
+    if usable is None:
+        usable = np.ones(allowed.shape[0], dtype=bool)
+    patterns, inverse = np.unique(allowed, axis=0, return_inverse=True)
+    inverse = np.asarray(inverse).ravel()
+    groups = []
+    involves = term_exponents > 0
+    for g, pattern in enumerate(patterns):
+        pixels = np.flatnonzero((inverse == g) & usable)
+        if pixels.size == 0:
+            continue
+        labels = np.flatnonzero(pattern)
+        terms = np.flatnonzero(~np.any(involves[:, ~pattern], axis=1))
+        groups.append((pixels, terms, labels))
+    return groups
 
 
 def _robust_std(values):

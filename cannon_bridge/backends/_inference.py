@@ -73,11 +73,12 @@ def evaluate(x, blocks, prior: Optional[Prior] = None, xp=np, with_derivatives=T
     return chi2, hessian, gradient
 
 
-def levenberg_marquardt(x0, blocks, prior=None, max_iter=100, tol=1e-10, bound=10.0, xp=np):
+def levenberg_marquardt(x0, blocks, prior=None, max_iter=100, tol=1e-9, atol=1e-4, bound=10.0, xp=np):
     """Minimise chi^2 for every star of a chunk; returns x, chi2, hessian, converged, n_iter.
 
     Each star keeps its own damping; a step is accepted only if chi^2 drops,
-    and a star stops when the relative chi^2 change falls below ``tol`` or
+    and a star stops when an accepted step lowers chi^2 by less than
+    ``max(atol, tol * chi2)`` (far below what moves a label: 1 sigma is 1 in chi^2), or
     the damping grows past any useful value. Labels are kept within
     ``|x| <= bound`` (scaled units), far outside any training set.
     """
@@ -110,7 +111,7 @@ def levenberg_marquardt(x0, blocks, prior=None, max_iter=100, tol=1e-10, bound=1
         damping[active] = xp.where(better, damping[active] * 0.3, damping[active] * 10.0)
         n_iter[active] += 1
         small_step = xp.max(xp.abs(step), axis=1) < 1e-9
-        done = (better & (improvement <= tol * xp.maximum(old_chi2, 1e-300))) | small_step
+        done = (better & (improvement <= xp.maximum(atol, tol * old_chi2))) | small_step
         done |= damping[active] > 1e12
         converged[active[done]] = True
     return x, chi2, hessian, converged, n_iter
