@@ -1,0 +1,193 @@
+"""Compute kernels: least squares, censoring, ridge/L1, intrinsic scatter; numpy vs numba."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg
+from scipy.optimize import minimize_scalar
+
+from cannon_bridge import CannonModel
+from cannon_bridge.backends import available_backends, get_backend
+from cannon_bridge.errors import InvalidInputError
+from cannon_bridge.model import _solve_with_regularization
+from cannon_bridge.vectorizer import polynomial_exponents
+
+CPU_BACKENDS = ["numpy", "numba"]
+
+
+def relative_difference(a, b):
+    scale = max(np.max(np.abs(a)), np.max(np.abs(b)), 1e-300)
+    return np.max(np.abs(np.asarray(a) - np.asarray(b))) / scale
+
+
+def random_block(rng, n_stars=70, n_pixels=12, n_labels=2, order=2, zero_fraction=0.15):
+    x = rng.uniform(-1.0, 1.0, size=(n_stars, n_labels))
+    exponents = polynomial_exponents(n_labels, order)
+    design = np.prod(x[:, None, :] ** exponents[None], axis=2)
+    flux = 1.0 + rng.normal(size=(n_stars, n_pixels)) * 0.05
+    weights = rng.uniform(0.3, 3.0, size=(n_stars, n_pixels)) * 1e4
+    weights[rng.random(weights.shape) < zero_fraction] = 0.0
+    return design, weights, flux
+
+
+def negative_log_marginal(v, r2, var):
+    return 0.5 * np.sum(r2 / (var + v) + np.log(var + v))
+
+
+# ---------------------------------------------------------------- get_backend
+def test_available_backends_and_unknown_name():
+    names = available_backends()
+    assert names[0] == "numpy" and "numba" in names
+    for name in CPU_BACKENDS:
+        backend = get_backend(name)
+        assert backend.name == name and backend.xp is np
+    assert get_backend("auto").name in names
+    with pytest.raises(InvalidInputError, match="'backend' parameter must be one of"):
+        get_backend("tensorflow")
+
+
+# ------------------------------------------------------- normal equations
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_solve_normal_equations_equals_lstsq(backend_name, rng):
+    design, weights, flux = random_block(rng)
+    coef, ok = get_backend(backend_name).solve_normal_equations(design, weights, flux)
+    coef, ok = np.asarray(coef), np.asarray(ok)
+    assert ok.all()
+    for m in range(flux.shape[1]):
+        root = np.sqrt(weights[:, m])
+        expected = scipy.linalg.lstsq(design * root[:, None], flux[:, m] * root)[0]
+        assert relative_difference(coef[m], expected) < 1e-10
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_solve_normal_equations_censoring_and_ridge(backend_name, rng):
+    design, weights, flux = random_block(rng)
+    n_pixels, n_terms = flux.shape[1], design.shape[1]
+    active = rng.random((n_pixels, n_terms)) > 0.3
+    active[:, 0] = True
+    diagonal = rng.uniform(0.0, 50.0, size=(n_pixels, n_terms))
+    coef, ok = get_backend(backend_name).solve_normal_equations(design, weights, flux, active=active,
+                                                                 diagonal=diagonal)
+    coef, ok = np.asarray(coef), np.asarray(ok)
+    assert ok.all()
+    assert np.all(coef[~active] == 0.0)  # exactly zero, not just small
+    for m in range(n_pixels):
+        use = active[m]
+        sub = design[:, use]
+        # ridge: minimise sum w r^2 + sum d theta^2 on the active terms only
+        stacked = np.vstack([sub * np.sqrt(weights[:, m])[:, None], np.diag(np.sqrt(diagonal[m, use]))])
+        target = np.concatenate([flux[:, m] * np.sqrt(weights[:, m]), np.zeros(use.sum())])
+        expected = scipy.linalg.lstsq(stacked, target)[0]
+        assert relative_difference(coef[m, use], expected) < 1e-10
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_singular_pixel_is_flagged_without_spoiling_the_block(backend_name, rng):
+    design, weights, flux = random_block(rng, zero_fraction=0.0)
+    weights[:, 3] = 0.0  # no data at all
+    weights[3:, 5] = 0.0  # fewer stars than terms
+    coef, ok = get_backend(backend_name).solve_normal_equations(design, weights, flux)
+    coef, ok = np.asarray(coef), np.asarray(ok)
+    assert not ok[3] and not ok[5]
+    assert np.all(coef[[3, 5]] == 0.0)
+    good = np.setdiff1d(np.arange(flux.shape[1]), [3, 5])
+    assert ok[good].all()
+    for m in good:
+        root = np.sqrt(weights[:, m])
+        expected = scipy.linalg.lstsq(design * root[:, None], flux[:, m] * root)[0]
+        assert relative_difference(coef[m], expected) < 1e-10
+
+
+@pytest.mark.parametrize("regularization", [1e4, 1e5])
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_l1_regularisation_minimises_penalised_chi2(backend_name, regularization, rng):
+    """IRLS solves min chi^2 + lambda * sum_{j>0} |theta_j|; compare with coordinate descent."""
+    design, weights, flux = random_block(rng, n_stars=80, n_pixels=4, zero_fraction=0.0)
+    n_terms = design.shape[1]
+    coef, ok = _solve_with_regularization(get_backend(backend_name), design, weights, flux,
+                                          np.ones((flux.shape[1], n_terms), dtype=bool), regularization)
+    assert ok.all()
+    unregularised, _ = get_backend(backend_name).solve_normal_equations(design, weights, flux)
+    for m in range(flux.shape[1]):
+        gram = (design * weights[:, m, None]).T @ design
+        rhs = (design * weights[:, m, None]).T @ flux[:, m]
+        theta = np.linalg.solve(gram, rhs)
+        for _ in range(3000):
+            for j in range(n_terms):
+                rho = rhs[j] - gram[j] @ theta + gram[j, j] * theta[j]
+                shrink = 0.0 if j == 0 else regularization / 2
+                theta[j] = np.sign(rho) * max(abs(rho) - shrink, 0.0) / gram[j, j]
+
+        def objective(t):
+            return np.sum(weights[:, m] * (flux[:, m] - design @ t) ** 2) + regularization * np.abs(t[1:]).sum()
+
+        best = objective(theta)
+        assert objective(coef[m]) <= best * (1 + 5e-3)
+        assert objective(coef[m]) < objective(np.asarray(unregularised)[m])
+        assert np.abs(coef[m, 1:]).sum() < np.abs(np.asarray(unregularised)[m, 1:]).sum()
+
+
+# ------------------------------------------------------------------ scatter
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_fit_scatter_maximises_marginal_likelihood(backend_name, rng):
+    n_stars, n_pixels = 150, 6
+    var = rng.uniform(0.5, 2.0, size=(n_stars, n_pixels)) * 1e-4
+    true_s2 = np.array([0.0, 1e-5, 1e-4, 1e-3, 4e-3, 2e-4])
+    residuals = rng.normal(size=(n_stars, n_pixels)) * np.sqrt(var + true_s2)
+    observed = rng.random((n_stars, n_pixels)) > 0.2
+    dof_factor = 1.07
+    s2 = np.asarray(get_backend(backend_name).fit_scatter(residuals, var, observed, dof_factor))
+    assert s2.shape == (n_pixels,) and np.all(s2 >= 0)
+    for m in range(n_pixels):
+        use = observed[:, m]
+        r2 = residuals[use, m] ** 2 * dof_factor
+        v = var[use, m]
+        best = minimize_scalar(negative_log_marginal, bounds=(0.0, r2.max()), args=(r2, v), method="bounded",
+                               options={"xatol": 1e-14})
+        optimum = best.x if negative_log_marginal(best.x, r2, v) < negative_log_marginal(0.0, r2, v) else 0.0
+        if optimum > 1e-9:
+            assert s2[m] == pytest.approx(optimum, rel=1e-5)
+        else:
+            assert s2[m] <= 1e-9
+        assert negative_log_marginal(s2[m], r2, v) <= negative_log_marginal(optimum, r2, v) + 1e-9
+    assert s2[0] < s2[3] < s2[4]  # ordered like the true scatter
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_fit_scatter_is_zero_when_residuals_are_below_the_noise(backend_name, rng):
+    var = np.full((100, 3), 1e-4)
+    residuals = rng.normal(size=(100, 3)) * 1e-3  # ten times smaller than the noise
+    observed = np.ones_like(residuals, dtype=bool)
+    observed[:, 2] = False  # nothing observed: 0
+    s2 = np.asarray(get_backend(backend_name).fit_scatter(residuals, var, observed, 1.0))
+    np.testing.assert_array_equal(s2, 0.0)
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_fit_scatter_noise_free_is_mean_square(backend_name, rng):
+    """With no measurement noise the maximum is the (dof-corrected) mean square residual."""
+    residuals = rng.normal(size=(50, 4)) * [0.01, 0.02, 0.05, 0.001]
+    observed = rng.random((50, 4)) > 0.1
+    s2 = np.asarray(get_backend(backend_name).fit_scatter(residuals, np.zeros_like(residuals), observed, 1.2))
+    expected = [1.2 * np.mean(residuals[observed[:, m], m] ** 2) for m in range(4)]
+    np.testing.assert_allclose(s2, expected, rtol=1e-10)
+
+
+# --------------------------------------------- whole fit: numpy == numba
+@pytest.mark.parametrize("regularization", [0.0, 30.0])
+@pytest.mark.parametrize("censored", [False, True])
+def test_numpy_and_numba_fits_agree(toy_survey, rng, censored, regularization):
+    data = toy_survey(250, 60, n_labels=3, order=2, snr=80, scatter=np.linspace(0.0, 0.03, 60), seed=3)
+    ivar = data["ivar"].copy()
+    ivar[rng.random(ivar.shape) < 0.1] = 0.0
+    names = ["teff", "logg", "feh"]
+    censors = {"logg": np.arange(60) % 3 != 0, "feh": np.arange(60) < 40} if censored else None
+    models = [CannonModel(names, backend=b, regularization=regularization, censors=censors)
+              .fit(data["flux"], data["labels"], ivar) for b in CPU_BACKENDS]
+    assert relative_difference(models[0].coef_, models[1].coef_) < 1e-8
+    assert relative_difference(models[0].scatter_, models[1].scatter_) < 1e-8
+    np.testing.assert_array_equal(models[0].pixel_flags_, models[1].pixel_flags_)
+    np.testing.assert_array_equal(models[0].coef_ == 0.0, models[1].coef_ == 0.0)
+    assert np.sum(models[0].scatter_ > 0) > 30  # the comparison covers fitted scatter, not only zeros
+    predictions = [m.predict(data["flux"][:5], data["ivar"][:5]) for m in models]
+    np.testing.assert_allclose(predictions[0], predictions[1], rtol=1e-7)
