@@ -11,10 +11,13 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
+from astropy.io.fits.verify import VerifyWarning
+from astropy.utils.exceptions import AstropyWarning
 
 from .errors import ModelFileError
 
@@ -51,7 +54,7 @@ def write_model_file(path, kind: str, metadata: dict, arrays: dict[str, np.ndarr
     header["CB_VERS"] = (__version__, "cannon_bridge version that wrote it")
     header["CB_META"] = json.dumps(metadata, sort_keys=True)
     header["CB_HDUS"] = ",".join(arrays)
-    header["CB_SHA"] = (_canonical_digest(kind, metadata, arrays), "sha256 of metadata + arrays")
+    header["CB_SHA"] = _canonical_digest(kind, metadata, arrays)  # sha256 of metadata + arrays
     hdus = [primary]
     for name, array in arrays.items():
         hdus.append(fits.ImageHDU(np.ascontiguousarray(array), name=name.upper()))
@@ -72,6 +75,17 @@ def read_model_file(path, kind: str, bool_arrays: tuple[str, ...] = ()) -> tuple
     path = Path(path)
     if not path.exists():
         raise ModelFileError(f"model file {path} does not exist")
+    try:
+        with warnings.catch_warnings():
+            # astropy only warns about truncated or malformed files: make that a refusal
+            warnings.simplefilter("error", AstropyWarning)
+            warnings.simplefilter("error", VerifyWarning)
+            return _read(path, kind, bool_arrays)
+    except (AstropyWarning, VerifyWarning) as exc:
+        raise ModelFileError(f"could not read model file {path}: {exc} (truncated or corrupted?)") from None
+
+
+def _read(path, kind, bool_arrays):
     try:
         with fits.open(path, memmap=False, checksum=False) as hdul:
             header = hdul[0].header

@@ -13,8 +13,11 @@ from .errors import InvalidInputError
 def _as_float_2d(value, name: str, allow_1d_as_row: bool = False) -> np.ndarray:
     if value is None:
         raise InvalidInputError(f"{name} is required but got None")
+    raw = np.asarray(value)
+    if raw.dtype.kind == "c":
+        raise InvalidInputError(f"Complex data not supported: {name} is complex; spectra must be real numbers")
     try:
-        array = np.array(value, dtype=np.float64, copy=True)
+        array = np.array(raw, dtype=np.float64, copy=True)
     except (TypeError, ValueError) as exc:
         raise InvalidInputError(f"{name} must be numeric; could not convert it: {exc}") from None
     if array.ndim == 1 and allow_1d_as_row:
@@ -82,9 +85,15 @@ def check_spectra(flux, ivar=None, n_pixels: int | None = None, name: str = "flu
 def check_labels(labels, n_labels: int | None = None, n_stars: int | None = None,
                  allow_nan: bool = False, name: str = "labels") -> np.ndarray:
     """Validate labels (n_stars, n_labels); NaN allowed only when ``allow_nan``."""
-    labels = np.array(labels, dtype=np.float64, copy=True) if labels is not None else None
     if labels is None:
         raise InvalidInputError(f"{name} is required but got None")
+    raw = np.asarray(labels)
+    if raw.dtype.kind == "c":
+        raise InvalidInputError(f"Complex data not supported: {name} is complex; labels must be real numbers")
+    try:
+        labels = np.array(raw, dtype=np.float64, copy=True)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"{name} must be numeric; could not convert it: {exc}") from None
     if labels.ndim == 1:
         labels = labels[:, None]
     if labels.ndim != 2:

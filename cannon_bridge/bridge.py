@@ -27,7 +27,8 @@ from .backends._inference import LikelihoodBlock
 from .backends._polynomial import monomial_jacobian, monomials
 from .errors import InvalidInputError, NotFittedError
 from .lines import element_masks, element_of_label, line_windows, window_mask
-from .model import CannonModel, InferenceResult, PixelFlag, StarFlag, fit_pixels, run_test_step, scaled_covariance
+from .model import (CannonModel, InferenceResult, StarFlag, fit_pixels, run_test_step, scaled_covariance,
+                    typical_noise_variance)
 from .vectorizer import PolynomialVectorizer, polynomial_exponents
 
 __all__ = ["BridgeModel", "BridgeInferenceResult", "BUILTIN_GALAH_LINES"]
@@ -340,6 +341,7 @@ class BridgeModel(BaseEstimator):
                                            training_labels=labels[:, used], backend=self.backend)
             model.order = self.order
             model.pixel_flags_ = flags
+            model.noise_variance_ = typical_noise_variance(ivar, flux.shape[1])
             model.censors_ = sub_allowed
             model.chunk_size = self.chunk_size
             model.max_iter = self.max_iter

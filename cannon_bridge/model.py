@@ -102,6 +102,19 @@ class InferenceResult:
         return table
 
 
+def typical_noise_variance(ivar, n_pixels):
+    """Median 1/ivar over the observed stars at each pixel (0 without ivar)."""
+    if ivar is None:
+        return np.zeros(n_pixels)
+    with np.errstate(divide="ignore"):
+        variance = np.where(ivar > 0, 1.0 / np.where(ivar > 0, ivar, 1.0), np.nan)
+    observed = np.isfinite(variance).any(axis=0)
+    out = np.zeros(n_pixels)
+    if observed.any():
+        out[observed] = np.nanmedian(variance[:, observed], axis=0)
+    return out
+
+
 def _effective_weights(ivar, scatter_variance):
     """1 / (sigma^2 + s^2) written so that ivar = 0 gives 0; ivar None means noise-free."""
     if ivar is None:
@@ -160,7 +173,7 @@ class CannonModel(RegressorMixin, BaseEstimator):
     >>> model = CannonModel(["a", "b"], backend="numpy")
     >>> flux = 1 + labels @ rng.normal(size=(2, 50)) * 0.1 + rng.normal(0, 0.01, (200, 50))
     >>> model = model.fit(flux, labels, ivar=np.full_like(flux, 1e4))
-    >>> np.abs(model.predict(flux[:5], np.full((5, 50), 1e4)) - labels[:5]).max() < 0.1
+    >>> bool(np.abs(model.predict(flux[:5], np.full((5, 50), 1e4)) - labels[:5]).max() < 0.1)
     True
     """
 
@@ -256,6 +269,8 @@ class CannonModel(RegressorMixin, BaseEstimator):
             raise InvalidInputError(
                 f"labels has {labels.shape[1]} columns but label_names names {len(names)}: {names}"
             )
+        if wavelength is not None and np.shape(wavelength) != (n_pixels,):
+            raise InvalidInputError(f"wavelength has shape {np.shape(wavelength)}, expected ({n_pixels},)")
         vectorizer = PolynomialVectorizer(names, order=self.order).fit(labels)
         allowed = self._censor_matrix(names, n_pixels)
         active = self._active_terms(vectorizer.term_exponents, allowed)
@@ -267,6 +282,7 @@ class CannonModel(RegressorMixin, BaseEstimator):
         self.coef_ = coef
         self.scatter_ = np.sqrt(scatter_variance)
         self.pixel_flags_ = flags
+        self.noise_variance_ = typical_noise_variance(ivar, n_pixels)
         self.label_names_ = names
         self.term_exponents_ = vectorizer.term_exponents
         self.term_names_ = vectorizer.term_names
@@ -275,8 +291,6 @@ class CannonModel(RegressorMixin, BaseEstimator):
         self.censors_ = allowed
         self.n_features_in_ = n_pixels
         self.wavelength_ = None if wavelength is None else np.asarray(wavelength, dtype=float).copy()
-        if self.wavelength_ is not None and self.wavelength_.shape != (n_pixels,):
-            raise InvalidInputError(f"wavelength has shape {self.wavelength_.shape}, expected ({n_pixels},)")
         self._set_training_domain(labels)
         return self
 
@@ -307,7 +321,10 @@ class CannonModel(RegressorMixin, BaseEstimator):
         usable = self.pixel_flags_ == 0
         s2 = self.scatter_**2
         if ivar is None:
-            weights = np.broadcast_to(_effective_weights(None, s2), (n_stars, s2.size)).copy()
+            # no ivar given: assume the training set's typical noise at each pixel
+            total = getattr(self, "noise_variance_", np.zeros_like(s2)) + s2
+            floor = np.where(total > 0, total, np.median(total[total > 0]) if np.any(total > 0) else 1.0)
+            weights = np.broadcast_to(1.0 / floor, (n_stars, s2.size)).copy()
         else:
             weights = _effective_weights(ivar, s2)
         weights[:, ~usable] = 0.0
@@ -409,7 +426,7 @@ class CannonModel(RegressorMixin, BaseEstimator):
             "scales": self.label_scales_, "label_min": self.training_label_min_,
             "label_max": self.training_label_max_, "label_mean": self.training_label_mean_,
             "label_covariance": self.training_label_covariance_, "start_labels": self.start_labels_,
-            "wavelength": self.wavelength_,
+            "wavelength": self.wavelength_, "noise_variance": getattr(self, "noise_variance_", None),
         }
 
     def save(self, path, overwrite: bool = False):
@@ -446,6 +463,7 @@ class CannonModel(RegressorMixin, BaseEstimator):
         model.training_label_covariance_ = arrays["label_covariance"]
         model.start_labels_ = arrays["start_labels"]
         model.wavelength_ = arrays.get("wavelength")
+        model.noise_variance_ = arrays.get("noise_variance", np.zeros(arrays["coef"].shape[0]))
         model.n_features_in_ = model.coef_.shape[0]
         model._single_output_ = metadata.get("single_output", False)
         return model
@@ -476,8 +494,11 @@ class CannonModel(RegressorMixin, BaseEstimator):
         model.label_scales_ = vectorizer.scales
         finite = np.all(np.isfinite(theta), axis=1) & np.isfinite(scatter)
         model.pixel_flags_ = np.where(finite, 0, PixelFlag.NO_DATA).astype(np.int64)
+        model.coef_ = np.where(finite[:, None], theta, 0.0)  # flagged pixels are never used
+        model.scatter_ = np.where(finite, scatter, 0.0)
         model.censors_ = np.ones((theta.shape[0], vectorizer.n_labels), dtype=bool)
         model.n_features_in_ = theta.shape[0]
+        model.noise_variance_ = np.zeros(theta.shape[0])
         model.wavelength_ = None if wavelength is None else np.asarray(wavelength, dtype=float)
         if training_labels is None:
             # without the training set, take +-1 scale around the pivot as the domain

@@ -412,13 +412,6 @@ def test_use_before_fit_raises_not_fitted():
         check_is_fitted(model)
 
 
-@pytest.mark.xfail(
-    reason="BUG: CannonModel.fit (model.py, wavelength check after the attributes are set) trains and sets "
-           "coef_ etc. before validating wavelength; the failed fit leaves a half-fitted model (no "
-           "training_label_min_/start_labels_) that passes _check_fitted but crashes with AttributeError",
-    raises=AttributeError,
-    strict=True,
-)
 def test_failed_fit_leaves_the_model_unfitted(small):
     model = CannonModel(backend="numpy")
     with pytest.raises(InvalidInputError):
@@ -427,22 +420,11 @@ def test_failed_fit_leaves_the_model_unfitted(small):
         model.predict(small["flux"][:2], small["ivar"][:2])
 
 
-@pytest.mark.xfail(
-    reason="BUG: _validation._as_float_2d / check_labels cast complex input with np.array(..., dtype=float64): "
-           "the imaginary part is silently discarded (only a numpy ComplexWarning), violating 'never repairs data'",
-    strict=True,
-)
 def test_complex_flux_is_refused(small):
     with pytest.raises(InvalidInputError, match="complex"):
         fit_small(small, flux=small["flux"] + 1j * small["flux"])
 
 
-@pytest.mark.xfail(
-    reason="BUG: CannonModel.from_theta (model.py) flags pixels with non-finite theta/scatter NO_DATA but keeps "
-           "the NaN coefficients; infer multiplies weight 0 by a NaN residual, so chi2 is inf/NaN for every star "
-           "and all labels are garbage (flag SINGULAR)",
-    strict=True,
-)
 def test_imported_model_with_a_non_finite_pixel_still_infers(rng):
     exponents = np.array([[0, 0], [1, 0], [0, 1], [2, 0], [1, 1], [0, 2]])
     theta = rng.normal(size=(30, 6)) * 0.05
@@ -458,12 +440,6 @@ def test_imported_model_with_a_non_finite_pixel_still_infers(rng):
     np.testing.assert_allclose(result.labels, labels, atol=0.02)
 
 
-@pytest.mark.xfail(
-    reason="BUG: model._effective_weights(None, s2) (used by predict/score without ivar) weights pixels by 1/s2 "
-           "where the fitted s2 > 0 but by 1.0 where s2 == 0, so pixels whose scatter fit happens to be tiny "
-           "dominate and equally good s2 == 0 pixels are ignored: labels ~2x less precise",
-    strict=True,
-)
 def test_predict_without_ivar_uses_all_pixels_sensibly(toy_survey):
     n_pixels = 80
     data = toy_survey(1000, n_pixels, n_labels=3, order=2, snr=100, scatter=np.where(np.arange(n_pixels) < 8, 3e-3, 0),

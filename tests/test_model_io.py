@@ -212,26 +212,12 @@ def test_truncated_file_is_refused(saved, keep):
 
 # ------------------------------------------------------------------- bugs
 @pytest.mark.filterwarnings("error")
-@pytest.mark.xfail(
-    reason="BUG: _fitsio.write_model_file writes CB_SHA as (64-char digest, comment); the card exceeds "
-           "80 characters so astropy warns 'Card is too long, comment will be truncated' on every save "
-           "(an exception under filterwarnings=error)",
-    raises=VerifyWarning,
-    strict=True,
-)
 def test_save_emits_no_warning(fitted, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fitted[0].save(tmp_path / "model.fits")
 
 
-@pytest.mark.xfail(
-    reason="BUG: _fitsio.read_model_file lets astropy warnings (AstropyUserWarning 'File may have been "
-           "truncated', VerifyWarning) escape; under warnings-as-errors a truncated file raises them "
-           "instead of ModelFileError",
-    raises=AstropyUserWarning,
-    strict=True,
-)
 @pytest.mark.parametrize("keep", [0.3, 0.9, "one block short"])
 def test_truncated_file_is_refused_under_warnings_as_errors(saved, keep):
     size = os.path.getsize(saved)
@@ -243,12 +229,6 @@ def test_truncated_file_is_refused_under_warnings_as_errors(saved, keep):
 
 
 @pytest.mark.filterwarnings("default::astropy.utils.exceptions.AstropyUserWarning")
-@pytest.mark.xfail(
-    reason="BUG: a file cut inside the last HDU's padding loads (astropy only warns 'File may have "
-           "been truncated'); load() documents that it refuses truncated files",
-    raises=pytest.fail.Exception,
-    strict=True,
-)
 def test_file_truncated_in_the_padding_is_refused(saved):
     with open(saved, "r+b") as handle:
         handle.truncate(os.path.getsize(saved) - 10)

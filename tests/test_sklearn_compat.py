@@ -26,8 +26,6 @@ EXPECTED_FAILED_CHECKS = {
     "check_fit2d_predict1d": "predict/infer deliberately accept one 1-D spectrum as a single star",
     "check_non_transformer_estimators_n_iter": "max_iter bounds the per-star test-step iterations; there is no "
                                                "fit-level n_iter_ (it is InferenceResult.n_iter, per star)",
-    "check_complex_data": "BUG (see test_model.test_complex_flux_is_refused): complex input is cast to float "
-                          "with a ComplexWarning instead of being refused",
 }
 
 
