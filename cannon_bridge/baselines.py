@@ -9,7 +9,8 @@ Training labels may hold NaN in the heavy columns; core labels must be complete.
 
 - :class:`LabelRegressionBaseline`: an APOGEE Cannon on the core labels, then
   each heavy label regressed on the core labels (quadratic ridge or k-NN),
-  then a GALAH Cannon (trained on the stars with complete labels) at those labels.
+  then a GALAH Cannon (trained on the stars with complete labels, or on all
+  stars with imputed heavy labels) at those labels.
 - :class:`TwoCannonsBaseline`: the same two Cannons, with the heavy labels set to
   their training mean (or a quadratic ridge prediction) for generation.
 - :class:`SpectrumRegressionBaseline`: no labels at all in the spectrum path: PCA
@@ -134,19 +135,36 @@ class _TwoCannonBase(BaseEstimator):
             apogee_flux, labels[:, :n_core], apogee_ivar)
         complete = np.all(np.isfinite(labels), axis=1)
         self.n_complete_ = int(complete.sum())
-        if self.n_complete_ < 2:
+        if self.galah_training == "impute":
+            # every star trains the GALAH Cannon; a missing heavy label is its ridge prediction from the core
+            galah_labels = labels.copy()
+            imputers = fit_heavy_regressors(labels[:, :n_core], labels[:, n_core:], "ridge")
+            for h, imputer in enumerate(imputers):
+                missing = ~np.isfinite(labels[:, n_core + h])
+                if missing.any():
+                    galah_labels[missing, n_core + h] = imputer.predict(labels[missing, :n_core])
+            rows = np.ones(len(labels), dtype=bool)
+        elif self.galah_training == "complete":
+            galah_labels, rows = labels, complete
+            if self.n_complete_ < 2:
+                raise InvalidInputError(
+                    f"only {self.n_complete_} training stars have every label: the GALAH Cannon of this baseline "
+                    "is trained on complete stars only (galah_training='complete'); try galah_training='impute'")
+        else:
             raise InvalidInputError(
-                f"only {self.n_complete_} training stars have every label: the GALAH Cannon of this baseline "
-                "is trained on complete stars only")
+                f"The 'galah_training' parameter of {type(self).__name__} must be 'complete' or 'impute'. "
+                f"Got {self.galah_training!r} instead.")
         censors = None
         if self.galah_censors is not None:
             censors = {name: np.asarray(mask, dtype=bool) for name, mask in self.galah_censors.items()}
         self.galah_model_ = CannonModel(names, order=self.order, backend=self.backend, censors=censors).fit(
-            galah_flux[complete], labels[complete], None if galah_ivar is None else galah_ivar[complete])
-        n_bad = int(np.count_nonzero(self.galah_model_.pixel_flags_))
-        if n_bad:
-            logger.warning("%d of %d GALAH pixels could not be fitted with %d complete stars (flagged, flux 0)",
-                           n_bad, galah_flux.shape[1], self.n_complete_)
+            galah_flux[rows], galah_labels[rows], None if galah_ivar is None else galah_ivar[rows])
+        bad = self.galah_model_.pixel_flags_ != 0
+        if bad.any():
+            logger.warning("%d of %d GALAH pixels could not be fitted with %d training stars: they get the mean "
+                           "training flux", int(bad.sum()), galah_flux.shape[1], int(rows.sum()))
+        weights = np.ones_like(galah_flux[rows]) if galah_ivar is None else (galah_ivar[rows] > 0).astype(float)
+        self.galah_mean_flux_ = (weights * galah_flux[rows]).sum(axis=0) / np.maximum(weights.sum(axis=0), 1.0)
         self.heavy_mean_ = np.nanmean(labels[:, n_core:], axis=0)
         return labels
 
@@ -163,9 +181,12 @@ class _TwoCannonBase(BaseEstimator):
         return self.generate_galah(self.predict(apogee_flux, apogee_ivar))
 
     def generate_galah(self, labels) -> np.ndarray:
-        """GALAH model flux at labels (core then heavy)."""
+        """GALAH model flux at labels (core then heavy); unfitted pixels get the mean training flux."""
         self._check_fitted()
-        return self.galah_model_.generate(labels)
+        flux = self.galah_model_.generate(labels)
+        bad = self.galah_model_.pixel_flags_ != 0
+        flux[:, bad] = self.galah_mean_flux_[bad]
+        return flux
 
 
 class LabelRegressionBaseline(_TwoCannonBase):
@@ -183,6 +204,11 @@ class LabelRegressionBaseline(_TwoCannonBase):
         ``{label: mask}``: pixels where a heavy label may act in the GALAH Cannon (as
         ``CannonModel(censors=...)``). Without it every GALAH pixel carries all
         quadratic terms, which needs more complete training stars than terms.
+    galah_training : {"complete", "impute"}, default "complete"
+        Train the GALAH Cannon on the stars with every label, or on every star with
+        each missing heavy label replaced by its ridge prediction from the core labels.
+        GALAH pixels that cannot be fitted (fewer stars than terms) are flagged in
+        ``galah_model_.pixel_flags_`` and generated as the mean training flux.
     backend : str, default "auto"
 
     Attributes
@@ -190,18 +216,20 @@ class LabelRegressionBaseline(_TwoCannonBase):
     apogee_model_, galah_model_ : CannonModel
     regressors_ : list of fitted regressors, one per heavy label
     label_names_ : list of str (core then heavy)
-    n_complete_ : int, training stars with every label (the GALAH Cannon's training set)
+    n_complete_ : int, training stars with every label
+    galah_mean_flux_ : ndarray of shape (n_galah_pixels,), mean flux of the GALAH Cannon's training stars
     """
 
     def __init__(self, core_labels: Sequence[str] = ("teff", "logg", "fe_h", "alpha_fe", "vmic"),
                  heavy_labels: Sequence[str] = ("ba_fe", "y_fe", "eu_fe", "ce_fe", "nd_fe", "la_fe", "zr_fe"),
                  method: str = "ridge", order: int = 2, galah_censors: Mapping[str, np.ndarray] | None = None,
-                 backend: str = "auto") -> None:
+                 galah_training: str = "complete", backend: str = "auto") -> None:
         self.core_labels = core_labels
         self.heavy_labels = heavy_labels
         self.method = method
         self.order = order
         self.galah_censors = galah_censors
+        self.galah_training = galah_training
         self.backend = backend
 
     def fit(self, apogee_flux, galah_flux=None, labels=None, apogee_ivar=None,
@@ -238,7 +266,7 @@ class TwoCannonsBaseline(_TwoCannonBase):
     heavy : {"mean", "ridge"}, default "mean"
         Heavy labels used for generation: the training mean of each (over its finite
         values), or a quadratic ridge prediction from the APOGEE core labels.
-    order, galah_censors, backend : as for :class:`LabelRegressionBaseline`.
+    order, galah_censors, galah_training, backend : as for :class:`LabelRegressionBaseline`.
 
     Attributes
     ----------
@@ -250,12 +278,13 @@ class TwoCannonsBaseline(_TwoCannonBase):
     def __init__(self, core_labels: Sequence[str] = ("teff", "logg", "fe_h", "alpha_fe", "vmic"),
                  heavy_labels: Sequence[str] = ("ba_fe", "y_fe", "eu_fe", "ce_fe", "nd_fe", "la_fe", "zr_fe"),
                  heavy: str = "mean", order: int = 2, galah_censors: Mapping[str, np.ndarray] | None = None,
-                 backend: str = "auto") -> None:
+                 galah_training: str = "complete", backend: str = "auto") -> None:
         self.core_labels = core_labels
         self.heavy_labels = heavy_labels
         self.heavy = heavy
         self.order = order
         self.galah_censors = galah_censors
+        self.galah_training = galah_training
         self.backend = backend
 
     def fit(self, apogee_flux, galah_flux=None, labels=None, apogee_ivar=None,

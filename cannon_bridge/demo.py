@@ -22,7 +22,7 @@ def _rms(values, axis=None):
 
 
 def run_demo(output="demo_output", n_stars: int = 2000, seed: int = 0, test_fraction: float = 0.25,
-             progress: bool = True, backend: str = "auto") -> dict:
+             progress: bool = True, backend: str = "auto", cv_folds: int = 3) -> dict:
     """Train the bridge on a mock cross-match and write ``report.md``, PNGs and ``metrics.json``."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -34,7 +34,7 @@ def run_demo(output="demo_output", n_stars: int = 2000, seed: int = 0, test_frac
     n_test = int(round(test_fraction * n_stars))
     train, test = np.arange(n_stars - n_test), np.arange(n_stars - n_test, n_stars)
     names = CORE_LABELS + HEAVY_LABELS
-    model = BridgeModel(CORE_LABELS, HEAVY_LABELS, backend=backend, progress=progress)
+    model = BridgeModel(CORE_LABELS, HEAVY_LABELS, backend=backend, progress=progress, cv_folds=cv_folds)
     start = time.perf_counter()
     model.fit(data.subset(train))
     timings["fit"] = time.perf_counter() - start

@@ -133,6 +133,24 @@ def test_two_cannons_mean_misses_heavy_lines_and_ridge_fixes_it(survey):
                                                             train["train_labels"])
 
 
+def test_impute_trains_galah_on_every_star_and_unfitted_pixels_get_the_mean():
+    train = _survey(seed=5, n_stars=160, blank=0.75)  # ~10 stars have both heavy labels
+    test = _survey(seed=6, n_stars=40, blank=0.0)
+    args = (train["apogee_flux"], train["galah_flux"], train["train_labels"], train["apogee_ivar"], train["galah_ivar"])
+    complete = LabelRegressionBaseline(CORE, HEAVY, galah_training="complete", backend="numpy").fit(*args)
+    assert complete.n_complete_ < 15 and np.all(complete.galah_model_.pixel_flags_ != 0)  # 15 terms per pixel
+    mean = train["galah_flux"][np.all(np.isfinite(train["train_labels"]), axis=1)].mean(axis=0)
+    np.testing.assert_allclose(complete.predict_galah(test["apogee_flux"][:3], test["apogee_ivar"][:3]),
+                               np.broadcast_to(mean, (3, mean.size)))
+    imputed = LabelRegressionBaseline(CORE, HEAVY, galah_training="impute", galah_censors=train["censors"],
+                                      backend="numpy").fit(*args)
+    assert np.all(imputed.galah_model_.pixel_flags_ == 0)
+    flux = imputed.predict_galah(test["apogee_flux"], test["apogee_ivar"])
+    assert np.sqrt(np.mean((flux - test["galah_true"])[:, 20:] ** 2)) < 0.002
+    with pytest.raises(InvalidInputError, match="'complete' or 'impute'"):
+        LabelRegressionBaseline(CORE, HEAVY, galah_training="drop", backend="numpy").fit(*args)
+
+
 def test_spectrum_regression_reproduces_a_linear_function_of_apogee():
     rng = np.random.default_rng(7)
     n_train, n_test, latent = 150, 30, 4

@@ -1,0 +1,111 @@
+"""BridgeModel on a small mock cross-match: missing labels, censoring, inference modes, I/O."""
+import numpy as np
+import pytest
+
+from cannon_bridge.bridge import BridgeModel
+from cannon_bridge.errors import InvalidInputError, ModelFileError, NotFittedError
+from cannon_bridge.mock import CORE_LABELS, HEAVY_LABELS, make_crossmatch
+
+CORE = CORE_LABELS[:3]
+HEAVY = ["ba_fe", "eu_fe"]
+
+
+@pytest.fixture(scope="module")
+def mock_pair():
+    names = CORE_LABELS + HEAVY_LABELS
+    data = make_crossmatch(260, seed=3, missing_fraction=0.2)
+    truth = make_crossmatch(260, seed=3, missing_fraction=0.0)
+    columns = [names.index(n) for n in CORE + HEAVY]
+    return data, truth.labels[:, columns]
+
+
+@pytest.fixture(scope="module")
+def fitted(mock_pair):
+    data, _ = mock_pair
+    train = data.subset(np.arange(200))
+    return BridgeModel(CORE, HEAVY, backend="numpy", cv_folds=3).fit(train)
+
+
+def test_heavy_terms_are_censored_outside_their_windows(fitted):
+    galah = fitted.galah_model_
+    allowed = galah.censors_
+    for k, name in enumerate(fitted.galah_labels_):
+        involves = galah.term_exponents_[:, k] > 0
+        outside = ~allowed[:, k]
+        assert np.all(galah.coef_[np.ix_(outside, involves)] == 0.0)
+    ba = fitted.galah_labels_.index("ba_fe")
+    assert 0 < allowed[:, ba].sum() < 200  # only the Ba II windows
+    # APOGEE has no heavy-element line list here: its model does not use the heavy labels at all
+    assert fitted.apogee_labels_ == CORE
+
+
+def test_labels_from_each_survey_and_both(fitted, mock_pair):
+    data, truth = mock_pair
+    test = data.subset(np.arange(200, 260))
+    true = truth[200:]
+    from_apogee = fitted.infer(apogee_flux=test.apogee_flux, apogee_ivar=test.apogee_ivar)
+    from_galah = fitted.infer(galah_flux=test.galah_flux, galah_ivar=test.galah_ivar)
+    both = fitted.infer(apogee_flux=test.apogee_flux, apogee_ivar=test.apogee_ivar,
+                        galah_flux=test.galah_flux, galah_ivar=test.galah_ivar)
+    rms = {m: np.sqrt(np.mean((r.labels - true) ** 2, axis=0)) for m, r in
+           (("apogee", from_apogee), ("galah", from_galah), ("both", both))}
+    # core labels are measured from either survey: far better than the spread of the population
+    spread = np.std(true, axis=0)
+    assert np.all(rms["apogee"][:3] < 0.3 * spread[:3]) and np.all(rms["galah"][:3] < 0.3 * spread[:3])
+    # heavy labels: GALAH measures them, APOGEE only knows them through the population prior
+    assert np.all(rms["galah"][3:] < 0.6 * rms["apogee"][3:])
+    # and the uncertainties say so
+    assert np.all(np.median(from_apogee.uncertainties[:, 3:], axis=0) > 1.5 * np.median(from_galah.uncertainties[:, 3:], axis=0))
+    for result in (from_apogee, from_galah, both):
+        z = (result.labels - true) / result.uncertainties
+        assert np.all((np.std(z, axis=0) > 0.5) & (np.std(z, axis=0) < 2.0))
+    assert both.chi2_apogee is not None and both.chi2_galah is not None
+
+
+def test_missing_labels_still_train_every_pixel(mock_pair):
+    data, _ = mock_pair
+    train = data.subset(np.arange(200))
+    assert np.isnan(train.labels).any()
+    model = BridgeModel(CORE, HEAVY, backend="numpy", calibrate=False).fit(train)
+    assert np.all(model.galah_model_.pixel_flags_ == 0)
+    assert np.all(np.isfinite(model.galah_model_.coef_))
+
+
+def test_predict_galah_variance_and_generate(fitted, mock_pair):
+    data, truth = mock_pair
+    test = data.subset(np.arange(200, 220))
+    flux, variance = fitted.predict_galah(test.apogee_flux, test.apogee_ivar, return_variance=True)
+    assert flux.shape == variance.shape == test.galah_flux.shape
+    assert np.all(variance >= 0) and np.mean(variance > 0) > 0.5 and np.all(np.isfinite(flux))
+    assert np.array_equal(fitted.predict_galah(test.apogee_flux, test.apogee_ivar), flux)
+    assert fitted.generate_apogee(truth[200:220]).shape == test.apogee_flux.shape
+
+
+def test_save_load_round_trip(fitted, mock_pair, tmp_path):
+    data, _ = mock_pair
+    test = data.subset(np.arange(200, 210))
+    path = fitted.save(tmp_path / "bridge.fits")
+    loaded = BridgeModel.load(path)
+    a = fitted.infer(apogee_flux=test.apogee_flux, apogee_ivar=test.apogee_ivar)
+    b = loaded.infer(apogee_flux=test.apogee_flux, apogee_ivar=test.apogee_ivar)
+    assert np.array_equal(a.labels, b.labels) and np.array_equal(a.covariance, b.covariance)
+    raw = bytearray(path.read_bytes())
+    raw[-3000] ^= 0xFF
+    (tmp_path / "bad.fits").write_bytes(bytes(raw))
+    with pytest.raises(ModelFileError):
+        BridgeModel.load(tmp_path / "bad.fits")
+
+
+def test_bad_input(fitted, mock_pair):
+    data, _ = mock_pair
+    with pytest.raises(InvalidInputError, match="apogee_flux, galah_flux or both"):
+        fitted.infer()
+    with pytest.raises(InvalidInputError, match="pixels"):
+        fitted.infer(apogee_flux=data.apogee_flux[:2, :100])
+    with pytest.raises(NotFittedError):
+        BridgeModel().predict(data.apogee_flux[:2])
+    labels = data.labels_for(CORE + HEAVY).copy()
+    labels[0, 0] = np.nan
+    with pytest.raises(InvalidInputError, match="core label"):
+        BridgeModel(CORE, HEAVY).fit(data.apogee_flux, data.galah_flux, labels, apogee_wavelength=data.apogee_wavelength,
+                                     galah_wavelength=data.galah_wavelength)
