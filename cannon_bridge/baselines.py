@@ -333,6 +333,17 @@ class SpectrumRegressionBaseline(BaseEstimator):
     spectrum_regressor_ : fitted RidgeCV (APOGEE scores -> GALAH scores)
     label_regressors_ : list of fitted RidgeCV, one per label
     label_names_ : list of str
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> z = rng.normal(size=(80, 3))  # three hidden factors drive both surveys
+    >>> apogee, galah = 1 + z @ rng.normal(0, 0.02, (3, 50)), 1 + z @ rng.normal(0, 0.02, (3, 40))
+    >>> labels = np.column_stack([5000 + 300 * z[:, 0], 0.2 * z[:, 1]])
+    >>> model = SpectrumRegressionBaseline(["teff"], ["ba_fe"], n_components=5).fit(apogee, galah, labels)
+    >>> bool(np.abs(model.predict_galah(apogee[:3]) - galah[:3]).max() < 1e-3)
+    True
     """
 
     def __init__(self, core_labels: Sequence[str] = ("teff", "logg", "fe_h", "alpha_fe", "vmic"),
