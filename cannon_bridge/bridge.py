@@ -129,6 +129,15 @@ class BridgeModel(BaseEstimator):
     heavy_labels : sequence of str
         GALAH-only labels ("ba_fe", "y_fe", ...); the element is the part before "_".
     order : int, default 2
+        Polynomial order of the GALAH model (and of APOGEE's when ``apogee_order`` is None).
+    apogee_order, galah_order : int or None, default 3
+        Order of the terms in the core labels alone (terms with a heavy label stay at ``order``).
+    apogee_regularization, galah_regularization : float, default 100
+        L1 strength (chi^2 units) of each survey's coefficients. APOGEE's many
+        high-S/N pixels support a cubic model once it is regularised: on the
+        physset development set, order 3 with L1 = 100 cut the core-label RMS
+        from APOGEE by 10-30% against an unregularised quadratic (order 3
+        without L1 overfits).
     censoring : {"linelist", None}, default "linelist"
         With "linelist", a heavy label enters GALAH pixels only inside its element's
         line windows, and APOGEE pixels only where ``apogee_linelist`` has lines of it.
@@ -148,6 +157,10 @@ class BridgeModel(BaseEstimator):
         Keep line-list lines at most this many dex weaker than the element's strongest.
     prior : bool, default True
         Use the population prior p(heavy | core) at inference.
+    joint : {"fusion", "stacked"}, default "fusion"
+        How both surveys combine: "fusion" updates the GALAH posterior with APOGEE's
+        (both with cross-validated covariances); "stacked" minimises the summed chi^2,
+        which lets the survey with more, overconfident pixels dominate.
     calibrate : bool, default True
         Cross-validate on the training set (``cv_folds``) to set each survey's
         out-of-sample scatter and to calibrate the label uncertainties per label and mode.
@@ -168,6 +181,10 @@ class BridgeModel(BaseEstimator):
         heavy_labels: Sequence[str] = ("ba_fe", "y_fe", "eu_fe", "ce_fe", "nd_fe", "la_fe", "zr_fe"),
         order: int = 2,
         censoring: str | None = "linelist",
+        apogee_order: int | None = 3,
+        galah_order: int | None = 3,
+        apogee_regularization: float = 100.0,
+        galah_regularization: float = 100.0,
         backend: str = "auto",
         galah_linelist=None,
         galah_mode_mask=None,
@@ -177,6 +194,7 @@ class BridgeModel(BaseEstimator):
         window_fwhm: float = 1.0,
         line_depth_range: float = 1.0,
         prior: bool = True,
+        joint: str = "fusion",
         calibrate: bool = True,
         cv_folds: int = 4,
         scatter_iterations: int = 2,
@@ -189,6 +207,10 @@ class BridgeModel(BaseEstimator):
         self.heavy_labels = heavy_labels
         self.order = order
         self.censoring = censoring
+        self.apogee_order = apogee_order
+        self.galah_order = galah_order
+        self.apogee_regularization = apogee_regularization
+        self.galah_regularization = galah_regularization
         self.backend = backend
         self.galah_linelist = galah_linelist
         self.galah_mode_mask = galah_mode_mask
@@ -198,6 +220,7 @@ class BridgeModel(BaseEstimator):
         self.window_fwhm = window_fwhm
         self.line_depth_range = line_depth_range
         self.prior = prior
+        self.joint = joint
         self.calibrate = calibrate
         self.cv_folds = cv_folds
         self.scatter_iterations = scatter_iterations
@@ -314,24 +337,37 @@ class BridgeModel(BaseEstimator):
                                             ("galah", galah_flux, galah_ivar, self.galah_allowed_)):
             used = np.flatnonzero(allowed.any(axis=0))  # labels this survey depends on anywhere
             sub_names = [names[k] for k in used]
-            vectorizer = PolynomialVectorizer(sub_names, order=self.order, pivots=self.label_pivots_[used],
-                                              scales=self.label_scales_[used])
+            order, regularization = self._survey_settings(survey)
+            vectorizer = PolynomialVectorizer(sub_names, pivots=self.label_pivots_[used], scales=self.label_scales_[used],
+                                              term_exponents=_mixed_exponents(len(used), np.flatnonzero(used >= self.n_core_),
+                                                                              order, self.order))
             sub_labels = np.where(finite[:, used], labels[:, used], self.label_pivots_[used])
             design = vectorizer.design_matrix(sub_labels)
-            sub_allowed = allowed[:, used]
+            sub_allowed = allowed[:, used].copy()
             coef = np.zeros((flux.shape[1], vectorizer.n_terms))
             scatter_variance = np.zeros(flux.shape[1])
             flags = np.zeros(flux.shape[1], dtype=np.int64)
+            core_local = np.flatnonzero(used < self.n_core_)
             # Pixels sharing one censoring pattern are fitted together with only the terms
             # they may use: most pixels depend on the core labels alone, so this is much cheaper
             # than carrying every heavy term, and censored terms are exactly 0 by construction.
             for pixels, terms, local in _pixel_groups(sub_allowed, vectorizer.term_exponents):
                 has_all = np.all(finite[:, used[local]], axis=1)  # stars with every label these pixels need
+                if has_all.sum() < 3 * terms.size and local.size > core_local.size:
+                    # too few stars know every label here: fall back to the core labels alone
+                    # (and say so in the censoring), rather than leave the pixels unfitted
+                    logger.warning("%s: %d pixels depend on labels known for only %d stars; fitting them "
+                                   "with the core labels alone", survey, pixels.size, int(has_all.sum()))
+                    sub_allowed[np.ix_(pixels, np.setdiff1d(local, core_local))] = False
+                    local = np.intersect1d(local, core_local)
+                    terms = np.flatnonzero(~np.any(vectorizer.term_exponents[:, np.setdiff1d(
+                        np.arange(len(used)), local)] > 0, axis=1))
+                    has_all = np.all(finite[:, used[local]], axis=1)
                 star_mask = np.broadcast_to(has_all[:, None], (flux.shape[0], pixels.size))
                 group_coef, group_s2, group_flags = fit_pixels(
                     design[:, terms], flux[:, pixels], None if ivar is None else ivar[:, pixels],
-                    np.ones((pixels.size, terms.size), dtype=bool), backend, self.scatter_iterations, 0.0, 1024,
-                    self.progress, star_mask=star_mask)
+                    np.ones((pixels.size, terms.size), dtype=bool), backend, self.scatter_iterations,
+                    regularization, 1024, self.progress, star_mask=star_mask)
                 coef[np.ix_(pixels, terms)] = group_coef
                 scatter_variance[pixels] = group_s2
                 flags[pixels] = group_flags
@@ -339,7 +375,8 @@ class BridgeModel(BaseEstimator):
                                            vectorizer.scales, vectorizer.term_exponents,
                                            wavelength=getattr(self, f"{survey}_wavelength_"),
                                            training_labels=labels[:, used], backend=self.backend)
-            model.order = self.order
+            model.order = order
+            model.regularization = regularization
             model.pixel_flags_ = flags
             model.noise_variance_ = typical_noise_variance(ivar, flux.shape[1])
             model.censors_ = sub_allowed
@@ -352,6 +389,12 @@ class BridgeModel(BaseEstimator):
         self.galah_labels_ = [names[k] for k in self.galah_label_index_]
 
     # ------------------------------------------------------------ calibration
+    def _survey_settings(self, survey):
+        """(order of the core-label terms, L1 regularization) of one survey's model."""
+        order = getattr(self, f"{survey}_order")
+        order = self.order if order is None else order
+        return int(order), float(getattr(self, f"{survey}_regularization"))
+
     def _calibrate(self, apogee_flux, apogee_ivar, galah_flux, galah_ivar, labels):
         """K-fold CV on the training stars: out-of-sample scatter per pixel, then z-score scaling per label/mode."""
         from sklearn.model_selection import KFold
@@ -388,11 +431,18 @@ class BridgeModel(BaseEstimator):
                 r2 = np.where(observed, (flux[test] - model_flux) ** 2 - np.nan_to_num(variance), 0.0)
                 excess[survey] += r2.sum(axis=0)
                 counts[survey] += observed.sum(axis=0)
-        cv_scatter = {s: np.sqrt(np.maximum(excess[s] / np.maximum(counts[s], 1), 0.0)) for s in excess}
+        # Out-of-sample scatter: the mean excess of squared residuals over the noise, smoothed
+        # over a resolution element before clipping at 0 (clipping noisy per-pixel estimates
+        # one by one would bias s^2 high wherever the noise dominates).
+        kernel = np.ones(5) / 5.0
+        cv_scatter = {}
+        for survey in excess:
+            mean_excess = excess[survey] / np.maximum(counts[survey], 1)
+            smooth = np.convolve(mean_excess, kernel, mode="same")
+            cv_scatter[survey] = np.sqrt(np.maximum(smooth, 0.0))
         for model in [self] + fold_models:
             for survey in ("apogee", "galah"):
-                sub_model = getattr(model, f"{survey}_model_")
-                sub_model.scatter_ = np.maximum(sub_model.scatter_, cv_scatter[survey])
+                getattr(model, f"{survey}_model_").scatter_ = cv_scatter[survey].copy()
         # Correlated model errors make each survey's chi^2 overconfident: the z-scores of
         # held-out training stars set one uncertainty factor per label and mode.
         # (Tempering each survey's chi^2 before stacking was tried and gave worse labels.)
@@ -418,10 +468,17 @@ class BridgeModel(BaseEstimator):
             results = held_out(mode)
             scale = z_spread(results)
             self.uncertainty_scale_[mode] = np.where(np.isfinite(scale), np.clip(scale, 0.5, 100.0), 1.0)
+            for sub in fold_models:  # the joint mode fuses the single-survey, calibrated covariances
+                sub.uncertainty_scale_[mode] = self.uncertainty_scale_[mode].copy()
             if mode != "apogee":
                 continue
-            # predictive variance of regenerated GALAH spectra: scale the label-propagation term
-            excess, propagated = 0.0, 0.0
+            # predictive variance of regenerated GALAH spectra: scale the label-propagation
+            # term per censoring group (core-only pixels, each element's line pixels), so the
+            # many continuum-like pixels do not set the scale of the few heavy-line pixels
+            _, group_of_pixel = np.unique(self.galah_model_.censors_, axis=0, return_inverse=True)
+            group_of_pixel = np.asarray(group_of_pixel).ravel()
+            n_groups = group_of_pixel.max() + 1
+            excess, propagated = np.zeros(n_groups), np.zeros(n_groups)
             factor = self.uncertainty_scale_["apogee"]
             for test, sub, result in results:
                 covariance = result.covariance * factor[None, :, None] * factor[None, None, :]
@@ -430,9 +487,13 @@ class BridgeModel(BaseEstimator):
                 noise = 0.0 if galah_ivar is None else np.where(galah_ivar[test] > 0, 1.0 / np.where(
                     galah_ivar[test] > 0, galah_ivar[test], 1.0), 0.0)
                 observed = np.ones_like(flux, bool) if galah_ivar is None else galah_ivar[test] > 0
-                excess += np.sum(np.where(observed, (galah_flux[test] - flux) ** 2 - s2 - noise, 0.0))
-                propagated += np.sum(np.where(observed, variance - s2, 0.0))
-            self.galah_variance_scale_ = float(np.clip(excess / propagated, 0.0, 10.0)) if propagated > 0 else 1.0
+                pixel_excess = np.sum(np.where(observed, (galah_flux[test] - flux) ** 2 - s2 - noise, 0.0), axis=0)
+                pixel_propagated = np.sum(np.where(observed, variance - s2, 0.0), axis=0)
+                excess += np.bincount(group_of_pixel, pixel_excess, n_groups)
+                propagated += np.bincount(group_of_pixel, pixel_propagated, n_groups)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                scale = np.where(propagated > 0, np.clip(excess / propagated, 0.0, 10.0), 1.0)
+            self.galah_variance_scale_ = scale[group_of_pixel]
         self.cv_scatter_ = cv_scatter
 
     def _clone_for_cv(self):
@@ -458,6 +519,10 @@ class BridgeModel(BaseEstimator):
         self._check_fitted()
         if apogee_flux is None and galah_flux is None:
             raise InvalidInputError("infer needs apogee_flux, galah_flux or both")
+        if apogee_flux is not None and galah_flux is not None and self.joint == "fusion":
+            from_apogee = self.infer(apogee_flux=apogee_flux, apogee_ivar=apogee_ivar, progress=progress)
+            from_galah = self.infer(galah_flux=galah_flux, galah_ivar=galah_ivar, progress=progress)
+            return self._fuse(from_apogee, from_galah)
         blocks_data = []
         n_stars = None
         for survey, flux, ivar in (("apogee", apogee_flux, apogee_ivar), ("galah", galah_flux, galah_ivar)):
@@ -509,6 +574,39 @@ class BridgeModel(BaseEstimator):
         flags[outside] |= StarFlag.OUTSIDE_RANGE
         return BridgeInferenceResult(labels, covariance, chi2, chi2 / dof, n_iter, flags, list(self.label_names_),
                                      chi2_apogee=chi2_per.get("apogee"), chi2_galah=chi2_per.get("galah"), mode=mode)
+
+    def _fuse(self, from_apogee, from_galah) -> BridgeInferenceResult:
+        """Joint labels: the GALAH posterior updated by APOGEE's calibrated constraint on its labels.
+
+        The product of two Gaussians (a Kalman update): APOGEE constrains the labels its model
+        uses (the core labels), GALAH all of them with the prior; correlations carry the update
+        to the heavy labels. Both covariances are the cross-validated ones, so a survey whose
+        chi^2 is overconfident does not dominate by its pixel count, as it would in a raw
+        stacked likelihood (``joint="stacked"``).
+        """
+        index = self.apogee_label_index_
+        cov_g, cov_a = from_galah.covariance, from_apogee.covariance[:, index[:, None], index[None, :]]
+        usable = np.all(np.isfinite(cov_a.reshape(len(cov_a), -1)), axis=1) & \
+            np.all(np.isfinite(cov_g.reshape(len(cov_g), -1)), axis=1)
+        labels, covariance = from_galah.labels.copy(), cov_g.copy()
+        if usable.any():
+            g = cov_g[usable]
+            innovation = from_apogee.labels[usable][:, index] - from_galah.labels[usable][:, index]
+            total = g[:, index[:, None], index[None, :]] + cov_a[usable]
+            gain = np.linalg.solve(total, np.transpose(g[:, :, index], (0, 2, 1)))  # (S, c, K) = S^-1 C_cK
+            gain = np.transpose(gain, (0, 2, 1))  # (S, K, c)
+            labels[usable] = from_galah.labels[usable] + np.einsum("skc,sc->sk", gain, innovation)
+            updated = g - gain @ g[:, index, :]
+            covariance[usable] = 0.5 * (updated + np.transpose(updated, (0, 2, 1)))
+        factor = self.uncertainty_scale_["both"]
+        covariance = covariance * factor[None, :, None] * factor[None, None, :]
+        chi2 = from_apogee.chi2 + from_galah.chi2
+        dof_total = chi2 / np.where(from_apogee.reduced_chi2 > 0, from_apogee.reduced_chi2, 1) + \
+            from_galah.chi2 / np.where(from_galah.reduced_chi2 > 0, from_galah.reduced_chi2, 1)
+        return BridgeInferenceResult(labels, covariance, chi2, chi2 / np.maximum(dof_total, 1),
+                                     from_apogee.n_iter + from_galah.n_iter, from_apogee.flags | from_galah.flags,
+                                     list(self.label_names_), chi2_apogee=from_apogee.chi2,
+                                     chi2_galah=from_galah.chi2, mode="both")
 
     def _starts(self, blocks_data, n_stars, prior):
         """Two starts: the best training-grid template, and the linear estimate (+ prior mean)."""
@@ -597,7 +695,8 @@ class BridgeModel(BaseEstimator):
                       prior_coef=self.prior_.coef, prior_cholesky_inverse=self.prior_.cholesky_inverse)
         for mode in MODES:
             arrays[f"uncertainty_scale_{mode}"] = self.uncertainty_scale_[mode]
-        arrays["galah_variance_scale"] = np.array([self.galah_variance_scale_])
+        arrays["galah_variance_scale"] = np.broadcast_to(
+            np.asarray(self.galah_variance_scale_, float), (self.galah_model_.n_features_in_,)).copy()
         params = {k: v for k, v in self.get_params().items()
                   if k not in ("galah_linelist", "galah_mode_mask", "apogee_linelist")}
         params["core_labels"], params["heavy_labels"] = list(self.core_labels), list(self.heavy_labels)
@@ -616,7 +715,7 @@ class BridgeModel(BaseEstimator):
         for survey in ("apogee", "galah"):
             parts = {name[len(survey) + 1:]: value for name, value in arrays.items() if name.startswith(survey + "_")}
             sub_meta = {"label_names": metadata[f"{survey}_labels"],
-                        "params": {"order": model.order, "backend": model.backend, "max_iter": model.max_iter,
+                        "params": {"order": int(parts["term_exponents"].sum(axis=1).max()), "backend": model.backend, "max_iter": model.max_iter,
                                    "chunk_size": model.chunk_size}}
             setattr(model, f"{survey}_model_", CannonModel._from_parts(sub_meta, parts))
             setattr(model, f"{survey}_label_index_", parts["label_index"].astype(np.int64))
@@ -627,8 +726,17 @@ class BridgeModel(BaseEstimator):
                                         arrays["prior_cholesky_inverse"], np.arange(model.n_core_),
                                         np.arange(model.n_core_, len(model.label_names_)))
         model.uncertainty_scale_ = {mode: arrays[f"uncertainty_scale_{mode}"] for mode in MODES}
-        model.galah_variance_scale_ = float(arrays["galah_variance_scale"][0])
+        model.galah_variance_scale_ = arrays["galah_variance_scale"]
         return model
+
+
+def _mixed_exponents(n_labels, heavy, core_order, heavy_order):
+    """Terms up to ``core_order`` in the core labels; terms with a heavy label up to ``heavy_order``."""
+    exponents = polynomial_exponents(n_labels, max(core_order, heavy_order))
+    degree = exponents.sum(axis=1)
+    with_heavy = exponents[:, heavy].sum(axis=1) > 0 if len(heavy) else np.zeros(len(exponents), bool)
+    keep = np.where(with_heavy, degree <= heavy_order, degree <= core_order)
+    return exponents[keep]
 
 
 def _pixel_groups(allowed, term_exponents, usable=None):

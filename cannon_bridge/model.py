@@ -564,6 +564,16 @@ def fit_pixels(design, flux, ivar, active, backend, scatter_iterations=2, regula
         bad = no_data | ~ok
         theta[bad] = 0.0
         s2[bad] = 0.0
+        if bad.any():
+            # an unfittable pixel predicts the mean observed flux with its spread as scatter,
+            # never flux 0; it is flagged and ignored by the test step
+            with np.errstate(invalid="ignore", divide="ignore"):
+                count = observed[:, bad].sum(axis=0)
+                mean = np.where(count > 0, np.where(observed[:, bad], f[:, bad], 0).sum(axis=0) / np.maximum(count, 1), 1.0)
+                spread = np.where(count > 1, np.sqrt(np.where(observed[:, bad], (f[:, bad] - mean) ** 2, 0).sum(axis=0)
+                                                     / np.maximum(count - 1, 1)), 0.1)
+            theta[bad, 0] = mean / design[:, 0].mean() if design[:, 0].mean() != 0 else mean
+            s2[bad] = spread**2
         coef[block] = theta
         scatter_variance[block] = s2
         flags[block] = np.where(no_data, PixelFlag.NO_DATA, np.where(~ok, PixelFlag.SOLVE_FAILED, 0))

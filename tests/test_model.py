@@ -84,7 +84,10 @@ def test_pixel_without_data_is_flagged(toy_survey):
     ivar[4:, 5] = 0.0  # 4 stars < 6 terms
     model = CannonModel(backend="numpy").fit(data["flux"], data["labels"], ivar)
     assert model.pixel_flags_[2] == PixelFlag.NO_DATA and model.pixel_flags_[5] == PixelFlag.NO_DATA
-    assert np.all(model.coef_[[2, 5]] == 0) and np.all(model.scatter_[[2, 5]] == 0)
+    # an unfittable pixel predicts the mean observed flux (never 0): only its constant term is set
+    assert np.all(model.coef_[[2, 5], 1:] == 0)
+    assert model.coef_[2, 0] == 1.0 and model.scatter_[2] > 0  # no star observed: flux 1, wide scatter
+    assert np.isclose(model.coef_[5, 0], data["flux"][:4, 5].mean())
     assert np.sum(model.pixel_flags_ != 0) == 2
     # inference ignores the flagged pixels
     result = model.infer(data["flux"][:3], data["ivar"][:3])
