@@ -23,6 +23,7 @@ from ._fitsio import read_model_file, write_model_file
 from ._validation import check_labels, check_spectra
 from .backends import get_backend
 from .backends._inference import LikelihoodBlock, levenberg_marquardt
+from .backends._packed import packed_products
 from .errors import InvalidInputError, NotFittedError
 from .vectorizer import PolynomialVectorizer
 
@@ -103,16 +104,17 @@ class InferenceResult:
 
 
 def typical_noise_variance(ivar, n_pixels):
-    """Median 1/ivar over the observed stars at each pixel (0 without ivar)."""
+    """Mean 1/ivar over the observed stars at each pixel (0 without ivar), in one pass per row block."""
     if ivar is None:
         return np.zeros(n_pixels)
-    with np.errstate(divide="ignore"):
-        variance = np.where(ivar > 0, 1.0 / np.where(ivar > 0, ivar, 1.0), np.nan)
-    observed = np.isfinite(variance).any(axis=0)
-    out = np.zeros(n_pixels)
-    if observed.any():
-        out[observed] = np.nanmedian(variance[:, observed], axis=0)
-    return out
+    total = np.zeros(n_pixels)
+    count = np.zeros(n_pixels)
+    for start in range(0, ivar.shape[0], 1024):
+        block = ivar[start:start + 1024]
+        observed = block > 0
+        total += np.where(observed, 1.0 / np.where(observed, block, 1.0), 0.0).sum(axis=0)
+        count += observed.sum(axis=0)
+    return np.where(count > 0, total / np.maximum(count, 1), 0.0)
 
 
 def _effective_weights(ivar, scatter_variance):
@@ -534,6 +536,8 @@ def fit_pixels(design, flux, ivar, active, backend, scatter_iterations=2, regula
     scatter_variance = np.zeros(n_pixels)
     flags = np.zeros(n_pixels, dtype=np.int64)
     starts = range(0, n_pixels, block_size)
+    # Z (the packed a a^T of every star) depends on the labels only: build it once per fit
+    products = packed_products(design) if backend.xp is np else None
     for start in tqdm(starts, desc="training pixels", disable=not progress, unit="block"):
         block = slice(start, min(start + block_size, n_pixels))
         f = flux[:, block]
@@ -554,7 +558,7 @@ def fit_pixels(design, flux, ivar, active, backend, scatter_iterations=2, regula
         ok = np.zeros(f.shape[1], dtype=bool)
         dof_factor = n_stars / max(n_stars - n_terms, 1)
         for iteration in range(scatter_iterations + 1):
-            theta, ok = _solve_with_regularization(backend, design, weights, f, act, regularization)
+            theta, ok = _solve_with_regularization(backend, design, weights, f, act, regularization, products=products)
             residual = f - design @ theta.T
             s2 = np.asarray(backend.fit_scatter(residual, variance, observed, dof_factor))
             if iv is None:
@@ -580,15 +584,16 @@ def fit_pixels(design, flux, ivar, active, backend, scatter_iterations=2, regula
     return coef, scatter_variance, flags
 
 
-def _solve_with_regularization(backend, design, weights, flux, active, regularization, n_reweight=6):
-    coef, ok = backend.solve_normal_equations(design, weights, flux, active=active)
+def _solve_with_regularization(backend, design, weights, flux, active, regularization, n_reweight=6, products=None):
+    coef, ok = backend.solve_normal_equations(design, weights, flux, active=active, products=products)
     if regularization <= 0:
         return np.asarray(coef), np.asarray(ok)
     # L1 via iteratively reweighted ridge: lambda |t| ~ lambda t^2 / (2 |t_prev|)
     for _ in range(n_reweight):
         diagonal = regularization / (2.0 * np.maximum(np.abs(coef), 1e-6))
         diagonal[:, 0] = 0.0  # the constant term is not regularised
-        coef, ok = backend.solve_normal_equations(design, weights, flux, active=active, diagonal=diagonal)
+        coef, ok = backend.solve_normal_equations(design, weights, flux, active=active, diagonal=diagonal,
+                                                  products=products)
     return np.asarray(coef), np.asarray(ok)
 
 

@@ -26,10 +26,11 @@ def _regularise_system(normal, rhs, active, diagonal, xp):
     return normal, rhs
 
 
-def solve_normal_equations(design, weights, flux, active=None, diagonal=None, xp=np):
+def solve_normal_equations(design, weights, flux, active=None, diagonal=None, products=None, xp=np):
     """Per-pixel weighted least squares; see :mod:`cannon_bridge.backends`."""
     n_terms = design.shape[1]
-    packed = weights.T @ packed_products(design, xp)  # (n_pixels, n_packed): one GEMM
+    products = packed_products(design, xp) if products is None else products
+    packed = weights.T @ products  # (n_pixels, n_packed): one GEMM
     rhs = (weights * flux).T @ design  # (n_pixels, n_terms)
     normal = unpack(packed, n_terms, xp)
     normal, rhs = _regularise_system(normal, rhs, active, diagonal, xp)
