@@ -314,7 +314,7 @@ def run(truth_xm, snr, args, tag, linelist, mode_mask):
     results["targets"] = evaluate_targets(results)
     results["calibration_factors"] = {mode: dict(zip(LABELS, map(float, scale)))
                                       for mode, scale in bridge.uncertainty_scale_.items()}
-    results["calibration_factors"]["galah_variance_scale"] = float(bridge.galah_variance_scale_)
+    results["calibration_factors"]["galah_variance_scale"] = {"median": float(np.median(bridge.galah_variance_scale_)), "min": float(np.min(bridge.galah_variance_scale_)), "max": float(np.max(bridge.galah_variance_scale_))}
     results["timings_s"] = timer.times
     results["meta"] = {
         "command": command_line(),
