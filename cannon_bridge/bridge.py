@@ -353,7 +353,7 @@ class BridgeModel(BaseEstimator):
             # than carrying every heavy term, and censored terms are exactly 0 by construction.
             for pixels, terms, local in _pixel_groups(sub_allowed, vectorizer.term_exponents):
                 has_all = np.all(finite[:, used[local]], axis=1)  # stars with every label these pixels need
-                if has_all.sum() < 3 * terms.size and local.size > core_local.size:
+                if has_all.sum() < 1.5 * terms.size and local.size > core_local.size:
                     # too few stars know every label here: fall back to the core labels alone
                     # (and say so in the censoring), rather than leave the pixels unfitted
                     logger.warning("%s: %d pixels depend on labels known for only %d stars; fitting them "
