@@ -58,6 +58,12 @@ def write_model_file(path, kind: str, metadata: dict, arrays: dict[str, np.ndarr
     hdus = [primary]
     for name, array in arrays.items():
         hdus.append(fits.ImageHDU(np.ascontiguousarray(array), name=name.upper()))
+    return write_hdus_atomically(hdus, path)
+
+
+def write_hdus_atomically(hdus, path) -> Path:
+    """Write HDUs to a temporary file beside ``path``, then rename: never a half-written file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)

@@ -10,16 +10,21 @@ import numpy as np
 from .errors import InvalidInputError
 
 
-def _as_float_2d(value, name: str, allow_1d_as_row: bool = False) -> np.ndarray:
+def _as_float(value, name: str) -> np.ndarray:
+    """A float64 copy of ``value``; refuses None, complex and non-numeric input by name."""
     if value is None:
         raise InvalidInputError(f"{name} is required but got None")
     raw = np.asarray(value)
     if raw.dtype.kind == "c":
-        raise InvalidInputError(f"Complex data not supported: {name} is complex; spectra must be real numbers")
+        raise InvalidInputError(f"Complex data not supported: {name} is complex; it must hold real numbers")
     try:
-        array = np.array(raw, dtype=np.float64, copy=True)
+        return np.array(raw, dtype=np.float64, copy=True)
     except (TypeError, ValueError) as exc:
         raise InvalidInputError(f"{name} must be numeric; could not convert it: {exc}") from None
+
+
+def _as_float_2d(value, name: str, allow_1d_as_row: bool = False) -> np.ndarray:
+    array = _as_float(value, name)
     if array.ndim == 1 and allow_1d_as_row:
         array = array[None, :]
     if array.ndim != 2:
@@ -85,15 +90,7 @@ def check_spectra(flux, ivar=None, n_pixels: int | None = None, name: str = "flu
 def check_labels(labels, n_labels: int | None = None, n_stars: int | None = None,
                  allow_nan: bool = False, name: str = "labels") -> np.ndarray:
     """Validate labels (n_stars, n_labels); NaN allowed only when ``allow_nan``."""
-    if labels is None:
-        raise InvalidInputError(f"{name} is required but got None")
-    raw = np.asarray(labels)
-    if raw.dtype.kind == "c":
-        raise InvalidInputError(f"Complex data not supported: {name} is complex; labels must be real numbers")
-    try:
-        labels = np.array(raw, dtype=np.float64, copy=True)
-    except (TypeError, ValueError) as exc:
-        raise InvalidInputError(f"{name} must be numeric; could not convert it: {exc}") from None
+    labels = _as_float(labels, name)
     if labels.ndim == 1:
         labels = labels[:, None]
     if labels.ndim != 2:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 from sklearn.base import BaseEstimator
@@ -328,7 +328,7 @@ class BridgeModel(BaseEstimator):
             self._calibrate(apogee_flux, apogee_ivar, galah_flux, galah_ivar, labels)
         return self
 
-    def _fit_models(self, apogee_flux, apogee_ivar, galah_flux, galah_ivar, labels, scatter_floor=None):
+    def _fit_models(self, apogee_flux, apogee_ivar, galah_flux, galah_ivar, labels):
         names = self.label_names_
         backend = get_backend(self.backend)
         finite = np.isfinite(labels)
@@ -629,9 +629,8 @@ class BridgeModel(BaseEstimator):
         return [grid[np.argmin(chi2, axis=1)], linear]
 
     def _grid_labels(self):
-        # scaled start grid: training label spread of the GALAH model, heavy labels filled by the prior mean
+        # scaled start grid: a spread of complete training label vectors kept by the GALAH model
         start = self.galah_model_.start_labels_
-        names = self.galah_labels_
         full = np.zeros((len(start), len(self.label_names_)))
         full[:, self.galah_label_index_] = (start - self.label_pivots_[self.galah_label_index_]) / \
             self.label_scales_[self.galah_label_index_]

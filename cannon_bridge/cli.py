@@ -5,7 +5,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 
 from .errors import CannonBridgeError
 

@@ -6,8 +6,6 @@ on their own fixed grids (APOGEE vacuum, GALAH air), flux and inverse variance
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -15,6 +13,7 @@ from typing import Sequence
 import numpy as np
 from astropy.io import fits
 
+from ._fitsio import write_hdus_atomically
 from .errors import InvalidInputError
 
 __all__ = ["CrossMatch", "APOGEE_CHIP_GAPS", "apogee_gap_mask"]
@@ -189,15 +188,7 @@ class CrossMatch:
         for name in ("apogee_wavelength", "apogee_flux", "apogee_ivar", "galah_wavelength", "galah_flux",
                      "galah_ivar", "galah_ccd"):
             hdus.append(fits.ImageHDU(np.asarray(getattr(self, name)), name=name.upper()))
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-        os.close(handle)
-        try:
-            fits.HDUList(hdus).writeto(temporary, overwrite=True, checksum=True)
-            os.replace(temporary, path)
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
-        return path
+        return write_hdus_atomically(hdus, path)
 
     @classmethod
     def load(cls, path) -> "CrossMatch":
