@@ -12,6 +12,8 @@ step is a batched Levenberg-Marquardt over stars with the analytic Jacobian.
 from __future__ import annotations
 
 import logging
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -23,7 +25,7 @@ from ._fitsio import read_model_file, write_model_file
 from ._validation import check_labels, check_spectra
 from .backends import get_backend
 from .backends._inference import LikelihoodBlock, levenberg_marquardt
-from .backends._packed import packed_products
+from .backends._packed import packed_products, unpack
 from .errors import InvalidInputError, NotFittedError
 from .vectorizer import PolynomialVectorizer
 
@@ -337,8 +339,10 @@ class CannonModel(RegressorMixin, BaseEstimator):
         self._check_fitted()
         flux, ivar = check_spectra(flux, ivar, n_pixels=self.n_features_in_, allow_1d=True)
         weights = self._weights_for(ivar, flux.shape[0])
+        packed_coef = self._packed_coef()
         block_builder = lambda rows: [LikelihoodBlock(self.coef_, weights[rows], flux[rows],
-                                                      self.term_exponents_, np.arange(len(self.label_names_)))]
+                                                      self.term_exponents_, np.arange(len(self.label_names_)),
+                                                      packed_coef)]
         vectorizer = self.vectorizer_
         starts = [self._linear_start(flux, weights), self._grid_start(flux, weights)]
         x, chi2, hessian, converged, n_iter = run_test_step(
@@ -352,6 +356,9 @@ class CannonModel(RegressorMixin, BaseEstimator):
         result = InferenceResult(labels, covariance, chi2, chi2 / dof, n_iter, flags, list(self.label_names_))
         return result
 
+    def _packed_coef(self):
+        return packed_coefficients(self.coef_)
+
     def _linear_start(self, flux, weights):
         # Keep only the constant and linear terms: (theta_L^T W theta_L) x = theta_L^T W (f - theta_0)
         linear = self.vectorizer_.linear_terms
@@ -359,9 +366,9 @@ class CannonModel(RegressorMixin, BaseEstimator):
             return np.zeros((flux.shape[0], len(self.label_names_)))
         theta_lin = self.coef_[:, linear]
         residual = flux - self.coef_[:, 0]
-        weighted = weights[:, :, None] * theta_lin[None]  # (S, M, K)
-        normal = np.einsum("smk,ml->skl", weighted, theta_lin)
-        rhs = np.einsum("smk,sm->sk", weighted, residual)
+        # normal matrices of all stars in one GEMM on packed products (no (S, M, K) array)
+        normal = unpack(weights @ packed_products(theta_lin), len(linear))
+        rhs = (weights * residual) @ theta_lin
         normal += 1e-6 * np.eye(normal.shape[-1]) * np.maximum(np.einsum("sii->s", normal), 1e-12)[:, None, None]
         x = np.linalg.solve(normal, rhs[:, :, None])[:, :, 0]
         return np.clip(np.nan_to_num(x), -3.0, 3.0)
@@ -597,6 +604,29 @@ def _solve_with_regularization(backend, design, weights, flux, active, regulariz
     return np.asarray(coef), np.asarray(ok)
 
 
+_PACKED_CACHE: "OrderedDict[int, tuple]" = OrderedDict()
+
+
+def packed_coefficients(coef: np.ndarray) -> np.ndarray:
+    """Products c_i c_j (i <= j) of every pixel's coefficients, the test step's only per-pixel input.
+
+    Kept between calls for the two most recent coefficient arrays (M x P(P+1)/2: ~270 MB for 8,000
+    pixels at 12 labels), outside the estimator so that predict leaves its ``__dict__`` unchanged;
+    an entry dies with its array.
+    """
+    key = id(coef)
+    entry = _PACKED_CACHE.get(key)
+    if entry is not None and entry[0]() is coef:
+        _PACKED_CACHE.move_to_end(key)
+        return entry[1]
+    packed = packed_products(coef)
+    _PACKED_CACHE[key] = (weakref.ref(coef), packed)
+    weakref.finalize(coef, _PACKED_CACHE.pop, key, None)
+    while len(_PACKED_CACHE) > 2:
+        _PACKED_CACHE.popitem(last=False)
+    return packed
+
+
 def run_test_step(block_builder, starts, n_stars, xp, max_iter, chunk_size, progress, prior_builder=None):
     """Run LM from every start for chunks of stars and keep the best chi^2 per star."""
     from tqdm.auto import tqdm
@@ -607,11 +637,22 @@ def run_test_step(block_builder, starts, n_stars, xp, max_iter, chunk_size, prog
     hessian_best = np.zeros((n_stars, n_labels, n_labels))
     converged_best = np.zeros(n_stars, dtype=bool)
     n_iter_best = np.zeros(n_stars, dtype=np.int64)
+    packed_cache = {}  # id(coef) -> (coef kept alive so the id stays unique, packed products)
     for start in tqdm(range(0, n_stars, chunk_size), desc="inferring labels", disable=not progress, unit="chunk"):
         rows = np.arange(start, min(start + chunk_size, n_stars))
         n_rows = len(rows)
         stacked_rows = np.concatenate([rows] * len(starts))
-        blocks = block_builder(stacked_rows)
+        # project each star once, then replicate the (small) sufficient statistics for every start
+        projected = []
+        for block in block_builder(rows):
+            if block.packed_coef is None:  # the coefficient products are the same for every chunk: build once
+                key = id(block.coef)
+                if key not in packed_cache:
+                    packed_cache[key] = (block.coef, packed_products(block.coef, xp))
+                block.packed_coef = packed_cache[key][1]
+            projected.append(block.project(xp))
+        replicate = np.tile(np.arange(n_rows), len(starts))
+        blocks = [block.subset(replicate) for block in projected]
         prior = prior_builder(stacked_rows) if prior_builder is not None else None
         x0 = np.concatenate([s[rows] for s in starts])
         x, chi2, hessian, converged, n_iter = levenberg_marquardt(x0, blocks, prior, max_iter=max_iter, xp=xp)

@@ -16,11 +16,15 @@ def packed_index(n_terms: int) -> tuple[np.ndarray, np.ndarray]:
 
 def packed_products(design, xp=np):
     """Z of shape (n_stars, n_terms*(n_terms+1)/2): products a_i a_j for i <= j."""
-    n_terms = design.shape[1]
-    rows, cols = packed_index(n_terms)
-    if xp is not np:
-        rows, cols = xp.asarray(rows), xp.asarray(cols)
-    return design[:, rows] * design[:, cols]
+    n_stars, n_terms = design.shape
+    out = xp.empty((n_stars, n_terms * (n_terms + 1) // 2), dtype=design.dtype)
+    # one broadcast product per row of the triangle: contiguous slices, no fancy-indexed temporaries
+    offset = 0
+    for i in range(n_terms):
+        width = n_terms - i
+        xp.multiply(design[:, i:i + 1], design[:, i:], out=out[:, offset:offset + width])
+        offset += width
+    return out
 
 
 def unpack(packed, n_terms: int, xp=np):
