@@ -1,4 +1,4 @@
-"""Command line: ``cannon-bridge demo | train | predict | generate``."""
+"""Command line: ``cannon-bridge demo | train | predict | generate | validate``."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +15,7 @@ cannon_bridge: generate GALAH spectra (and heavy-element labels) from APOGEE spe
   cannon-bridge train  MATCH.fits -o M.fits   train a BridgeModel on a CrossMatch file
   cannon-bridge predict M.fits MATCH.fits -o labels.fits   labels (+ uncertainties) from APOGEE spectra
   cannon-bridge generate M.fits MATCH.fits -o galah.fits   regenerated GALAH spectra from APOGEE spectra
+  cannon-bridge validate M.fits MATCH.fits -o DIR          labels vs the cross-match, per-line metrics, plots
 
 A CrossMatch file is what cannon_bridge.data.CrossMatch.save writes (labels, both surveys' spectra).
 """
@@ -40,7 +41,42 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("crossmatch", type=Path, help="CrossMatch FITS file with the APOGEE spectra")
         command.add_argument("--output", "-o", type=Path, required=True)
         command.add_argument("--overwrite", action="store_true")
+    validate = sub.add_parser(
+        "validate", help="check a model on a cross-match: labels, regenerated GALAH lines, plots",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Infer labels from the APOGEE spectra of a CrossMatch file, compare them with its labels\n"
+                    "(bias, RMS, robust scatter, z-scores; per label and APOGEE S/N bin), regenerate the GALAH\n"
+                    "spectra and measure every line (depth and equivalent-width residuals, chi^2, flags for\n"
+                    "lines the model misses or ties to the wrong element). Writes to DIR:\n"
+                    "  labels.ecsv            inferred labels and uncertainties per star\n"
+                    "  label_comparison.ecsv  the label statistics\n"
+                    "  line_metrics.ecsv      one row per line; line_summary.ecsv: per element\n"
+                    "  *.png                  one-to-one, residuals vs label, per-line map, spectra, coefficients")
+    validate.add_argument("model", type=Path, help="model file written by `train` (BridgeModel FITS)")
+    validate.add_argument("crossmatch", type=Path, help="CrossMatch FITS file with labels and both surveys' spectra")
+    validate.add_argument("--output", "-o", type=Path, required=True, metavar="DIR", help="output folder (created if needed)")
+    validate.add_argument("--linelist", type=Path,
+                          help="GALAH line list (air Å) to measure; default: the built-in heavy-element lines")
+    validate.add_argument("--linelist-format", choices=("mode", "turbospectrum", "moog", "vald"), default="mode",
+                          help="format of --linelist: GALAH DR3 mode mask (default), Turbospectrum, MOOG or VALD short")
+    validate.add_argument("--elements", nargs="+", help="keep only these elements of --linelist (e.g. Ba Eu Y)")
+    validate.add_argument("--format", dest="table_format", choices=("ecsv", "fits"), default="ecsv",
+                          help="table format (default ecsv)")
+    validate.add_argument("--overwrite", action="store_true", help="replace existing output tables")
     return parser
+
+
+def _read_linelist(path: Path, fmt: str, elements):
+    from . import lines
+
+    readers = {"mode": lines.read_galah_mode_mask, "turbospectrum": lines.read_turbospectrum_linelist,
+               "moog": lines.read_moog_linelist, "vald": lines.read_vald_linelist}
+    if not path.exists():
+        raise FileNotFoundError(f"line list {path} does not exist")
+    table = readers[fmt](path) if fmt == "mode" else readers[fmt](path, elements=elements)
+    if elements and fmt == "mode":
+        table = table[[str(e) in elements for e in table["element"]]]
+    return table
 
 
 def main(argv=None) -> int:
@@ -55,6 +91,21 @@ def main(argv=None) -> int:
         from .bridge import BridgeModel
         from .data import CrossMatch
 
+        if args.command == "validate":
+            from .validation import validate_bridge
+
+            if not args.model.exists():
+                raise FileNotFoundError(f"model file {args.model} does not exist")
+            if not args.crossmatch.exists():
+                raise FileNotFoundError(f"CrossMatch file {args.crossmatch} does not exist")
+            lines = None if args.linelist is None else _read_linelist(args.linelist, args.linelist_format, args.elements)
+            model, data = BridgeModel.load(args.model), CrossMatch.load(args.crossmatch)
+            result = validate_bridge(model, data, lines, args.output, table_format=args.table_format,
+                                     overwrite=args.overwrite, progress=True)
+            flagged = result["line_metrics"]["flags"] != 0
+            print(f"wrote {len(result['files'])} files to {args.output}; {int(flagged.sum())} of "
+                  f"{len(flagged)} lines flagged (see line_metrics.{args.table_format})")
+            return 0
         data = CrossMatch.load(args.crossmatch)
         if args.command == "train":
             model = BridgeModel(args.core, args.heavy, progress=True).fit(data)
