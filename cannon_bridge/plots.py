@@ -314,8 +314,8 @@ def line_residual_map(table, path, column: str = "depth_residual", title: str = 
     With a ``<column>_per_star`` column (``line_metrics(..., per_star=True)``) an
     image: one column per line (ordered by element, then wavelength), one row per
     star (ordered by ``sort_by``, an array of shape (n_stars,), when given).
-    Otherwise the per-line values (mean ± ``<column>_rms`` when present) against
-    the line, coloured by element. Flagged lines are marked with a red x.
+    Otherwise the per-line means with the scatter over stars (from ``<column>_rms``
+    when present), coloured by element. Flagged lines get a red x above the panel.
     """
     path = _png_path(path)
     if not hasattr(table, "colnames"):
@@ -344,10 +344,12 @@ def line_residual_map(table, path, column: str = "depth_residual", title: str = 
                           extent=(-0.5, len(order) - 0.5, image.shape[0] - 0.5, -0.5))
         fig.colorbar(shown, ax=ax, label=column)
         ax.set_ylabel("star" + (" (sorted)" if sort_by is not None else ""))
-        top = -0.5
     else:
         values = np.asarray(table[column], dtype=float)[order]
-        errors = np.asarray(table[f"{column}_rms"], dtype=float)[order] if f"{column}_rms" in table.colnames else None
+        errors = None
+        if f"{column}_rms" in table.colnames:  # the scatter over stars: sqrt(rms^2 - mean^2)
+            rms = np.asarray(table[f"{column}_rms"], dtype=float)[order]
+            errors = np.sqrt(np.maximum(rms**2 - values**2, 0.0))
         colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         unique = list(dict.fromkeys(elements))
         for i, element in enumerate(unique):
@@ -357,9 +359,9 @@ def line_residual_map(table, path, column: str = "depth_residual", title: str = 
         ax.axhline(0, color="k", lw=0.7)
         ax.set_ylabel(column)
         ax.legend(fontsize=7, ncol=min(len(unique), 6))
-        top = np.nanmax(values) if np.isfinite(values).any() else 0.0
-    if flagged.any():
-        ax.plot(x[flagged], np.full(flagged.sum(), top), "x", color="red", ms=8, mew=2, label="flagged")
+    if flagged.any():  # above the panel, where they hide no data
+        ax.plot(x[flagged], np.full(flagged.sum(), 1.03), "x", color="red", ms=7, mew=2, clip_on=False,
+                transform=ax.get_xaxis_transform())
     for boundary in np.flatnonzero(elements[1:] != elements[:-1]):
         ax.axvline(boundary + 0.5, color="0.3", lw=0.8)
     ax.set_xticks(x, names, rotation=90, fontsize=7)
