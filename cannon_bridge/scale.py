@@ -473,7 +473,9 @@ def predict_files(model, paths: Sequence, output, client=None, chunk_size: int =
     output : str or Path
         Output folder (created). A folder of an interrupted run with the same
         model, paths and ``chunk_size`` is resumed: chunks whose files are
-        present and intact are not computed again. Any other run there is refused.
+        present and intact are not computed again. Any other run there is
+        refused. ``reader`` and ``resample`` may change between restarts (to
+        fix a reader, say); finished chunks keep what they were computed with.
     client : None, "local", False, "sync", str, Client or cluster, default None
         None or "local": start a dask LocalCluster of worker processes for
         this call and close it at the end. False or "sync": run in this
@@ -515,6 +517,10 @@ def predict_files(model, paths: Sequence, output, client=None, chunk_size: int =
     chunk files named in ``failures.fits`` (column ``chunk``) to retry them.
     Paths and messages are stored as ASCII in the FITS tables (other
     characters are backslash-escaped); the manifest keeps the exact paths.
+    Warnings a reader raises are logged (logger ``cannon_bridge.scale``)
+    with the file name, on the workers or here. With ``client=None`` in a
+    script, call this under ``if __name__ == "__main__":`` (the worker
+    processes are spawned and import the script).
 
     Examples
     --------
@@ -683,7 +689,7 @@ def fit_distributed(model, flux, labels, ivar=None, wavelength=None, client=None
         As for :func:`predict_files`. False fits the blocks one after another
         in this process (same result, no dask).
     n_blocks : int, optional
-        Pixel blocks (tasks). Default: 2 per worker (1 block in this process).
+        Pixel blocks (tasks). Default: 2 per worker thread (1 block in this process).
 
     Returns
     -------
@@ -727,7 +733,7 @@ def fit_distributed(model, flux, labels, ivar=None, wavelength=None, client=None
     connection, close = _open_client(client)
     try:
         if n_blocks is None:
-            n_blocks = 1 if connection is None else 2 * max(len(connection.scheduler_info().get("workers", {})), 1)
+            n_blocks = 1 if connection is None else 2 * max(sum(connection.nthreads().values()), 1)
         bounds = np.linspace(0, n_pixels, min(int(n_blocks), n_pixels) + 1).astype(int)
         blocks = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
