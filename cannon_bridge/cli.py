@@ -62,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("--elements", nargs="+", help="keep only these elements of --linelist (e.g. Ba Eu Y)")
     validate.add_argument("--format", dest="table_format", choices=("ecsv", "fits"), default="ecsv",
                           help="table format (default ecsv)")
+    validate.add_argument("--no-plots", action="store_true", help="write the tables only")
     validate.add_argument("--overwrite", action="store_true", help="replace existing output tables")
     return parser
 
@@ -100,8 +101,8 @@ def main(argv=None) -> int:
                 raise FileNotFoundError(f"CrossMatch file {args.crossmatch} does not exist")
             lines = None if args.linelist is None else _read_linelist(args.linelist, args.linelist_format, args.elements)
             model, data = BridgeModel.load(args.model), CrossMatch.load(args.crossmatch)
-            result = validate_bridge(model, data, lines, args.output, table_format=args.table_format,
-                                     overwrite=args.overwrite, progress=True)
+            result = validate_bridge(model, data, lines, args.output, plots=not args.no_plots,
+                                     table_format=args.table_format, overwrite=args.overwrite, progress=True)
             flagged = result["line_metrics"]["flags"] != 0
             print(f"wrote {len(result['files'])} files to {args.output}; {int(flagged.sum())} of "
                   f"{len(flagged)} lines flagged (see line_metrics.{args.table_format})")

@@ -497,7 +497,7 @@ def _median_snr(flux: np.ndarray, ivar: np.ndarray | None) -> np.ndarray | None:
     return out
 
 
-def validate_bridge(model, data, lines=None, output=None, *, max_plot_stars: int = 2,
+def validate_bridge(model, data, lines=None, output=None, *, plots: bool = True, max_plot_stars: int = 2,
                     table_format: str = "ecsv", overwrite: bool = False, progress: bool = False) -> dict[str, Any]:
     """Validate a fitted BridgeModel on a cross-match: APOGEE -> labels -> GALAH spectra.
 
@@ -515,7 +515,8 @@ def validate_bridge(model, data, lines=None, output=None, *, max_plot_stars: int
         GALAH lines (air); default the bridge's built-in heavy-element lines.
     output : str or Path, optional
         Folder for ``labels``, ``label_comparison``, ``line_metrics``,
-        ``line_summary`` tables (``table_format``: "ecsv" or "fits") and the PNGs.
+        ``line_summary`` tables (``table_format``: "ecsv" or "fits") and, with
+        ``plots``, the PNGs (spectra of the first ``max_plot_stars`` stars).
 
     Returns
     -------
@@ -569,6 +570,8 @@ def validate_bridge(model, data, lines=None, output=None, *, max_plot_stars: int
             table = Table(table, copy=False, meta={})
         table.write(path, overwrite=overwrite, format="ascii.ecsv" if table_format == "ecsv" else "fits")
         out["files"].append(path)
+    if not plots:
+        return out
     known = np.all(np.isfinite(truth), axis=1)
     figures = [
         one_to_one(truth[known], result.labels[known], names, output / "one_to_one.png",

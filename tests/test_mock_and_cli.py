@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from cannon_bridge.cli import main
 from cannon_bridge.data import CrossMatch, apogee_gap_mask
@@ -36,3 +37,47 @@ def test_cli_demo_writes_report(tmp_path):
 def test_cli_errors_are_clear(tmp_path, capsys):
     assert main(["predict", str(tmp_path / "missing.fits"), str(tmp_path / "none.fits"), "-o", str(tmp_path / "x")]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_cli_validate_writes_tables_and_figures(tmp_path, capsys):
+    from astropy.table import Table
+
+    from cannon_bridge.bridge import BridgeModel
+
+    data = make_crossmatch(150, seed=4, missing_fraction=0.1)
+    # a tiny, quick model: quadratic, no L1, no CV calibration, no scatter refits
+    model = BridgeModel(["teff", "logg", "fe_h"], ["ba_fe", "eu_fe"], apogee_order=2, galah_order=2,
+                        apogee_regularization=0.0, galah_regularization=0.0, calibrate=False, scatter_iterations=0)
+    model.fit(data.subset(np.arange(120)))
+    model.save(tmp_path / "model.fits")
+    data.subset(np.arange(120, 150)).save(tmp_path / "match.fits")
+    out = tmp_path / "validation"
+    args = ["validate", str(tmp_path / "model.fits"), str(tmp_path / "match.fits"), "--output", str(out)]
+    assert main(args) == 0
+    assert "lines flagged" in capsys.readouterr().out
+    comparison = Table.read(out / "label_comparison.ecsv")
+    assert {"teff", "ba_fe"} <= set(comparison["label"]) and {"bias", "rms", "robust_scatter", "z_std"} <= set(comparison.colnames)
+    assert comparison[(comparison["label"] == "teff") & (comparison["snr_bin"] == "all")]["rms"][0] < 300
+    lines = Table.read(out / "line_metrics.ecsv")
+    assert {"Ba5854", "Eu6645"} <= set(lines["name"]) and "flag_wrong_label" in lines.colnames
+    assert {"Ba", "Eu"} <= set(Table.read(out / "line_summary.ecsv")["element"])
+    assert len(Table.read(out / "labels.ecsv")) == 30
+    for name in ("one_to_one.png", "residual_vs_label.png", "line_residual_map.png", "spectrum_0.png", "coefficients.png"):
+        assert (out / name).stat().st_size > 1000
+    # existing tables are not replaced silently; a line list file and FITS tables work too
+    assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
+    (tmp_path / "mode").write_text("Ba5854\t5853.668\t5853.37\t5854.00\t5851.6\t5855.6\t35000.\n"
+                                   "Fe5855\t5855.076\t5854.80\t5855.32\t5854.0\t5856.3\t35000.\n")
+    assert main(args + ["--linelist", str(tmp_path / "mode"), "--elements", "Ba", "--format", "fits",
+                       "--no-plots"]) == 0
+    assert list(Table.read(out / "line_metrics.fits")["name"]) == ["Ba5854"]
+
+
+def test_cli_validate_help_and_missing_files(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "label_comparison.ecsv" in text and "--linelist" in text and "regenerate the GALAH" in text
+    assert main(["validate", str(tmp_path / "none.fits"), str(tmp_path / "x.fits"), "-o", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
