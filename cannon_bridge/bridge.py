@@ -199,7 +199,7 @@ class BridgeModel(BaseEstimator):
         cv_folds: int = 4,
         scatter_iterations: int = 2,
         max_iter: int = 100,
-        chunk_size: int = 32,
+        chunk_size: int = 128,
         random_state: int = 0,
         progress: bool = False,
     ) -> None:

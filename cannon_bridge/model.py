@@ -149,7 +149,7 @@ class CannonModel(RegressorMixin, BaseEstimator):
         Test-step iterations per star.
     block_size : int, default 1024
         Pixels per training block (bounds memory).
-    chunk_size : int, default 64
+    chunk_size : int, default 256
         Stars per test-step chunk (bounds memory).
     low_snr : float, default 10
         Median S/N below which a star is flagged LOW_SNR.
@@ -191,7 +191,7 @@ class CannonModel(RegressorMixin, BaseEstimator):
         scatter_iterations: int = 2,
         max_iter: int = 100,
         block_size: int = 1024,
-        chunk_size: int = 64,
+        chunk_size: int = 256,
         low_snr: float = 10.0,
         progress: bool = False,
     ) -> None:
@@ -392,8 +392,9 @@ class CannonModel(RegressorMixin, BaseEstimator):
         flags[distance2 > stats.chi2.ppf(0.999, labels.shape[1])] |= StarFlag.OUTSIDE_HULL
         if ivar is not None:
             snr = np.where(weights > 0, np.abs(flux) * np.sqrt(ivar), np.nan)
-            with np.errstate(all="ignore"):
-                median_snr = np.array([np.nanmedian(row) if np.isfinite(row).any() else 0.0 for row in snr])
+            median_snr = np.zeros(len(snr))
+            some = np.isfinite(snr).any(axis=1)  # nanmedian warns on all-NaN rows: those stars get S/N 0
+            median_snr[some] = np.nanmedian(snr[some], axis=1)
             flags[median_snr < self.low_snr] |= StarFlag.LOW_SNR
         flags[n_used < labels.shape[1]] |= StarFlag.FEW_PIXELS
         return flags

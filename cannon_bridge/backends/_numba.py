@@ -106,40 +106,48 @@ def solve_normal_equations(design, weights, flux, active=None, diagonal=None, pr
 
 @numba.njit(parallel=True, cache=True)
 def _fit_scatter(residuals, data_variance, observed, dof_factor, n_iter):
-    n_stars, n_pixels = residuals.shape
+    # pixel-major inputs (n_pixels, n_stars): each pixel's stars are contiguous, and the
+    # observed ones are gathered once into compact buffers that every Newton step rereads
+    n_pixels, n_stars = residuals.shape
     out = np.zeros(n_pixels)
     for m in numba.prange(n_pixels):
+        n_obs = 0
+        for n in range(n_stars):
+            if observed[m, n]:
+                n_obs += 1
+        if n_obs == 0:
+            continue
+        r2 = np.empty(n_obs)
+        var = np.empty(n_obs)
         # gradient at v = 0, the maximum r^2 (upper bracket) and a moment start
         g0 = 0.0
         high = 0.0
         total_r2 = 0.0
         total_var = 0.0
-        n_obs = 0
+        j = 0
         for n in range(n_stars):
-            if observed[n, m]:
-                r2 = residuals[n, m] ** 2 * dof_factor
-                var = data_variance[n, m]
-                if var > 0:
-                    g0 += 0.5 * (r2 / (var * var) - 1.0 / var)
+            if observed[m, n]:
+                r2[j] = residuals[m, n] ** 2 * dof_factor
+                var[j] = data_variance[m, n]
+                if var[j] > 0:
+                    g0 += 0.5 * (r2[j] / (var[j] * var[j]) - 1.0 / var[j])
                 else:
                     g0 = np.inf
-                high = max(high, r2)
-                total_r2 += r2
-                total_var += var
-                n_obs += 1
-        if n_obs == 0 or g0 <= 0 or high <= 0:
+                high = max(high, r2[j])
+                total_r2 += r2[j]
+                total_var += var[j]
+                j += 1
+        if g0 <= 0 or high <= 0:
             continue
         low = 0.0
         v = min(max((total_r2 - total_var) / n_obs, 0.0), high)
         for _ in range(n_iter):
             g = 0.0
             h = 0.0
-            for n in range(n_stars):
-                if observed[n, m]:
-                    r2 = residuals[n, m] ** 2 * dof_factor
-                    inv = 1.0 / (data_variance[n, m] + v)
-                    g += 0.5 * (r2 * inv * inv - inv)
-                    h += -r2 * inv * inv * inv + 0.5 * inv * inv
+            for j in range(n_obs):
+                inv = 1.0 / (var[j] + v)
+                g += 0.5 * (r2[j] * inv * inv - inv)
+                h += -r2[j] * inv * inv * inv + 0.5 * inv * inv
             if g > 0:
                 low = v
             else:
@@ -161,9 +169,9 @@ def _fit_scatter(residuals, data_variance, observed, dof_factor, n_iter):
 def fit_scatter(residuals, data_variance, observed, dof_factor=1.0, n_iter=40):
     """Intrinsic variance s^2 per pixel; same maths as the numpy reference."""
     return _fit_scatter(
-        np.ascontiguousarray(residuals, dtype=np.float64),
-        np.ascontiguousarray(np.where(observed, data_variance, 1.0), dtype=np.float64),
-        np.ascontiguousarray(observed, dtype=np.bool_),
+        np.ascontiguousarray(np.asarray(residuals, dtype=np.float64).T),
+        np.ascontiguousarray(np.where(observed, data_variance, 1.0).T, dtype=np.float64),
+        np.ascontiguousarray(np.asarray(observed, dtype=np.bool_).T),
         float(dof_factor),
         int(n_iter),
     )

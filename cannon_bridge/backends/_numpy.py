@@ -95,6 +95,7 @@ def fit_scatter(residuals, data_variance, observed, dof_factor=1.0, xp=np, n_ite
     g0 = xp.where(xp.isnan(g0), xp.inf, g0)  # a noise-free star makes v = 0 infinitely unlikely
     moment = xp.maximum(0.0, (r2.sum(axis=0) - (var * observed).sum(axis=0)) / xp.maximum(n_obs, 1))
     v = xp.clip(moment, low, high)
+    settled = xp.zeros(v.shape, dtype=bool)
     for _ in range(n_iter):
         g, h = derivatives(v)
         # maintain the bracket [low, high] around the root of g
@@ -103,6 +104,14 @@ def fit_scatter(residuals, data_variance, observed, dof_factor=1.0, xp=np, n_ite
         step = xp.where(h < 0, -g / xp.where(h < 0, h, -1.0), 0.0)
         candidate = v + step
         bad = (h >= 0) | (candidate <= low) | (candidate >= high) | ~xp.isfinite(candidate)
-        v = xp.where(bad, 0.5 * (low + high), candidate)
+        new = xp.where(bad, 0.5 * (low + high), candidate)
+        # a pixel stops at its first tiny step, as in the numba kernel, so its value does not depend
+        # on the other pixels of its block; the loop ends when all have stopped (Newton needs ~5 steps,
+        # the 40 are a bisection safeguard)
+        tiny = xp.abs(new - v) <= 1e-12 * xp.maximum(v, 1e-30)
+        v = xp.where(settled, v, new)
+        settled = settled | tiny
+        if bool(xp.all(settled)):
+            break
     v = xp.where((g0 <= 0) | (n_obs == 0), 0.0, v)
     return v
