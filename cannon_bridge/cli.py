@@ -54,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
                     "  *.png                  one-to-one, residuals vs label, per-line map, spectra, coefficients")
     validate.add_argument("model", type=Path, help="model file written by `train` (BridgeModel FITS)")
     validate.add_argument("crossmatch", type=Path, help="CrossMatch FITS file with labels and both surveys' spectra")
-    validate.add_argument("--output", "-o", type=Path, required=True, metavar="DIR", help="output folder (created if needed)")
+    validate.add_argument("--output", "-o", type=Path, required=True, metavar="DIR",
+                          help="output folder (created if needed)")
     validate.add_argument("--linelist", type=Path,
                           help="GALAH line list (air Å) to measure; default: the built-in heavy-element lines")
     validate.add_argument("--linelist-format", choices=("mode", "turbospectrum", "moog", "vald"), default="mode",
@@ -99,7 +100,8 @@ def main(argv=None) -> int:
                 raise FileNotFoundError(f"model file {args.model} does not exist")
             if not args.crossmatch.exists():
                 raise FileNotFoundError(f"CrossMatch file {args.crossmatch} does not exist")
-            lines = None if args.linelist is None else _read_linelist(args.linelist, args.linelist_format, args.elements)
+            lines = None if args.linelist is None else _read_linelist(args.linelist, args.linelist_format,
+                                                                      args.elements)
             model, data = BridgeModel.load(args.model), CrossMatch.load(args.crossmatch)
             result = validate_bridge(model, data, lines, args.output, plots=not args.no_plots,
                                      table_format=args.table_format, overwrite=args.overwrite, progress=True)

@@ -128,7 +128,8 @@ def run_demo(output="demo_output", n_stars: int = 2000, seed: int = 0, test_frac
 
     metrics = {"version": __version__, "n_stars": n_stars, "n_train": len(train), "n_test": len(test),
                "seconds": timings, "labels": label_metrics, "spectra": spectrum_metrics,
-               "lines": per_window_rows, "line_summary": element_rows, "uncertainty_scale": {k: v.tolist() for k, v in model.uncertainty_scale_.items()}}
+               "lines": per_window_rows, "line_summary": element_rows,
+               "uncertainty_scale": {k: v.tolist() for k, v in model.uncertainty_scale_.items()}}
     (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
     model.save(output / "bridge_model.fits", overwrite=True)
     _write_report(output, metrics, names, figures)

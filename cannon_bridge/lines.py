@@ -416,13 +416,15 @@ def line_table(lines, resolution: float | None = None, n_fwhm: float = 1.0) -> T
     if isinstance(lines, Table):
         missing = [name for name in ("wavelength", "element") if name not in lines.colnames]
         if missing:
-            raise InvalidInputError(f"lines lacks the column(s) {missing}: it needs at least 'wavelength' and 'element'")
+            raise InvalidInputError(f"lines lacks the column(s) {missing}: "
+                                    "it needs at least 'wavelength' and 'element'")
         wavelength = np.asarray(lines["wavelength"], dtype=float)
         element = np.asarray(lines["element"]).astype(str)
         species = np.asarray(lines["species"]).astype(str) if "species" in lines.colnames else element
         names = np.asarray(lines["name"]).astype(str) if "name" in lines.colnames else None
         if "window_start" in lines.colnames and "window_end" in lines.colnames:
-            windows = np.column_stack([np.asarray(lines["window_start"], float), np.asarray(lines["window_end"], float)])
+            windows = np.column_stack([np.asarray(lines["window_start"], float),
+                                       np.asarray(lines["window_end"], float)])
         elif "mask_start" in lines.colnames and "mask_end" in lines.colnames:
             windows = np.column_stack([np.asarray(lines["mask_start"], float), np.asarray(lines["mask_end"], float)])
         else:
@@ -433,7 +435,8 @@ def line_table(lines, resolution: float | None = None, n_fwhm: float = 1.0) -> T
         wavelength = np.array([p[1] for p in pairs], dtype=float)
         species, names, windows = element, None, None
     else:
-        raise InvalidInputError(f"lines must be an astropy Table or a dict {{element: wavelengths}}; got {type(lines).__name__}")
+        raise InvalidInputError("lines must be an astropy Table or a dict {element: wavelengths}; "
+                                f"got {type(lines).__name__}")
     if windows is None:
         if resolution is None or not resolution > 0:
             raise InvalidInputError(f"resolution must be a positive resolving power (e.g. 28000 for GALAH) to build "
@@ -476,15 +479,19 @@ def line_metrics(wavelength, observed, regenerated, lines, resolution: float, ob
     left out of both spectra. With several stars the table gives the mean over
     stars and the rms of the residuals.
 
-    Flags (booleans, and bits of :class:`LineFlag` in ``flags``) are decided on
-    the *stacked* spectra (mean over stars), where the noise averages down:
+    ``1 - min(flux)`` of a noisy spectrum is biased deep by about one noise
+    sigma (the minimum of a few noisy pixels), so per-star depth residuals of
+    noisy data lean negative; equivalent widths are unbiased. Flags (booleans,
+    and bits of :class:`LineFlag` in ``flags``) are therefore decided on the
+    *stacked* spectra (mean over stars), where the noise and its bias average down:
 
     - ``flag_missing``: the observed depth is at least ``min_depth`` and
       ``n_sigma`` times the noise of the stack at its minimum (when ivar is given),
       while the model depth is below ``missing_fraction`` of it;
     - ``flag_spurious``: the same with model and observed swapped;
     - ``flag_poor_fit``: mean reduced chi^2 above ``poor_fit_chi2`` (needs ivar or model variance);
-    - ``flag_wrong_label``: copied from ``attribution`` (:func:`line_label_attribution`), matched by element and wavelength.
+    - ``flag_wrong_label``: copied from ``attribution`` (:func:`line_label_attribution`),
+      matched by element and wavelength.
 
     Parameters
     ----------
@@ -554,7 +561,8 @@ def line_metrics(wavelength, observed, regenerated, lines, resolution: float, ob
                                     f"({n_pixels},); got shape {np.shape(model_variance)}")
     variance = None
     if noise_variance is not None or model_variance is not None:
-        variance = (0.0 if noise_variance is None else noise_variance) + (0.0 if model_variance is None else model_variance)
+        variance = ((0.0 if noise_variance is None else noise_variance)
+                    + (0.0 if model_variance is None else model_variance))
     table = line_table(lines, resolution, n_fwhm)
     widths = _pixel_widths(wavelength)
     n_stars = observed.shape[0]
@@ -709,7 +717,8 @@ def aggregate_line_metrics(table: Table, by: str = "element") -> Table:
             return float(values.mean()) if values.size else np.nan
 
         rows.append({
-            by: key, "n_lines": len(group), "n_stars": int(np.max(group["n_stars"])) if "n_stars" in group.colnames else 0,
+            by: key, "n_lines": len(group),
+            "n_stars": int(np.max(group["n_stars"])) if "n_stars" in group.colnames else 0,
             "depth_residual": finite_mean(group["depth_residual"]),
             "depth_residual_rms": float(np.sqrt(finite_mean(depth_rms**2))),
             "ew_residual": finite_mean(group["ew_residual"]), "ew_residual_rms": float(np.sqrt(finite_mean(ew_rms**2))),

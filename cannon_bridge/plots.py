@@ -35,7 +35,8 @@ def _label_arrays(truth, inferred, label_names) -> tuple[np.ndarray, np.ndarray]
         raise InvalidInputError(f"truth has shape {truth.shape} but inferred has shape {inferred.shape}: "
                                 "both must be (n_stars, n_labels)")
     if truth.shape[1] != len(label_names):
-        raise InvalidInputError(f"label_names has {len(label_names)} names but the labels have {truth.shape[1]} columns")
+        raise InvalidInputError(f"label_names has {len(label_names)} names but the labels have "
+                                f"{truth.shape[1]} columns")
     if truth.shape[0] == 0:
         raise InvalidInputError("no stars to plot: truth and inferred are empty")
     return truth, inferred
@@ -270,7 +271,8 @@ def coefficients_vs_wavelength(wavelength, coefficients, term_names: Sequence[st
         raise InvalidInputError(f"coefficients must have shape (n_pixels, n_terms) with n_pixels = {wavelength.size} "
                                 f"(the wavelength grid); got {coefficients.shape}")
     if len(term_names) != coefficients.shape[1]:
-        raise InvalidInputError(f"term_names has {len(term_names)} names for {coefficients.shape[1]} coefficient columns")
+        raise InvalidInputError(f"term_names has {len(term_names)} names for {coefficients.shape[1]} "
+                                "coefficient columns")
     markers = []
     if lines is not None:
         if isinstance(lines, dict):

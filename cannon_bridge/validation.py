@@ -222,8 +222,8 @@ def _summary(delta: np.ndarray, z: np.ndarray | None) -> dict:
     out = {"n": int(delta.size), "bias": np.nan, "rms": np.nan, "robust_scatter": np.nan, "std": np.nan,
            "z_mean": np.nan, "z_std": np.nan}
     if delta.size:
-        out.update(bias=float(delta.mean()), rms=float(np.sqrt(np.mean(delta**2))), robust_scatter=robust_scatter(delta),
-                   std=float(delta.std()))
+        out.update(bias=float(delta.mean()), rms=float(np.sqrt(np.mean(delta**2))),
+                   robust_scatter=robust_scatter(delta), std=float(delta.std()))
     if z is not None:
         z = z[good]
         z = z[np.isfinite(z)]
@@ -301,7 +301,8 @@ def _ids(column) -> np.ndarray:
 def compare_to_catalogue(inferred_table: Table, catalogue_table: Table, id_column: str = "id",
                          catalogue_id_column: str | None = None, label_map: dict | None = None,
                          catalogue_uncertainty_map: dict | None = None, snr_column: str | None = None,
-                         snr_bins: Sequence[float] = DEFAULT_SNR_BINS, plot_dir=None, prefix: str = "catalogue") -> Table:
+                         snr_bins: Sequence[float] = DEFAULT_SNR_BINS, plot_dir=None,
+                         prefix: str = "catalogue") -> Table:
     """Benchmark inferred labels against published ones, matched by star id.
 
     Parameters
@@ -341,7 +342,8 @@ def compare_to_catalogue(inferred_table: Table, catalogue_table: Table, id_colum
         label_map = {name: name for name in inferred_table.colnames
                      if f"e_{name}" in inferred_table.colnames and name in catalogue_table.colnames}
         if not label_map:
-            raise InvalidInputError("no label is common to both tables: pass label_map={inferred column: catalogue column}")
+            raise InvalidInputError("no label is common to both tables: "
+                                    "pass label_map={inferred column: catalogue column}")
     for ours, theirs in label_map.items():
         if ours not in inferred_table.colnames:
             raise InvalidInputError(f"label_map names {ours!r}, which is not a column of inferred_table")
@@ -356,7 +358,8 @@ def compare_to_catalogue(inferred_table: Table, catalogue_table: Table, id_colum
     ours_ids = _ids(inferred_table[id_column])
     matched = np.array([star in row_of for star in ours_ids], dtype=bool)
     if not matched.any():
-        raise InvalidInputError(f"no id of inferred_table[{id_column!r}] is in catalogue_table[{catalogue_id_column!r}] "
+        raise InvalidInputError(f"no id of inferred_table[{id_column!r}] is in "
+                                f"catalogue_table[{catalogue_id_column!r}] "
                                 f"(e.g. {ours_ids[:3].tolist()} vs {catalogue_ids[:3].tolist()})")
     ours_rows = np.flatnonzero(matched)
     their_rows = np.array([row_of[star] for star in ours_ids[matched]], dtype=int)

@@ -156,7 +156,8 @@ def test_line_metrics_depths_equivalent_widths_and_chi2():
     ba, fe = table[0], table[1]
     assert ba["n_stars"] == 2 and ba["n_pixels"] > 10
     assert np.allclose(ba["depth_residual_per_star"], [-0.1, 0.0], atol=1e-3)
-    assert np.isclose(ba["depth_residual"], -0.05, atol=1e-3) and np.isclose(ba["depth_residual_rms"], np.sqrt(0.005), atol=1e-3)
+    assert np.isclose(ba["depth_residual"], -0.05, atol=1e-3)
+    assert np.isclose(ba["depth_residual_rms"], np.sqrt(0.005), atol=1e-3)
     # EW of a Gaussian inside +-1 FWHM: depth * sigma * sqrt(2 pi) * erf(2.355 / sqrt 2) ~ 0.98 of the whole
     expected_ew = 1000 * 0.1 * 0.09 * np.sqrt(2 * np.pi)
     assert np.isclose(ba["ew_residual_per_star"][0], -expected_ew, rtol=0.05)

@@ -56,13 +56,15 @@ def test_cli_validate_writes_tables_and_figures(tmp_path, capsys):
     assert main(args) == 0
     assert "lines flagged" in capsys.readouterr().out
     comparison = Table.read(out / "label_comparison.ecsv")
-    assert {"teff", "ba_fe"} <= set(comparison["label"]) and {"bias", "rms", "robust_scatter", "z_std"} <= set(comparison.colnames)
+    assert {"teff", "ba_fe"} <= set(comparison["label"])
+    assert {"bias", "rms", "robust_scatter", "z_std"} <= set(comparison.colnames)
     assert comparison[(comparison["label"] == "teff") & (comparison["snr_bin"] == "all")]["rms"][0] < 300
     lines = Table.read(out / "line_metrics.ecsv")
     assert {"Ba5854", "Eu6645"} <= set(lines["name"]) and "flag_wrong_label" in lines.colnames
     assert {"Ba", "Eu"} <= set(Table.read(out / "line_summary.ecsv")["element"])
     assert len(Table.read(out / "labels.ecsv")) == 30
-    for name in ("one_to_one.png", "residual_vs_label.png", "line_residual_map.png", "spectrum_0.png", "coefficients.png"):
+    for name in ("one_to_one.png", "residual_vs_label.png", "line_residual_map.png", "spectrum_0.png",
+                 "coefficients.png"):
         assert (out / name).stat().st_size > 1000
     # existing tables are not replaced silently; a line list file and FITS tables work too
     assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
