@@ -544,65 +544,69 @@ def fit_pixels(design, flux, ivar, active, backend, scatter_iterations=2, regula
     scatter_variance = np.zeros(n_pixels)
     flags = np.zeros(n_pixels, dtype=np.int64)
     starts = range(0, n_pixels, block_size)
+    # every block is moved to the backend's array module (a GPU for cupy) and only the
+    # coefficients and scatter come back; for numpy and numba both moves are no-ops
+    xp, to_device, to_host = backend.xp, backend.to_device, backend.to_host
+    design = to_device(design)
     # Z (the packed a a^T of every star) depends on the labels only: build it once per fit
-    products = packed_products(design) if backend.xp is np else None
+    products = packed_products(design, xp)
+    dof_factor = n_stars / max(n_stars - n_terms, 1)
     for start in tqdm(starts, desc="training pixels", disable=not progress, unit="block"):
         block = slice(start, min(start + block_size, n_pixels))
-        f = flux[:, block]
-        observed = (ivar[:, block] > 0) if ivar is not None else np.ones_like(f, dtype=bool)
+        f = to_device(flux[:, block])
+        iv = to_device(ivar[:, block]) if ivar is not None else None
+        observed = (iv > 0) if iv is not None else xp.ones(f.shape, dtype=bool)
         if star_mask is not None:
-            observed = observed & star_mask[:, block]
-        iv = ivar[:, block] if ivar is not None else None
+            observed = observed & to_device(star_mask[:, block])
         if iv is None:
-            variance = np.zeros_like(f)  # noise-free: the scatter absorbs every residual
+            variance = xp.zeros_like(f)  # noise-free: the scatter absorbs every residual
         else:
-            variance = np.where(observed, 1.0 / np.where(iv > 0, iv, 1.0), 1.0)
-        act = active[block]
+            variance = xp.where(observed, 1.0 / xp.where(iv > 0, iv, 1.0), 1.0)
+        act = to_device(active[block])
         n_free = act.sum(axis=1)
-        no_data = observed.sum(axis=0) < np.maximum(n_free, 1)
-        weights = np.where(observed, iv if iv is not None else 1.0, 0.0)
-        s2 = np.zeros(f.shape[1])
-        theta = np.zeros((f.shape[1], n_terms))
-        ok = np.zeros(f.shape[1], dtype=bool)
-        dof_factor = n_stars / max(n_stars - n_terms, 1)
+        no_data = observed.sum(axis=0) < xp.maximum(n_free, 1)
+        weights = xp.where(observed, iv if iv is not None else 1.0, 0.0)
+        s2 = xp.zeros(f.shape[1])
         for iteration in range(scatter_iterations + 1):
             theta, ok = _solve_with_regularization(backend, design, weights, f, act, regularization, products=products)
             residual = f - design @ theta.T
-            s2 = np.asarray(backend.fit_scatter(residual, variance, observed, dof_factor))
+            s2 = xp.asarray(backend.fit_scatter(residual, variance, observed, dof_factor))
             if iv is None:
-                weights = np.where(observed, 1.0 / np.where(s2 > 0, s2, 1.0), 0.0)
+                weights = xp.where(observed, 1.0 / xp.where(s2 > 0, s2, 1.0), 0.0)
             else:
-                weights = np.where(observed, iv / (1.0 + iv * s2), 0.0)
+                weights = xp.where(observed, iv / (1.0 + iv * s2), 0.0)
         bad = no_data | ~ok
         theta[bad] = 0.0
         s2[bad] = 0.0
-        if bad.any():
+        if bool(bad.any()):
             # an unfittable pixel predicts the mean observed flux with its spread as scatter,
             # never flux 0; it is flagged and ignored by the test step
-            with np.errstate(invalid="ignore", divide="ignore"):
-                count = observed[:, bad].sum(axis=0)
-                mean = np.where(count > 0, np.where(observed[:, bad], f[:, bad], 0).sum(axis=0) / np.maximum(count, 1), 1.0)
-                spread = np.where(count > 1, np.sqrt(np.where(observed[:, bad], (f[:, bad] - mean) ** 2, 0).sum(axis=0)
-                                                     / np.maximum(count - 1, 1)), 0.1)
-            theta[bad, 0] = mean / design[:, 0].mean() if design[:, 0].mean() != 0 else mean
+            count = observed[:, bad].sum(axis=0)
+            mean = xp.where(count > 0, xp.where(observed[:, bad], f[:, bad], 0).sum(axis=0) / xp.maximum(count, 1), 1.0)
+            spread = xp.where(count > 1, xp.sqrt(xp.where(observed[:, bad], (f[:, bad] - mean) ** 2, 0).sum(axis=0)
+                                                 / xp.maximum(count - 1, 1)), 0.1)
+            constant = float(design[:, 0].mean())
+            theta[bad, 0] = mean / constant if constant != 0 else mean
             s2[bad] = spread**2
-        coef[block] = theta
-        scatter_variance[block] = s2
+        coef[block] = to_host(theta)
+        scatter_variance[block] = to_host(s2)
+        no_data, ok = to_host(no_data), to_host(ok)
         flags[block] = np.where(no_data, PixelFlag.NO_DATA, np.where(~ok, PixelFlag.SOLVE_FAILED, 0))
     return coef, scatter_variance, flags
 
 
 def _solve_with_regularization(backend, design, weights, flux, active, regularization, n_reweight=6, products=None):
+    xp = backend.xp
     coef, ok = backend.solve_normal_equations(design, weights, flux, active=active, products=products)
     if regularization <= 0:
-        return np.asarray(coef), np.asarray(ok)
+        return xp.asarray(coef), xp.asarray(ok)
     # L1 via iteratively reweighted ridge: lambda |t| ~ lambda t^2 / (2 |t_prev|)
     for _ in range(n_reweight):
-        diagonal = regularization / (2.0 * np.maximum(np.abs(coef), 1e-6))
+        diagonal = regularization / (2.0 * xp.maximum(xp.abs(coef), 1e-6))
         diagonal[:, 0] = 0.0  # the constant term is not regularised
         coef, ok = backend.solve_normal_equations(design, weights, flux, active=active, diagonal=diagonal,
                                                   products=products)
-    return np.asarray(coef), np.asarray(ok)
+    return xp.asarray(coef), xp.asarray(ok)
 
 
 _PACKED_CACHE: "OrderedDict[int, tuple]" = OrderedDict()
@@ -646,17 +650,22 @@ def run_test_step(block_builder, starts, n_stars, xp, max_iter, chunk_size, prog
         # project each star once, then replicate the (small) sufficient statistics for every start
         projected = []
         for block in block_builder(rows):
-            if block.packed_coef is None:  # the coefficient products are the same for every chunk: build once
-                key = id(block.coef)
-                if key not in packed_cache:
-                    packed_cache[key] = (block.coef, packed_products(block.coef, xp))
-                block.packed_coef = packed_cache[key][1]
-            projected.append(block.project(xp))
-        replicate = np.tile(np.arange(n_rows), len(starts))
+            key = id(block.coef)
+            if key not in packed_cache:
+                # the coefficients and their products are the same for every chunk: move/build them once
+                coef = xp.asarray(block.coef)
+                packed = xp.asarray(block.packed_coef) if block.packed_coef is not None else packed_products(coef, xp)
+                packed_cache[key] = (block.coef, coef, packed)
+            _, coef, packed = packed_cache[key]
+            on_device = LikelihoodBlock(coef, xp.asarray(block.weights), xp.asarray(block.flux), block.exponents,
+                                        block.label_index, packed)
+            projected.append(on_device.project(xp))
+        replicate = xp.asarray(np.tile(np.arange(n_rows), len(starts)))
         blocks = [block.subset(replicate) for block in projected]
         prior = prior_builder(stacked_rows) if prior_builder is not None else None
         x0 = np.concatenate([s[rows] for s in starts])
-        x, chi2, hessian, converged, n_iter = levenberg_marquardt(x0, blocks, prior, max_iter=max_iter, xp=xp)
+        x, chi2, hessian, converged, n_iter = (_to_host(a) for a in levenberg_marquardt(
+            xp.asarray(x0), blocks, prior, max_iter=max_iter, xp=xp))
         chi2 = np.where(np.isfinite(chi2), chi2, np.inf).reshape(len(starts), n_rows)
         best = np.argmin(chi2, axis=0)
         pick = best * n_rows + np.arange(n_rows)
@@ -666,6 +675,11 @@ def run_test_step(block_builder, starts, n_stars, xp, max_iter, chunk_size, prog
         converged_best[rows] = converged[pick]
         n_iter_best[rows] = n_iter[pick]
     return x_best, chi2_best, hessian_best, converged_best, n_iter_best
+
+
+def _to_host(array):
+    # cupy arrays refuse implicit conversion to numpy; .get() copies them to host memory
+    return array.get() if hasattr(array, "get") and not isinstance(array, np.ndarray) else np.asarray(array)
 
 
 def scaled_covariance(hessian, scales):

@@ -191,3 +191,39 @@ def test_numpy_and_numba_fits_agree(toy_survey, rng, censored, regularization):
     assert np.sum(models[0].scatter_ > 0) > 30  # the comparison covers fitted scatter, not only zeros
     predictions = [m.predict(data["flux"][:5], data["ivar"][:5]) for m in models]
     np.testing.assert_allclose(predictions[0], predictions[1], rtol=1e-7)
+
+
+# ------------------------------------ the GPU driver path, run on numpy arrays
+@pytest.mark.parametrize("censored", [False, True])
+def test_device_code_path_equals_numpy_backend(toy_survey, rng, monkeypatch, censored):
+    """backend='cupy' runs the numpy kernels through the device driver (blocks moved to the array
+    module and back). CI has no GPU, so the same driver runs here with numpy as the module; on a
+    GPU, benchmarks/bench_gpu.py checks cupy against numpy to 1e-8."""
+    import cannon_bridge.model as model_module
+    from cannon_bridge.backends._cupy import array_module_backend
+
+    real_get_backend = model_module.get_backend
+    calls = []
+
+    def fake_get_backend(name="auto"):
+        if name == "cupy":
+            calls.append(name)
+            return array_module_backend(np, name="cupy")
+        return real_get_backend(name)
+
+    monkeypatch.setattr(model_module, "get_backend", fake_get_backend)
+    data = toy_survey(200, 40, n_labels=3, order=2, snr=80, scatter=np.linspace(0.0, 0.02, 40), seed=5)
+    ivar = data["ivar"].copy()
+    ivar[rng.random(ivar.shape) < 0.1] = 0.0
+    names = ["teff", "logg", "feh"]
+    censors = {"feh": np.arange(40) < 25} if censored else None
+    # float32 inputs: the device path accumulates in float64 like the host path
+    flux32 = data["flux"].astype(np.float32)
+    device = CannonModel(names, backend="cupy", censors=censors, regularization=10.0).fit(flux32, data["labels"], ivar)
+    host = CannonModel(names, backend="numpy", censors=censors, regularization=10.0).fit(flux32, data["labels"], ivar)
+    assert calls, "the device driver was not used"
+    assert relative_difference(device.coef_, host.coef_) < 1e-10
+    assert relative_difference(device.scatter_, host.scatter_) < 1e-10
+    a, b = device.infer(data["flux"][:20], data["ivar"][:20]), host.infer(data["flux"][:20], data["ivar"][:20])
+    np.testing.assert_allclose(a.labels, b.labels, rtol=1e-9)
+    np.testing.assert_allclose(a.covariance, b.covariance, rtol=1e-7, atol=1e-12)

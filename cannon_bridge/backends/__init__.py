@@ -14,6 +14,8 @@ A backend is a small namespace of pure array functions:
     Per-pixel intrinsic variance s^2 maximising the marginal likelihood.
 ``xp``
     The array module used by the batched test step (numpy or cupy).
+``to_device(array)``, ``to_host(array)``
+    Move a block to the backend's array module and back (no-ops on the CPU).
 
 ``numpy`` is the reference; ``numba`` and ``cupy`` are tested against it.
 """
@@ -79,10 +81,20 @@ def get_backend(name: str = "auto") -> SimpleNamespace:
             raise BackendUnavailableError(
                 "backend='cupy' needs CuPy and a CUDA GPU: pip install 'cannon_bridge[gpu]'"
             )
-        from . import _cupy as module
+        import cupy
+
+        from ._cupy import array_module_backend
+
+        return array_module_backend(cupy)
     return SimpleNamespace(
         name=name,
         xp=module.xp,
+        to_device=_identity,
+        to_host=_identity,
         solve_normal_equations=module.solve_normal_equations,
         fit_scatter=module.fit_scatter,
     )
+
+
+def _identity(array):
+    return array
