@@ -597,15 +597,19 @@ def fit_pixels(design, flux, ivar, active, backend, scatter_iterations=2, regula
 
 def _solve_with_regularization(backend, design, weights, flux, active, regularization, n_reweight=6, products=None):
     xp = backend.xp
-    coef, ok = backend.solve_normal_equations(design, weights, flux, active=active, products=products)
     if regularization <= 0:
+        coef, ok = backend.solve_normal_equations(design, weights, flux, active=active, products=products)
         return xp.asarray(coef), xp.asarray(ok)
+    # the normal matrices do not change between reweightings, only their diagonal: one GEMM for all solves
+    products = packed_products(design, xp) if products is None else products
+    normal = (weights.T @ products, (weights * flux).T @ design)
+    coef, ok = backend.solve_normal_equations(design, weights, flux, active=active, normal=normal)
     # L1 via iteratively reweighted ridge: lambda |t| ~ lambda t^2 / (2 |t_prev|)
     for _ in range(n_reweight):
         diagonal = regularization / (2.0 * xp.maximum(xp.abs(coef), 1e-6))
         diagonal[:, 0] = 0.0  # the constant term is not regularised
         coef, ok = backend.solve_normal_equations(design, weights, flux, active=active, diagonal=diagonal,
-                                                  products=products)
+                                                  normal=normal)
     return xp.asarray(coef), xp.asarray(ok)
 
 

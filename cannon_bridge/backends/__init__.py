@@ -2,13 +2,15 @@
 
 A backend is a small namespace of pure array functions:
 
-``solve_normal_equations(design, weights, flux, active=None, diagonal=None, products=None)``
+``solve_normal_equations(design, weights, flux, active=None, diagonal=None, products=None, normal=None)``
     Per-pixel weighted least squares for one block of pixels. ``design`` is
     (n_stars, n_terms), ``weights`` and ``flux`` are (n_stars, n_pixels);
     ``active`` (n_pixels, n_terms) marks the terms a pixel may use (censored
     terms get a coefficient of exactly 0); ``diagonal`` (n_pixels, n_terms) is
     added to each pixel's normal matrix (ridge / reweighted L1); ``products`` is
-    the packed Z of ``design`` when the caller already built it. Returns
+    the packed Z of ``design`` when the caller already built it; ``normal`` the pair
+    (packed ``W^T Z``, right-hand sides ``(W F)^T A``) when the caller solves the same
+    system with several diagonals (reweighted L1) and built it once. Returns
     ``(coef, ok)`` with coef (n_pixels, n_terms) and ok (n_pixels,) bool.
 ``fit_scatter(residuals, data_variance, observed, dof_factor)``
     Per-pixel intrinsic variance s^2 maximising the marginal likelihood.

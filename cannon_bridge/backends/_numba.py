@@ -84,13 +84,14 @@ def _solve_packed(packed, rhs, active, diagonal, n_terms):
     return coef, ok
 
 
-def solve_normal_equations(design, weights, flux, active=None, diagonal=None, products=None):
+def solve_normal_equations(design, weights, flux, active=None, diagonal=None, products=None, normal=None):
     """Per-pixel weighted least squares; see :mod:`cannon_bridge.backends`."""
     n_pixels = weights.shape[1]
     n_terms = design.shape[1]
-    products = packed_products(design) if products is None else products
-    packed = weights.T @ products  # one GEMM for every pixel's normal matrix
-    rhs = (weights * flux).T @ design
+    if normal is None:
+        products = packed_products(design) if products is None else products
+        normal = (weights.T @ products, (weights * flux).T @ design)  # one GEMM for every pixel's normal matrix
+    packed, rhs = normal
     if active is None:
         active = np.ones((n_pixels, n_terms), dtype=np.bool_)
     if diagonal is None:

@@ -26,12 +26,14 @@ def _regularise_system(normal, rhs, active, diagonal, xp):
     return normal, rhs
 
 
-def solve_normal_equations(design, weights, flux, active=None, diagonal=None, products=None, xp=np):
+def solve_normal_equations(design, weights, flux, active=None, diagonal=None, products=None, normal=None, xp=np):
     """Per-pixel weighted least squares; see :mod:`cannon_bridge.backends`."""
     n_terms = design.shape[1]
-    products = packed_products(design, xp) if products is None else products
-    packed = weights.T @ products  # (n_pixels, n_packed): one GEMM
-    rhs = (weights * flux).T @ design  # (n_pixels, n_terms)
+    if normal is None:
+        products = packed_products(design, xp) if products is None else products
+        normal = (weights.T @ products, (weights * flux).T @ design)  # (n_pixels, n_packed): one GEMM
+    packed, rhs = normal
+    rhs = rhs.copy()  # censoring zeroes entries in place; a caller may reuse ``normal``
     normal = unpack(packed, n_terms, xp)
     normal, rhs = _regularise_system(normal, rhs, active, diagonal, xp)
     scale = xp.sqrt(xp.abs(xp.einsum("mii->mi", normal)))
