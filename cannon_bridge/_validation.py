@@ -2,21 +2,58 @@
 
 Returns float64 copies; never changes the caller's arrays and never "repairs"
 data. Messages name the argument, the problem and what to do.
+
+Besides NaN/inf, values so large (or inverse variances so small) that squaring
+them overflows float64 are refused: the Cannon works on continuum-normalised
+flux of order 1, and such values only ever come from wrong units or corrupt
+data. The limits are :data:`MAX_ABS_FLUX`, :data:`MAX_IVAR`, :data:`MIN_POSITIVE_IVAR`
+and :data:`MAX_ABS_LABEL`.
 """
 from __future__ import annotations
+
+import numbers
 
 import numpy as np
 
 from .errors import InvalidInputError
 
+#: largest accepted |flux| (where it is used, i.e. ivar > 0)
+MAX_ABS_FLUX = 1e50
+#: largest accepted inverse variance (sigma >= 1e-40)
+MAX_IVAR = 1e80
+#: smallest accepted non-zero inverse variance (sigma <= 1e50); use 0 to mask a pixel
+MIN_POSITIVE_IVAR = 1e-100
+#: largest accepted |label|
+MAX_ABS_LABEL = 1e50
+
+_TEXT_KINDS = {"U": "text", "S": "bytes", "V": "raw bytes (void)", "M": "datetime64", "m": "timedelta64"}
+
 
 def _as_float(value, name: str) -> np.ndarray:
-    """A float64 copy of ``value``; refuses None, complex and non-numeric input by name."""
+    """A float64 copy of ``value``; refuses None, complex, text and non-numeric input by name.
+
+    Masked entries of a numpy masked array become NaN (unknown), never their fill value.
+    """
     if value is None:
         raise InvalidInputError(f"{name} is required but got None")
-    raw = np.asarray(value)
-    if raw.dtype.kind == "c":
+    try:
+        raw = np.ma.filled(value.astype(np.float64), np.nan) if isinstance(value, np.ma.MaskedArray) \
+            else np.asarray(value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"{name} must be a numeric array; could not convert it: {exc}") from None
+    kind = raw.dtype.kind
+    if kind == "c":
         raise InvalidInputError(f"Complex data not supported: {name} is complex; it must hold real numbers")
+    if kind in _TEXT_KINDS:
+        raise InvalidInputError(
+            f"{name} must be numeric; got an array of {_TEXT_KINDS[kind]} (dtype {raw.dtype}): "
+            "convert it to numbers first"
+        )
+    if kind == "O":
+        for item in raw.flat:
+            if isinstance(item, (str, bytes, complex, np.complexfloating)) or (
+                    item is not None and not isinstance(item, (numbers.Real, np.bool_))):
+                raise InvalidInputError(f"{name} must be numeric; its object array holds a {type(item).__name__}")
     try:
         return np.array(raw, dtype=np.float64, copy=True)
     except (TypeError, ValueError) as exc:
@@ -62,12 +99,15 @@ def check_spectra(flux, ivar=None, n_pixels: int | None = None, name: str = "flu
                 f"{name} has {int(bad.sum())} NaN/inf values (first at star {star}, pixel {pixel}) "
                 f"and no {ivar_name} was given: pass {ivar_name} with 0 at the bad pixels"
             )
+        _check_magnitude(flux, name, MAX_ABS_FLUX, "the Cannon expects continuum-normalised flux of order 1: "
+                         "rescale the spectra")
         return flux, None
     ivar = _as_float_2d(ivar, ivar_name, allow_1d)
     if ivar.shape != flux.shape:
         raise InvalidInputError(f"{name} has shape {flux.shape} but {ivar_name} has shape {ivar.shape}")
     if np.isnan(ivar).any():
-        raise InvalidInputError(f"{ivar_name} contains {int(np.isnan(ivar).sum())} NaN values: use 0 for unknown pixels")
+        raise InvalidInputError(
+            f"{ivar_name} contains {int(np.isnan(ivar).sum())} NaN values: use 0 for unknown pixels")
     if np.isinf(ivar).any():
         raise InvalidInputError(f"{ivar_name} contains inf values: inverse variances must be finite")
     if (ivar < 0).any():
@@ -84,7 +124,33 @@ def check_spectra(flux, ivar=None, n_pixels: int | None = None, name: str = "flu
             f"pixel {pixel}): set {ivar_name} to 0 there"
         )
     flux[~used] = 0.0
+    _check_magnitude(flux, name, MAX_ABS_FLUX, "the Cannon expects continuum-normalised flux of order 1: "
+                     "rescale the spectra")
+    if ivar.size and ivar.max() > MAX_IVAR:
+        raise InvalidInputError(
+            f"{ivar_name} has values up to {ivar.max():.3g}, above {MAX_IVAR:.0e} (flux errors below "
+            f"{MAX_IVAR ** -0.5:.0e}): check the units of {name} and {ivar_name}"
+        )
+    if ivar.size and np.min(ivar, where=used, initial=np.inf) < MIN_POSITIVE_IVAR:
+        tiny = used & (ivar < MIN_POSITIVE_IVAR)
+        star, pixel = np.argwhere(tiny)[0]
+        raise InvalidInputError(
+            f"{ivar_name} has {int(tiny.sum())} positive values below {MIN_POSITIVE_IVAR:.0e} (first at star "
+            f"{star}, pixel {pixel}): such pixels carry no information; set {ivar_name} to 0 there"
+        )
     return flux, ivar
+
+
+def _check_magnitude(array, name, limit, advice):
+    if not array.size:
+        return
+    largest = max(-float(array.min()), float(array.max()))
+    if largest > limit:
+        star, column = np.argwhere(np.abs(array) > limit)[0]
+        raise InvalidInputError(
+            f"{name} has values of magnitude up to {largest:.3g} (first at row {star}, column {column}), "
+            f"above {limit:.0e}: {advice}"
+        )
 
 
 def check_labels(labels, n_labels: int | None = None, n_stars: int | None = None,
@@ -106,4 +172,7 @@ def check_labels(labels, n_labels: int | None = None, n_stars: int | None = None
             f"{name} contains {int(np.isnan(labels).sum())} NaN values: this model needs complete labels "
             "(drop those stars, or use BridgeModel, which trains with missing labels)"
         )
+    with np.errstate(invalid="ignore"):
+        _check_magnitude(np.nan_to_num(labels, nan=0.0), name, MAX_ABS_LABEL,
+                         "labels must be in physical units of moderate size (rescale this label)")
     return labels

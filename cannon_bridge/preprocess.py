@@ -91,9 +91,20 @@ def _as_input_type(values: np.ndarray, was_quantity: bool):
 
 
 def _velocity_kms(velocity) -> np.ndarray | float:
-    if isinstance(velocity, u.Quantity):
-        return velocity.to_value(u.km / u.s)
-    return np.asarray(velocity, dtype=np.float64) if np.ndim(velocity) else float(velocity)
+    """Velocity in km/s; refuses non-numbers, NaN/inf and |v| >= c (no wavelength shift is defined there)."""
+    try:
+        if isinstance(velocity, u.Quantity):
+            value = velocity.to_value(u.km / u.s)
+        else:
+            value = np.asarray(velocity, dtype=np.float64) if np.ndim(velocity) else float(velocity)
+    except (TypeError, ValueError, u.UnitsError):
+        raise InvalidInputError(
+            f"velocity must be a number in km/s (or a velocity Quantity); got {velocity!r}") from None
+    if not np.all(np.isfinite(value)):
+        raise InvalidInputError("velocity contains NaN/inf values")
+    if np.any(np.abs(value) >= C_KMS):
+        raise InvalidInputError(f"velocity must be within +-c = {C_KMS} km/s; got {value}")
+    return value
 
 
 # -------------------------------------------------------------- air/vacuum

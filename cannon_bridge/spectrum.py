@@ -43,6 +43,7 @@ from dataclasses import dataclass, field, replace
 import astropy.units as u
 import numpy as np
 
+from ._validation import _as_float
 from .errors import InvalidInputError
 
 __all__ = ["Spectrum", "MEDIA"]
@@ -94,7 +95,9 @@ class Spectrum:
     def __post_init__(self):
         wavelength = self.wavelength
         if not isinstance(wavelength, u.Quantity):
-            wavelength = np.asarray(wavelength, dtype=np.float64) * u.AA
+            wavelength = _as_float(wavelength, "wavelength") * u.AA
+        elif wavelength.dtype.kind == "c":
+            raise InvalidInputError("wavelength is complex; it must hold real numbers")
         try:
             wavelength = wavelength.to(u.AA)
         except u.UnitConversionError:
@@ -108,11 +111,13 @@ class Spectrum:
             raise InvalidInputError("wavelength contains NaN/inf values")
         if values.size > 1 and not np.all(np.diff(values) > 0):
             raise InvalidInputError("wavelength must be strictly increasing")
+        if values[0] <= 0:
+            raise InvalidInputError(f"wavelength must be positive; the grid starts at {values[0]:.6g} Angstrom")
         if self.medium not in MEDIA:
             raise InvalidInputError(f"medium must be one of {MEDIA}; got {self.medium!r}")
         n_pixels = values.size
 
-        flux = np.array(self.flux, dtype=np.float64, copy=True)
+        flux = _as_float(self.flux, "flux")
         if flux.ndim not in (1, 2) or flux.shape[-1] != n_pixels:
             raise InvalidInputError(
                 f"flux has shape {flux.shape} but the wavelength grid has {n_pixels} pixels: "
@@ -120,7 +125,7 @@ class Spectrum:
         if self.ivar is None:
             ivar = np.ones_like(flux)
         else:
-            ivar = np.array(self.ivar, dtype=np.float64, copy=True)
+            ivar = _as_float(self.ivar, "ivar")
             if ivar.shape != flux.shape:
                 raise InvalidInputError(f"flux has shape {flux.shape} but ivar has shape {ivar.shape}")
             if np.isnan(ivar).any() or np.isinf(ivar).any():
@@ -130,7 +135,12 @@ class Spectrum:
         if self.mask is None:
             mask = np.zeros(flux.shape, dtype=bool)
         else:
-            mask = np.array(self.mask, dtype=bool, copy=True)
+            mask = np.asarray(self.mask)
+            if mask.dtype.kind not in "biuf" or (mask.dtype.kind == "f" and not np.all(np.isfinite(mask))):
+                raise InvalidInputError(
+                    f"mask must be boolean (True = bad pixel) or 0/1 numbers; got dtype {mask.dtype}"
+                    + (" with NaN/inf" if mask.dtype.kind == "f" else ""))
+            mask = mask != 0
             if mask.shape != flux.shape:
                 raise InvalidInputError(f"flux has shape {flux.shape} but mask has shape {mask.shape}")
         mask |= (ivar == 0) | ~np.isfinite(flux)
@@ -139,7 +149,10 @@ class Spectrum:
         if self.segment is None:
             segment = np.ones(n_pixels, dtype=np.int64)
         else:
-            segment = np.array(self.segment, dtype=np.int64, copy=True)
+            segment = _as_float(self.segment, "segment")
+            if not np.all(np.isfinite(segment)) or np.any(segment != np.round(segment)) or np.any(segment < 0):
+                raise InvalidInputError("segment must hold non-negative integers (chip / CCD numbers, 0 = none)")
+            segment = segment.astype(np.int64)
             if segment.shape != (n_pixels,):
                 raise InvalidInputError(f"segment has shape {segment.shape}, expected ({n_pixels},)")
         self.wavelength = wavelength
@@ -147,7 +160,10 @@ class Spectrum:
         self.ivar = ivar
         self.mask = mask
         self.segment = segment
-        self.meta = dict(self.meta)
+        try:
+            self.meta = dict(self.meta)
+        except (TypeError, ValueError):
+            raise InvalidInputError(f"meta must be a dict; got {type(self.meta).__name__}") from None
         self.normalized = bool(self.normalized)
 
     # ------------------------------------------------------------ shape
@@ -229,7 +245,10 @@ class Spectrum:
             if self.meta.get("rest_frame", False):
                 return self.copy()
             rv = self.meta.get("rv_to_rest", np.nan)
-        rv = float(rv)
+        try:
+            rv = float(rv.to_value(u.km / u.s) if isinstance(rv, u.Quantity) else rv)
+        except (TypeError, ValueError, u.UnitsError):
+            raise InvalidInputError(f"rv must be a number (km/s); got {rv!r}") from None
         if not np.isfinite(rv):
             raise InvalidInputError(
                 f"spectrum {self.meta.get('id')!r} has no radial velocity in its metadata; pass rv= (km/s)")

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InvalidInputError
+from ..errors import CannonBridgeWarning, InvalidInputError
 
 logger = logging.getLogger(__name__)
 
@@ -61,13 +61,20 @@ def _native(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def _handle_caught(caught, path: Path, what: str) -> str | None:
-    """Turn astropy's warnings into log lines or a problem description (returned)."""
+def _handle_caught(caught, path: Path, what: str, failed: bool = False) -> str | None:
+    """Turn astropy's warnings into log lines or a problem description (returned).
+
+    Header repairs astropy made (non-ASCII bytes, bytes after END, an invalid
+    keyword) become one :class:`~cannon_bridge.errors.CannonBridgeWarning`
+    naming the file, unless the read ``failed`` or a problem was found (then the
+    error says it all).
+    """
     from astropy.io.fits.verify import VerifyWarning
     from astropy.units import UnitsWarning
-    from astropy.utils.exceptions import AstropyUserWarning
+    from astropy.utils.exceptions import AstropyUserWarning, AstropyWarning
 
     problem = None
+    repairs = []
     for item in caught:
         message = str(item.message)
         if issubclass(item.category, AstropyUserWarning) and "truncated" in message:
@@ -79,9 +86,33 @@ def _handle_caught(caught, path: Path, what: str) -> str | None:
                 logger.debug("%s: astropy repaired a non-standard header: %s", path, message)
         elif issubclass(item.category, UnitsWarning):
             logger.debug("%s: unit not understood by astropy: %s", path, message)
+        elif issubclass(item.category, AstropyWarning):
+            repairs.append(" ".join(message.split())[:200])
         else:
             warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
+    if repairs and problem is None and not failed:
+        warnings.warn(CannonBridgeWarning(
+            f"{what} file {path} has a damaged or non-standard header that astropy repaired: "
+            + "; ".join(dict.fromkeys(repairs))), stacklevel=4)
     return problem
+
+
+def _spectrum(path, **fields):
+    """A :class:`Spectrum` from a reader; a refusal by its checks names the file."""
+    from ..spectrum import Spectrum
+
+    try:
+        return Spectrum(**fields)
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"{path}: {exc}") from None
+
+
+def _ivar_from_sigma(error: np.ndarray, good: np.ndarray):
+    """1 / error^2 where ``good``; an error so small that this overflows makes the pixel bad too."""
+    with np.errstate(divide="ignore", over="ignore"):
+        ivar = np.where(good, 1.0 / np.where(good, error, 1.0) ** 2, 0.0)
+    good = good & np.isfinite(ivar)
+    return np.where(good, ivar, 0.0), good
 
 
 def _check_path(path, what: str) -> Path:
@@ -110,19 +141,23 @@ def _read_fits(path, what: str, first_table_only: bool = False) -> list[_HDU]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            with fits.open(path, memmap=False) as hdul:
+            # our own handle: astropy leaves the file open when it fails inside fits.open
+            with open(path, "rb") as handle, fits.open(handle, memmap=False) as hdul:
                 for index, hdu in enumerate(hdul):
                     is_table = isinstance(hdu, (fits.BinTableHDU, fits.TableHDU))
                     if is_table:
                         data = Table.read(hdu) if hdu.data is not None else None
                     else:
                         data = None if hdu.data is None else _native(np.array(hdu.data))
-                    hdus.append(_HDU(index, hdu.name.strip().upper(), hdu.header.copy(), data, is_table))
+                    header = hdu.header.copy()
+                    for card in header.cards:  # cards parse lazily: find a corrupt one now
+                        card.value
+                    hdus.append(_HDU(index, hdu.name.strip().upper(), header, data, is_table))
                     if first_table_only and is_table and data is not None:
                         break
-        except (OSError, ValueError, TypeError, IndexError, KeyError, EOFError) as exc:
+        except Exception as exc:  # astropy raises many types (VerifyError, KeyError, ...) for a corrupt file
             error = exc
-    problem = _handle_caught(caught, path, what)
+    problem = _handle_caught(caught, path, what, failed=error is not None)
     if error is not None or problem is not None:
         detail = problem or f"{type(error).__name__}: {error}"
         raise InvalidInputError(f"could not read {what} file {path}: not a valid FITS file ({detail})")
@@ -183,12 +218,26 @@ def _replace_float_column(table, name, values) -> None:
                                       description=getattr(old, "description", None)))
 
 
+def _header_number(header, key, default, path, cast=float):
+    """A numeric header value (``cast`` applied), ``default`` when absent; a non-number names the file and card."""
+    value = _header_value(header, key, None)
+    if value is None:
+        return default
+    try:
+        if cast is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return cast(value)
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidInputError(f"{path}: header card {key} = {value!r} is not a valid "
+                                f"{'integer' if cast is int else 'number'} (corrupt or non-standard header)") from None
+
+
 def _header_value(header, key, default=None):
     """A header value, with IRAF's 'None' strings and non-finite numbers mapped to ``default``."""
     value = header.get(key, default)
     if isinstance(value, str):
         value = value.strip()
-        if value in ("", "None", "NONE", "null"):
+        if value in ("", "None", "NONE", "none", "null", "NULL", "N/A", "n/a", "NA"):
             return default
     if isinstance(value, float) and not np.isfinite(value):
         return default

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import zipfile
 
 import astropy.units as u
 import numpy as np
@@ -34,7 +33,8 @@ from ..data import APOGEE_CHIP_GAPS
 from ..errors import InvalidInputError
 from ..preprocess import segment_index, snr_estimate
 from ..spectrum import Spectrum
-from . import _check_path, _header_value, _read_fits, _read_table, _replace_float_column, _sniff
+from . import (_check_path, _header_number, _header_value, _ivar_from_sigma, _read_fits, _read_table,
+               _replace_float_column, _sniff, _spectrum)
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +114,7 @@ def _ivar_from_error(flux, error, bitmask=None, bad_bits=APOGEE_PIXMASK_BAD):
     good = np.isfinite(flux) & np.isfinite(error) & (error > 0)
     if bitmask is not None:
         good &= (np.asarray(bitmask).astype(np.int64) & int(bad_bits)) == 0
-    with np.errstate(divide="ignore", over="ignore"):
-        ivar = np.where(good, 1.0 / np.where(good, error, 1.0) ** 2, 0.0)
+    ivar, good = _ivar_from_sigma(error, good)
     return ivar, ~good
 
 
@@ -134,6 +133,14 @@ def _identify_apogee(hdus) -> str | None:
                 and flux.shape[0] == 3 and ("wave" in bunit or 14000 < np.nanmedian(wave) < 18000)):
             return "apVisit"
     return None
+
+
+def _integer_mask(path, mask, fmt):
+    mask = np.asarray(mask)
+    if mask.dtype.kind not in "biu":
+        raise InvalidInputError(
+            f"{fmt} file {path}: the pixel-mask HDU holds {mask.dtype} values; APOGEE_PIXMASK is an integer bitmask")
+    return mask
 
 
 def _layout_error(path, hdus, detail=""):
@@ -200,26 +207,32 @@ def _read_apstar(path, hdus, visits, bad_bits) -> Spectrum:
     header = hdus[0].header
     flux = _require(path, hdus, 1, "flux", "apStar")
     error = _require(path, hdus, 2, "flux error", "apStar")
-    bitmask = _require(path, hdus, 3, "APOGEE_PIXMASK", "apStar")
+    bitmask = _integer_mask(path, _require(path, hdus, 3, "APOGEE_PIXMASK", "apStar"), "apStar")
     flux, error, bitmask = (np.atleast_2d(a) for a in (flux, error, bitmask))
     if not (flux.shape == error.shape == bitmask.shape) or flux.ndim != 2:
         raise InvalidInputError(
             f"apStar file {path}: flux {flux.shape}, error {error.shape} and mask {bitmask.shape} HDUs differ in shape")
     n_rows, n_pixels = flux.shape
+    if n_rows == 0 or n_pixels == 0:
+        raise InvalidInputError(f"apStar file {path}: the flux HDU is empty (shape {flux.shape})")
     grid = header if "CRVAL1" in header else hdus[1].header
     try:
         crval, cdelt = float(grid["CRVAL1"]), float(grid["CDELT1"])
         crpix = float(grid.get("CRPIX1", 1.0))
     except (KeyError, TypeError, ValueError):
         raise InvalidInputError(f"apStar file {path} has no log-linear wavelength grid (CRVAL1/CDELT1)") from None
-    n_wave = int(header.get("NWAVE", n_pixels))
+    n_wave = _header_number(header, "NWAVE", n_pixels, path, int)
     if n_wave != n_pixels:
         raise InvalidInputError(f"apStar file {path}: NWAVE = {n_wave} but the flux HDU has {n_pixels} pixels")
     pixel = np.arange(n_pixels)
-    wavelength = 10.0 ** (crval + cdelt * (pixel + 1 - crpix))
+    with np.errstate(over="ignore", invalid="ignore"):
+        wavelength = 10.0 ** (crval + cdelt * (pixel + 1 - crpix))
+    if not (np.all(np.isfinite(wavelength)) and np.all(wavelength > 0)):
+        raise InvalidInputError(
+            f"apStar file {path}: the log-linear grid CRVAL1 = {crval}, CDELT1 = {cdelt} gives non-finite wavelengths")
     segment = _apstar_segments(pixel) if n_pixels == _APSTAR_NPIX else segment_index(wavelength, "apogee")
 
-    n_visits = int(_header_value(header, "NVISITS", max(n_rows - 2, 1)))
+    n_visits = _header_number(header, "NVISITS", max(n_rows - 2, 1), path, int)
     # rows 0 and 1 are combined spectra, the visits follow; a single-visit file
     # has no separate visit row (its combined spectrum is the visit)
     first_visit = 2 if n_rows >= n_visits + 2 else 0
@@ -228,20 +241,20 @@ def _read_apstar(path, hdus, visits, bad_bits) -> Spectrum:
         "survey": "apogee",
         "format": "apStar",
         "source": path.name,
-        "snr": float(_header_value(header, "SNR", np.nan)),
-        "rv": float(_header_value(header, "VHELIO", np.nan)),
-        "rv_scatter": float(_header_value(header, "VSCATTER", np.nan)),
+        "snr": _header_number(header, "SNR", np.nan, path),
+        "rv": _header_number(header, "VHELIO", np.nan, path),
+        "rv_scatter": _header_number(header, "VSCATTER", np.nan, path),
         "rest_frame": True,
         "rv_to_rest": 0.0,
         "nvisits": n_visits,
-        "ra": float(_header_value(header, "RA", np.nan)),
-        "dec": float(_header_value(header, "DEC", np.nan)),
+        "ra": _header_number(header, "RA", np.nan, path),
+        "dec": _header_number(header, "DEC", np.nan, path),
         "field": str(_header_value(header, "FIELD", "")).strip(),
         "telescope": str(_header_value(header, "TELESCOP", "")).strip(),
-        "rv_teff": float(_header_value(header, "RV_TEFF", np.nan)),
-        "rv_logg": float(_header_value(header, "RV_LOGG", np.nan)),
-        "rv_feh": float(_header_value(header, "RV_FEH", np.nan)),
-        "starflag": int(_header_value(header, "STARFLAG", 0)),
+        "rv_teff": _header_number(header, "RV_TEFF", np.nan, path),
+        "rv_logg": _header_number(header, "RV_LOGG", np.nan, path),
+        "rv_feh": _header_number(header, "RV_FEH", np.nan, path),
+        "starflag": _header_number(header, "STARFLAG", 0, path, int),
         "bad_bits": int(bad_bits),
     }
     if visits:
@@ -251,9 +264,9 @@ def _read_apstar(path, hdus, visits, bad_bits) -> Spectrum:
         rows = slice(first_visit, first_visit + n_visits)
         meta.update(
             rows=list(range(first_visit, first_visit + n_visits)),
-            visit_snr=[float(_header_value(header, f"SNRVIS{k}", np.nan)) for k in range(1, n_visits + 1)],
-            visit_vhelio=[float(_header_value(header, f"VHELIO{k}", np.nan)) for k in range(1, n_visits + 1)],
-            visit_jd=[float(_header_value(header, f"JD{k}", np.nan)) for k in range(1, n_visits + 1)],
+            visit_snr=[_header_number(header, f"SNRVIS{k}", np.nan, path) for k in range(1, n_visits + 1)],
+            visit_vhelio=[_header_number(header, f"VHELIO{k}", np.nan, path) for k in range(1, n_visits + 1)],
+            visit_jd=[_header_number(header, f"JD{k}", np.nan, path) for k in range(1, n_visits + 1)],
             visit_file=[str(_header_value(header, f"SFILE{k}", "")) for k in range(1, n_visits + 1)],
         )
         flux, error, bitmask = flux[rows], error[rows], bitmask[rows]
@@ -262,15 +275,15 @@ def _read_apstar(path, hdus, visits, bad_bits) -> Spectrum:
         flux, error, bitmask = flux[0], error[0], bitmask[0]
     ivar, bad = _ivar_from_error(flux, error, bitmask, bad_bits)
     meta["pixel_mask"] = bitmask.astype(np.int64)
-    return Spectrum(wavelength=wavelength * u.AA, flux=flux, ivar=ivar, mask=bad, medium="vacuum",
-                    meta=meta, segment=segment, normalized=False)
+    return _spectrum(path, wavelength=wavelength * u.AA, flux=flux, ivar=ivar, mask=bad, medium="vacuum",
+                     meta=meta, segment=segment, normalized=False)
 
 
 def _read_apvisit(path, hdus, bad_bits) -> Spectrum:
     header = hdus[0].header
     flux = _require(path, hdus, 1, "flux", "apVisit").astype(np.float64)
     error = _require(path, hdus, 2, "flux error", "apVisit").astype(np.float64)
-    bitmask = _require(path, hdus, 3, "mask", "apVisit").astype(np.int64)
+    bitmask = _integer_mask(path, _require(path, hdus, 3, "mask", "apVisit"), "apVisit").astype(np.int64)
     wave = _require(path, hdus, 4, "wavelength", "apVisit").astype(np.float64)
     if not (flux.shape == error.shape == bitmask.shape == wave.shape):
         raise InvalidInputError(
@@ -291,11 +304,11 @@ def _read_apvisit(path, hdus, bad_bits) -> Spectrum:
     bitmask = np.concatenate([chip[3] for chip in chips])
     segment = np.repeat(np.arange(1, len(chips) + 1), [chip[0].size for chip in chips])
     ivar, bad = _ivar_from_error(flux, error, bitmask, bad_bits)
-    rv_to_rest = _header_value(header, "VRAD", None)
+    rv_to_rest = _header_number(header, "VRAD", None, path)
     table = next((hdu.data for hdu in hdus[5:] if hdu.is_table and hdu.data is not None), None)
     if rv_to_rest is None and table is not None and "VREL" in table.colnames:
         rv_to_rest = float(table["VREL"][0])
-    vhelio = _header_value(header, "VHELIO", None)
+    vhelio = _header_number(header, "VHELIO", None, path)
     if vhelio is None and table is not None and "VHELIO" in table.colnames:
         vhelio = float(table["VHELIO"][0])
     meta = {
@@ -303,30 +316,30 @@ def _read_apvisit(path, hdus, bad_bits) -> Spectrum:
         "survey": "apogee",
         "format": "apVisit",
         "source": path.name,
-        "snr": float(_header_value(header, "SNR", np.nan)),
+        "snr": _header_number(header, "SNR", np.nan, path),
         "rv": float(vhelio) if vhelio is not None else np.nan,
         "rest_frame": False,
         "rv_to_rest": float(rv_to_rest) if rv_to_rest is not None else np.nan,
-        "bc": float(_header_value(header, "BC", np.nan)),
-        "ra": float(_header_value(header, "RA", np.nan)),
-        "dec": float(_header_value(header, "DEC", np.nan)),
+        "bc": _header_number(header, "BC", np.nan, path),
+        "ra": _header_number(header, "RA", np.nan, path),
+        "dec": _header_number(header, "DEC", np.nan, path),
         "plate": str(_header_value(header, "PLATE", "")).strip(),
-        "mjd": int(_header_value(header, "MJD5", -1)),
-        "fiber": int(_header_value(header, "FIBERID", -1)),
+        "mjd": _header_number(header, "MJD5", -1, path, int),
+        "fiber": _header_number(header, "FIBERID", -1, path, int),
         "telescope": str(_header_value(header, "TELESCOP", "")).strip(),
-        "starflag": int(_header_value(header, "STARFLAG", 0)),
+        "starflag": _header_number(header, "STARFLAG", 0, path, int),
         "bad_bits": int(bad_bits),
         "pixel_mask": bitmask,
     }
-    return Spectrum(wavelength=wavelength * u.AA, flux=flux, ivar=ivar, mask=bad, medium="vacuum",
-                    meta=meta, segment=segment, normalized=False)
+    return _spectrum(path, wavelength=wavelength * u.AA, flux=flux, ivar=ivar, mask=bad, medium="vacuum",
+                     meta=meta, segment=segment, normalized=False)
 
 
 def _read_dr14_npz(path) -> Spectrum:
     try:
         with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as data:
             arrays = {key: np.array(data[key]) for key in data.files}
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+    except Exception as exc:  # numpy / zipfile raise many types for a corrupt archive (even SyntaxError)
         raise InvalidInputError(
             f"could not read APOGEE npz file {path}: corrupt or truncated archive ({type(exc).__name__}: {exc})"
         ) from None
@@ -380,8 +393,8 @@ def _read_dr14_npz(path) -> Spectrum:
     ivar_final = np.where(bad, 0.0, ivar)
     meta["snr"] = float(snr_estimate(flux, ivar_final, method="ivar"))
     meta["snr_source"] = "median(flux * sqrt(ivar))"
-    return Spectrum(wavelength=wavelength * u.AA, flux=flux, ivar=ivar_final, mask=bad, medium="vacuum",
-                    meta=meta, segment=segment, normalized=True)
+    return _spectrum(path, wavelength=wavelength * u.AA, flux=flux, ivar=ivar_final, mask=bad, medium="vacuum",
+                     meta=meta, segment=segment, normalized=True)
 
 
 # ------------------------------------------------------------------- allStar
@@ -415,6 +428,11 @@ def read_apogee_allstar(path, sentinel: float = -9999.0):
     astropy.table.Table
     """
     table = _read_table(path, "APOGEE allStar")
+    galah_columns = sorted({"sobject_id", "flag_sp", "flag_fe_h", "reduction_flags"} & set(table.colnames))
+    if galah_columns:
+        raise InvalidInputError(
+            f"{path} looks like a GALAH catalogue (it has the column(s) {galah_columns}), not an APOGEE allStar "
+            "table: read it with read_galah_allstar, which applies GALAH's flags")
     table = table.copy(copy_data=True)
     upper = {name.upper(): name for name in table.colnames}
 

@@ -33,7 +33,8 @@ import numpy as np
 from ..errors import InvalidInputError
 from ..preprocess import GALAH_CCD_RANGES, segment_index, snr_estimate
 from ..spectrum import Spectrum
-from . import _check_path, _header_value, _read_fits, _read_table, _replace_float_column
+from . import (_check_path, _header_number, _header_value, _ivar_from_sigma, _read_fits, _read_table,
+               _replace_float_column, _spectrum)
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,8 @@ def _identify_galah(hdus) -> str | None:
 
 
 def _linear_wavelength(header, n_pixels, path, what):
+    if n_pixels < 1:
+        raise InvalidInputError(f"GALAH file {path}: {what} holds an empty spectrum (0 pixels)")
     try:
         crval = float(header["CRVAL1"])
         cdelt = float(header["CDELT1"] if "CDELT1" in header else header["CD1_1"])
@@ -192,8 +195,7 @@ def read_galah(path_or_paths, rest_frame: bool = False, rv: float | None = None,
     if not np.all(np.diff(wavelength) > 0):
         raise InvalidInputError(f"GALAH CCDs {numbers} overlap in wavelength: {[str(p) for p in paths]}")
     good = np.isfinite(flux) & np.isfinite(error) & (error > 0)
-    with np.errstate(divide="ignore", over="ignore"):
-        ivar = np.where(good, 1.0 / np.where(good, error, 1.0) ** 2, 0.0)
+    ivar, good = _ivar_from_sigma(error, good)
 
     first = ccds[0]["meta"]
     rv_ccd = [ccd["meta"]["rv_ccd"] for ccd in ccds]
@@ -226,8 +228,8 @@ def read_galah(path_or_paths, rest_frame: bool = False, rv: float | None = None,
         meta["rv_source"] = "argument"
     else:
         meta["rv_source"] = "header"
-    spectrum = Spectrum(wavelength=wavelength * u.AA, flux=flux, ivar=ivar, mask=~good, medium="air", meta=meta,
-                        segment=segment, normalized=kind == "normalized")
+    spectrum = _spectrum(", ".join(str(p) for p in paths), wavelength=wavelength * u.AA, flux=flux, ivar=ivar,
+                         mask=~good, medium="air", meta=meta, segment=segment, normalized=kind == "normalized")
     if rest_frame:
         velocity = meta["rv_to_rest"]
         if not np.isfinite(velocity):
@@ -284,14 +286,14 @@ def _read_ccd(fmt, path, hdus, kind) -> dict:
                 f"({wave[0]:.1f}-{wave[-1]:.1f} Angstrom) are those of CCD {ccd}")
     else:
         sobject_id = str(_header_value(header, "OBJECT", path.stem)).strip()
-    snr = _header_value(header, "SNR", None)
+    snr = _header_number(header, "SNR", None, path)
     meta = {
         "pipeline_version": str(_header_value(header, "PIPE_VER", fmt)).strip(),
-        "rv_ccd": float(_header_value(header, "RV", np.nan)),
-        "rv_ok": int(_header_value(header, "RV_OK", 1)),
-        "rv_com": float(_header_value(header, "RVCOM", np.nan)),
-        "rv_com_ok": int(_header_value(header, "RVCOM_OK", 1)),
-        "e_rv_com": float(_header_value(header, "E_RVCOM", np.nan)),
+        "rv_ccd": _header_number(header, "RV", np.nan, path),
+        "rv_ok": _header_number(header, "RV_OK", 1, path, int),
+        "rv_com": _header_number(header, "RVCOM", np.nan, path),
+        "rv_com_ok": _header_number(header, "RVCOM_OK", 1, path, int),
+        "e_rv_com": _header_number(header, "E_RVCOM", np.nan, path),
     }
     if snr is not None:
         meta["snr"] = float(snr)
@@ -319,15 +321,16 @@ def _read_dr4_fit(path, hdus, use_fit_mask) -> Spectrum:
     wave = np.ma.filled(np.ma.asarray(table["wave"]).astype(np.float64), np.nan)
     flux = np.ma.filled(np.ma.asarray(table["sob"]).astype(np.float64), np.nan)
     error = np.ma.filled(np.ma.asarray(table["uob"]).astype(np.float64), np.nan)
+    if wave.size == 0:
+        raise InvalidInputError(f"DR4 fit table {path} has no rows")
     if not np.all(np.isfinite(wave)) or not np.all(np.diff(wave) > 0):
         raise InvalidInputError(f"DR4 fit table {path}: column 'wave' is not finite and strictly increasing")
     good = np.isfinite(flux) & np.isfinite(error) & (error > 0)
     if use_fit_mask and "mob" in table.colnames:
         good &= np.ma.filled(np.ma.asarray(table["mob"]), False).astype(bool)
-    with np.errstate(divide="ignore"):
-        ivar = np.where(good, 1.0 / np.where(good, error, 1.0) ** 2, 0.0)
+    ivar, good = _ivar_from_sigma(error, good)
     # CCD segments: split at the gaps, then name each piece after the nearest CCD centre
-    step = np.median(np.diff(wave))
+    step = np.median(np.diff(wave)) if wave.size > 1 else 1.0
     breaks = np.flatnonzero(np.diff(wave) > 20 * step) + 1
     segment = np.zeros(wave.size, dtype=np.int64)
     for piece in np.split(np.arange(wave.size), breaks):
@@ -348,8 +351,8 @@ def _read_dr4_fit(path, hdus, use_fit_mask) -> Spectrum:
     }
     if "smod" in table.colnames:
         meta["model_flux"] = np.ma.filled(np.ma.asarray(table["smod"]).astype(np.float64), np.nan)
-    return Spectrum(wavelength=wave * u.AA, flux=flux, ivar=ivar, mask=~good, medium="air", meta=meta,
-                    segment=segment, normalized=True)
+    return _spectrum(path, wavelength=wave * u.AA, flux=flux, ivar=ivar, mask=~good, medium="air", meta=meta,
+                     segment=segment, normalized=True)
 
 
 # ------------------------------------------------------------------ catalogue
