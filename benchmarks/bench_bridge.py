@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import platform
 import sys
 import time
@@ -114,6 +115,9 @@ def parse_args(argv=None):
                         help="run the recipe on cannon_bridge.mock.make_crossmatch(N) instead of the physset")
     parser.add_argument("--no-figures", action="store_true", help="skip the figures")
     args = parser.parse_args(argv)
+    # the bridge logs its cross-validated choices (joint-mode fusion per label) at INFO
+    logging.basicConfig(level=logging.WARNING, format="  [%(name)s] %(message)s")
+    logging.getLogger("cannon_bridge.bridge").setLevel(logging.INFO)
     if args.all_snr:
         args.snr_galah = [20.0, 40.0, 80.0]
     return args

@@ -13,7 +13,7 @@ uncertainties say how little the spectra tell.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -27,25 +27,37 @@ from .backends._inference import LikelihoodBlock
 from .backends._polynomial import monomial_jacobian, monomials
 from .errors import InvalidInputError, NotFittedError
 from .lines import element_masks, element_of_label, line_windows, window_mask
-from .model import (CannonModel, InferenceResult, StarFlag, fit_pixels, run_test_step, scaled_covariance,
-                    typical_noise_variance)
+from .model import (CannonModel, InferenceResult, StarFlag, fit_pixels, packed_coefficients, run_test_step,
+                    scaled_covariance, typical_noise_variance)
 from .vectorizer import PolynomialVectorizer, polynomial_exponents
 
 __all__ = ["BridgeModel", "BridgeInferenceResult", "BUILTIN_GALAH_LINES"]
 
 logger = logging.getLogger(__name__)
 
-#: Strong heavy-element lines in the GALAH CCDs (air Angstrom): the default censoring windows
-#: when no line list is given (GALAH DR3 abundance lines).
+#: Heavy-element lines in the GALAH CCDs (air Angstrom), the default censoring windows when no
+#: line list is given: the GALAH DR3 abundance lines plus every line of the element within 1 dex
+#: of its strongest in the CCDs (line_strength at 5000 K) from the Gaia-ESO line list, as
+#: ``galah_linelist`` with ``line_depth_range=1`` would select. Ce has few clean lines in the DR3
+#: mask; the blends kept here carry most of its signal. Lines closer than 0.1 A count once.
 BUILTIN_GALAH_LINES = {
     "Ba": [5853.668, 6496.897],
-    "Y": [4819.638, 4854.861, 4883.682, 5662.924, 5728.887],
-    "Zr": [4739.480, 4772.310, 4805.870, 4828.040, 5680.900],
-    "La": [4716.440, 4748.730, 4804.069, 5805.770],
-    "Ce": [4773.941],
-    "Nd": [4811.342, 5740.858, 5770.489, 5811.570, 5842.366, 5843.200, 6740.078],
+    "Y": [4819.638, 4854.861, 4883.682, 4900.119, 5662.924, 5728.887],
+    "Zr": [4739.480, 4772.310, 4805.870, 4815.630, 4828.040, 4887.750, 5680.900],
+    "La": [4716.440, 4728.410, 4740.280, 4748.730, 4804.069, 4809.000, 4824.050, 4860.890, 4899.910, 5797.570,
+            5805.770],
+    "Ce": [4714.017, 4714.831, 4717.881, 4718.479, 4722.293, 4723.321, 4725.069, 4730.101, 4733.544, 4737.271,
+            4739.147, 4739.519, 4741.653, 4743.479, 4744.944, 4747.167, 4755.530, 4757.841, 4763.912, 4768.791,
+            4773.276, 4773.941, 4775.463, 4780.246, 4783.394, 4783.963, 4793.125, 4795.184, 4795.554, 4800.906,
+            4806.203, 4829.624, 4835.674, 4846.591, 4846.944, 4847.914, 4849.916, 4850.689, 4858.729, 4873.999,
+            4882.463, 4893.952, 5668.924, 5680.261, 5685.838, 5696.993, 5699.226, 5703.218, 5711.438, 5715.259,
+            5768.891, 5799.783, 6652.739, 7616.112, 7689.180, 7850.027, 7857.550],
+    "Nd": [4715.590, 4724.360, 4763.860, 4777.720, 4786.110, 4789.428, 4797.150, 4799.420, 4811.333, 4820.340,
+            4825.480, 4832.274, 4835.980, 4849.057, 4858.979, 4889.100, 4890.690, 4902.012, 5688.520,
+            5708.271, 5740.858, 5770.489, 5804.000, 5811.570, 5842.366, 5843.200, 6740.078],
     "Eu": [5818.727, 6645.098],
-    "Sr": [6550.244],
+    "Sr": [4722.274, 4741.918, 4784.316, 4811.877, 4832.038, 4855.041, 4868.696, 4872.488, 4876.070,
+            4876.312, 4891.976, 6503.991, 6550.244, 6617.263],
 }
 
 MODES = ("apogee", "galah", "both")
@@ -165,6 +177,12 @@ class BridgeModel(BaseEstimator):
         Cross-validate on the training set (``cv_folds``) to set each survey's
         out-of-sample scatter and to calibrate the label uncertainties per label and mode.
     cv_folds : int, default 4
+    label_samples : int, default 32
+        Regenerated spectra with a label covariance are the posterior mean of the model flux,
+        averaged over this many label draws (fixed, antithetic), and their variance is the
+        spread of those draws: a line's depth is not linear in its abundance, so the flux at
+        the mean labels is not the mean flux when a label is known only to +-0.15 dex.
+        0 uses the flux at the mean labels and the linearised (Jacobian) variance.
     backend, scatter_iterations, max_iter, chunk_size, progress : as for CannonModel.
 
     Attributes
@@ -173,6 +191,8 @@ class BridgeModel(BaseEstimator):
     apogee_model_, galah_model_ : CannonModel
     apogee_labels_, galah_labels_ : list of str, the labels each survey's model uses
     uncertainty_scale_ : dict mode -> ndarray (n_labels,), CV calibration factors
+    fusion_weights_ : ndarray (n_labels,), weight of the APOGEE estimate in the joint mode for labels
+        where cross-validation preferred a fixed blend to the Kalman update (NaN: Kalman)
     """
 
     def __init__(
@@ -197,6 +217,7 @@ class BridgeModel(BaseEstimator):
         joint: str = "fusion",
         calibrate: bool = True,
         cv_folds: int = 4,
+        label_samples: int = 32,
         scatter_iterations: int = 2,
         max_iter: int = 100,
         chunk_size: int = 128,
@@ -223,6 +244,7 @@ class BridgeModel(BaseEstimator):
         self.joint = joint
         self.calibrate = calibrate
         self.cv_folds = cv_folds
+        self.label_samples = label_samples
         self.scatter_iterations = scatter_iterations
         self.max_iter = max_iter
         self.chunk_size = chunk_size
@@ -324,6 +346,7 @@ class BridgeModel(BaseEstimator):
         self.prior_ = _PopulationPrior.fit(scaled, np.arange(self.n_core_), np.arange(self.n_core_, len(names)))
         self.uncertainty_scale_ = {mode: np.ones(len(names)) for mode in MODES}
         self.galah_variance_scale_ = 1.0
+        self.fusion_weights_ = np.full(len(names), np.nan)  # NaN: the Kalman update (see _calibrate_fusion)
         if self.calibrate:
             self._calibrate(apogee_flux, apogee_ivar, galah_flux, galah_ivar, labels)
         return self
@@ -464,8 +487,13 @@ class BridgeModel(BaseEstimator):
             with np.errstate(invalid="ignore"):
                 return np.array([_robust_std(z[:, k]) for k in range(z.shape[1])])
 
+        held = {}
         for mode in MODES:
-            results = held_out(mode)
+            if mode == "both" and self.joint == "fusion":
+                results = self._calibrate_fusion(held, labels, folds, fold_models)
+            else:
+                results = held_out(mode)
+            held[mode] = results
             scale = z_spread(results)
             self.uncertainty_scale_[mode] = np.where(np.isfinite(scale), np.clip(scale, 0.5, 100.0), 1.0)
             for sub in fold_models:  # the joint mode fuses the single-survey, calibrated covariances
@@ -495,6 +523,48 @@ class BridgeModel(BaseEstimator):
                 scale = np.where(propagated > 0, np.clip(excess / propagated, 0.0, 10.0), 1.0)
             self.galah_variance_scale_ = scale[group_of_pixel]
         self.cv_scatter_ = cv_scatter
+
+    def _calibrate_fusion(self, held, labels, folds, fold_models):
+        """Choose, per label, how the joint mode combines the two single-survey estimates.
+
+        The Kalman update is optimal only if both calibrated covariances are right; where a
+        survey's model errors are correlated across labels it can do worse than the better
+        survey alone. On the held-out folds, each label keeps the Kalman value or the best
+        fixed blend ``w * apogee + (1 - w) * galah``, whichever has the lower CV error.
+        Reuses the single-survey held-out results (no extra inference).
+        """
+        def scaled(result, mode):
+            factor = self.uncertainty_scale_[mode]
+            return replace(result, covariance=result.covariance * factor[None, :, None] * factor[None, None, :])
+
+        pairs = [(test, sub, scaled(ra, "apogee"), scaled(rg, "galah"))
+                 for (test, sub, ra), (_, _, rg) in zip(held["apogee"], held["galah"])]
+        n_labels = len(self.label_names_)
+        for sub in fold_models:
+            sub.fusion_weights_ = np.full(n_labels, np.nan)
+        kalman = np.vstack([sub._fuse(ra, rg).labels for _, sub, ra, rg in pairs])
+        apogee = np.vstack([ra.labels for _, _, ra, _ in pairs])
+        galah = np.vstack([rg.labels for _, _, _, rg in pairs])
+        truth = np.vstack([labels[test] for test, _, _, _ in pairs])
+        weights = np.full(n_labels, np.nan)
+        for k in range(n_labels):
+            known = np.isfinite(truth[:, k]) & np.isfinite(apogee[:, k]) & np.isfinite(galah[:, k])
+            if known.sum() < 10:
+                continue
+            a, g, t, f = apogee[known, k], galah[known, k], truth[known, k], kalman[known, k]
+            spread = np.sum((g - a) ** 2)
+            w = float(np.clip(np.sum((g - t) * (g - a)) / spread, 0.0, 1.0)) if spread > 0 else 0.0
+            blend_mse, kalman_mse = np.mean((w * a + (1 - w) * g - t) ** 2), np.mean((f - t) ** 2)
+            # the blend must win clearly (5% in RMS): with a few hundred stars the CV errors are noisy
+            # and the Kalman update also uses the correlations between labels
+            if blend_mse < 0.9 * kalman_mse:
+                weights[k] = w
+            logger.info("joint mode, %s: CV RMS Kalman %.4g, blend (w_apogee=%.2f) %.4g -> %s", self.label_names_[k],
+                        np.sqrt(kalman_mse), w, np.sqrt(blend_mse), "blend" if np.isfinite(weights[k]) else "Kalman")
+        self.fusion_weights_ = weights
+        for sub in fold_models:
+            sub.fusion_weights_ = weights.copy()
+        return [(test, sub, sub._fuse(ra, rg)) for test, sub, ra, rg in pairs]
 
     def _clone_for_cv(self):
         from sklearn.base import clone
@@ -598,6 +668,17 @@ class BridgeModel(BaseEstimator):
             labels[usable] = from_galah.labels[usable] + np.einsum("skc,sc->sk", gain, innovation)
             updated = g - gain @ g[:, index, :]
             covariance[usable] = 0.5 * (updated + np.transpose(updated, (0, 2, 1)))
+        # labels where cross-validation preferred a fixed blend of the two estimates (see _calibrate_fusion)
+        weights = getattr(self, "fusion_weights_", None)
+        for k in np.flatnonzero(np.isfinite(weights)) if weights is not None else ():
+            w = weights[k]
+            labels[:, k] = w * from_apogee.labels[:, k] + (1 - w) * from_galah.labels[:, k]
+            variance = w**2 * from_apogee.covariance[:, k, k] + (1 - w) ** 2 * from_galah.covariance[:, k, k]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                ratio = np.sqrt(variance / covariance[:, k, k])
+            ratio = np.where(np.isfinite(ratio) & (ratio > 0), ratio, 1.0)
+            covariance[:, k, :] *= ratio[:, None]  # keep the Kalman correlations, rescale the variance
+            covariance[:, :, k] *= ratio[:, None]
         factor = self.uncertainty_scale_["both"]
         covariance = covariance * factor[None, :, None] * factor[None, None, :]
         chi2 = from_apogee.chi2 + from_galah.chi2
@@ -650,12 +731,42 @@ class BridgeModel(BaseEstimator):
         if covariance is None:
             return flux
         variance = np.empty_like(flux)
-        for start in range(0, len(labels), self.chunk_size):
-            rows = slice(start, start + self.chunk_size)
-            d_design = monomial_jacobian(x[rows], model.term_exponents_) / model.label_scales_  # (S, P, Kb)
-            jac = np.einsum("mp,spk->smk", model.coef_, d_design)
-            cov = covariance[rows][:, index[:, None], index[None, :]]
-            variance[rows] = np.einsum("smk,skl,sml->sm", jac, cov, jac)
+        n_samples = int(self.label_samples)
+        draws = _standard_draws(n_samples, len(index)) if n_samples > 0 else None
+        if draws is not None:
+            # flux is linear in the monomials v(x): its mean over the draws is mean(v) . c and its
+            # variance c^T Cov(v) c, i.e. packed Cov(v) times the packed products c_i c_j of every pixel
+            n_terms = model.term_exponents_.shape[0]
+            rows_i, cols_j = np.triu_indices(n_terms)
+            doubled = np.where(rows_i == cols_j, 1.0, 2.0)
+            packed_coef = packed_coefficients(model.coef_)
+        step = self.chunk_size * 8
+        for start in range(0, len(labels), step):
+            rows = slice(start, start + step)
+            cov = covariance[rows][:, index[:, None], index[None, :]] / np.outer(model.label_scales_, model.label_scales_)
+            sampled = np.zeros(len(cov), bool)
+            if draws is not None:
+                root, sampled = _covariance_roots(cov)
+                if sampled.any():
+                    picked = np.flatnonzero(sampled)
+                    points = x[rows][picked][:, None, :] + np.einsum("skl,dl->sdk", root[picked], draws)
+                    v = monomials(points.reshape(-1, len(index)), model.term_exponents_).reshape(
+                        len(picked), len(draws), n_terms)
+                    mean_v = v.mean(axis=1)
+                    deviation = v - mean_v[:, None, :]
+                    cov_v = np.einsum("sdp,sdq->spq", deviation, deviation) / len(draws)
+                    chunk_flux, chunk_variance = flux[rows], variance[rows]
+                    chunk_flux[picked] = mean_v @ model.coef_.T
+                    chunk_variance[picked] = np.maximum((cov_v[:, rows_i, cols_j] * doubled) @ packed_coef.T, 0.0)
+            linear = np.flatnonzero(~sampled)
+            if linear.size:  # linearised propagation (label_samples=0, or a covariance that is not finite)
+                d_design = monomial_jacobian(x[rows][linear], model.term_exponents_)  # (S, P, Kb), scaled units
+                cov_v = d_design @ cov[linear] @ np.transpose(d_design, (0, 2, 1))  # (S, P, P)
+                n_terms = model.term_exponents_.shape[0]
+                rows_i, cols_j = np.triu_indices(n_terms)
+                doubled = np.where(rows_i == cols_j, 1.0, 2.0)
+                with np.errstate(invalid="ignore"):  # a non-finite covariance gives a non-finite variance
+                    variance[start + linear] = (cov_v[:, rows_i, cols_j] * doubled) @ packed_coefficients(model.coef_).T
         if propagation_scale is None:
             propagation_scale = self.galah_variance_scale_ if survey == "galah" else 1.0
         return flux, propagation_scale * variance + model.scatter_**2
@@ -671,14 +782,18 @@ class BridgeModel(BaseEstimator):
     def predict_galah(self, apogee_flux, apogee_ivar=None, return_variance: bool = False):
         """Regenerated GALAH spectra from APOGEE spectra alone.
 
-        With ``return_variance`` also the per-pixel predictive variance: the label
-        covariance through the model Jacobian plus the model's intrinsic scatter
+        The flux is the model flux averaged over the labels' posterior (``label_samples``
+        draws; at the mean labels if ``label_samples=0``). With ``return_variance`` also the
+        per-pixel predictive variance: the spread of the model flux over the label
+        posterior (or the covariance through the Jacobian) plus the model's intrinsic scatter
         (add the observation's own noise variance to compare with observed spectra).
         """
         result = self.infer(apogee_flux=apogee_flux, apogee_ivar=apogee_ivar)
-        if not return_variance:
+        if not return_variance and not self.label_samples:
             return self.generate_galah(result.labels)
-        return self._generate("galah", result.labels, result.covariance)
+        # the posterior-mean spectrum (see ``label_samples``), with or without its variance
+        flux, variance = self._generate("galah", result.labels, result.covariance)
+        return (flux, variance) if return_variance else flux
 
     # ------------------------------------------------------------------ I/O
     def save(self, path, overwrite: bool = False):
@@ -694,6 +809,8 @@ class BridgeModel(BaseEstimator):
                       prior_coef=self.prior_.coef, prior_cholesky_inverse=self.prior_.cholesky_inverse)
         for mode in MODES:
             arrays[f"uncertainty_scale_{mode}"] = self.uncertainty_scale_[mode]
+        arrays["fusion_weights"] = np.asarray(getattr(self, "fusion_weights_", np.full(len(self.label_names_), np.nan)),
+                                              float)
         arrays["galah_variance_scale"] = np.broadcast_to(
             np.asarray(self.galah_variance_scale_, float), (self.galah_model_.n_features_in_,)).copy()
         params = {k: v for k, v in self.get_params().items()
@@ -726,7 +843,25 @@ class BridgeModel(BaseEstimator):
                                         np.arange(model.n_core_, len(model.label_names_)))
         model.uncertainty_scale_ = {mode: arrays[f"uncertainty_scale_{mode}"] for mode in MODES}
         model.galah_variance_scale_ = arrays["galah_variance_scale"]
+        model.fusion_weights_ = arrays.get("fusion_weights", np.full(len(model.label_names_), np.nan))
         return model
+
+
+def _standard_draws(n_samples: int, n_labels: int) -> np.ndarray:
+    """Fixed standard-normal draws in antithetic pairs (zero mean exactly, reproducible)."""
+    half = np.random.default_rng(12345).standard_normal((max(n_samples // 2, 1), n_labels))
+    return np.vstack([half, -half])
+
+
+def _covariance_roots(covariance):
+    """Square roots L (L L^T = C) of a batch of covariances; ``ok`` False where C is not finite."""
+    ok = np.all(np.isfinite(covariance.reshape(len(covariance), -1)), axis=1)
+    roots = np.zeros_like(covariance)
+    if ok.any():
+        # eigen-decomposition, not Cholesky: posterior covariances can be singular
+        values, vectors = np.linalg.eigh(0.5 * (covariance[ok] + np.transpose(covariance[ok], (0, 2, 1))))
+        roots[ok] = vectors * np.sqrt(np.clip(values, 0.0, None))[:, None, :]
+    return roots, ok
 
 
 def _mixed_exponents(n_labels, heavy, core_order, heavy_order):
