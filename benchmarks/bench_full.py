@@ -1,0 +1,106 @@
+"""The full workload: a 30,000-star mock cross-match, the joint model trained, every star transferred.
+
+    .venv/bin/python benchmarks/bench_full.py                      # 30,000 stars (needs ~20 GB, ~10-20 min here)
+    .venv/bin/python benchmarks/bench_full.py --n-stars 5000       # a smaller run of the same recipe
+    .venv/bin/python benchmarks/bench_full.py --calibrate          # include the 4-fold calibration in the fit
+
+Steps, each timed (wall clock) with the peak RSS after it:
+1. ``mock.make_crossmatch(n, dtype=float32)`` on the real APOGEE (8,575 px) and GALAH (4 x 4,096 px) grids;
+2. ``BridgeModel(apogee_order=2, galah_order=2).fit`` on all stars (5 core + 7 heavy labels, 20% of the heavy
+   labels missing), without the cross-validated calibration unless ``--calibrate``;
+3. ``infer(apogee_flux=...)`` for every star (labels from APOGEE alone);
+4. ``predict_galah(..., return_variance=True)`` for every star, in chunks of 2,000 so that the regenerated
+   spectra are not all held at once.
+The DGEMM rate is measured in the same process; the JSON (``results/bench_full_N.json``) records it with the
+load average, so the seconds can be read against the machine's state.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cannon_bridge import BridgeModel  # noqa: E402
+from cannon_bridge.mock import make_crossmatch  # noqa: E402
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB
+
+
+def dgemm_gflops(n: int = 2048) -> float:
+    a, b = np.random.default_rng(0).random((n, 2 * n)), np.random.default_rng(1).random((2 * n, n))
+    best = np.inf
+    for _ in range(3):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n * 2 * n * n / best / 1e9
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n-stars", type=int, default=30000)
+    parser.add_argument("--calibrate", action="store_true", help="include the 4-fold CV calibration in the fit")
+    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results"))
+    args = parser.parse_args(argv)
+
+    record = {"n_stars": args.n_stars, "calibrate": args.calibrate, "load_average": os.getloadavg(),
+              "dgemm_gflops": dgemm_gflops(), "python": platform.python_version(), "steps": {}}
+
+    def step(name, function, *a, **k):
+        start = time.perf_counter()
+        value = function(*a, **k)
+        record["steps"][name] = {"seconds": round(time.perf_counter() - start, 2), "peak_rss_gb": round(peak_rss_gb(), 2)}
+        print(f"{name}: {record['steps'][name]['seconds']} s, peak RSS {record['steps'][name]['peak_rss_gb']} GB",
+              flush=True)
+        return value
+
+    crossmatch = step("mock cross-match", make_crossmatch, args.n_stars, seed=0, dtype=np.float32)
+    input_bytes = sum(getattr(crossmatch, name).nbytes for name in
+                      ("apogee_flux", "apogee_ivar", "galah_flux", "galah_ivar"))
+    record["input_gb"] = round(input_bytes / 1024**3, 2)
+    print(f"input flux + ivar: {record['input_gb']} GB ({crossmatch.apogee_flux.dtype})", flush=True)
+    bridge = BridgeModel(apogee_order=2, galah_order=2, calibrate=args.calibrate, backend="numba")
+    step("fit", bridge.fit, crossmatch)
+    result = step("infer from APOGEE", bridge.infer, apogee_flux=crossmatch.apogee_flux,
+                  apogee_ivar=crossmatch.apogee_ivar)
+    truth = crossmatch.labels_for(bridge.label_names_)
+    rms = np.sqrt(np.nanmean((result.labels - truth) ** 2, axis=0))
+    record["label_rms_from_apogee"] = dict(zip(bridge.label_names_, np.round(rms, 4).tolist()))
+
+    def regenerate_all(chunk=2000):
+        squared, count = 0.0, 0
+        for start in range(0, len(crossmatch), chunk):
+            rows = slice(start, start + chunk)
+            flux, _ = bridge.predict_galah(crossmatch.apogee_flux[rows], crossmatch.apogee_ivar[rows],
+                                           return_variance=True)
+            used = crossmatch.galah_ivar[rows] > 0
+            squared += float(np.sum(np.where(used, flux - crossmatch.galah_flux[rows], 0.0) ** 2))
+            count += int(used.sum())
+        return np.sqrt(squared / count)
+
+    record["regenerated_rms_vs_observed"] = round(step("predict_galah (all stars)", regenerate_all), 5)
+    total = sum(v["seconds"] for k, v in record["steps"].items() if k != "mock cross-match")
+    record["train_and_transfer_seconds"] = round(total, 1)
+    record["peak_rss_over_input"] = round(peak_rss_gb() / record["input_gb"], 2)
+    print(json.dumps(record, indent=1))
+    out = Path(args.output) / f"bench_full_{args.n_stars}{'_calibrated' if args.calibrate else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
