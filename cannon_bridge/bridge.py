@@ -319,8 +319,25 @@ class BridgeModel(BaseEstimator):
             apogee_wavelength, galah_wavelength = xm.apogee_wavelength, xm.galah_wavelength
         if not self.core_labels:
             raise InvalidInputError("core_labels must name at least one label")
+        if self.joint not in ("fusion", "stacked"):
+            raise InvalidInputError(f"The 'joint' parameter of BridgeModel must be 'fusion' or 'stacked'. "
+                                    f"Got {self.joint!r} instead.")
         apogee_flux, apogee_ivar = check_spectra(apogee_flux, apogee_ivar, name="apogee_flux")
         galah_flux, galah_ivar = check_spectra(galah_flux, galah_ivar, name="galah_flux")
+        if self.calibrate and not (isinstance(self.cv_folds, (int, np.integer)) and 2 <= self.cv_folds <= apogee_flux.shape[0]):
+            raise InvalidInputError(f"cv_folds must be an integer between 2 and the number of stars "
+                                    f"({apogee_flux.shape[0]}); got {self.cv_folds!r} (or pass calibrate=False)")
+        for survey, wavelength, n_pixels in (("apogee", apogee_wavelength, apogee_flux.shape[1]),
+                                             ("galah", galah_wavelength, galah_flux.shape[1])):
+            if wavelength is None:
+                continue
+            values = np.asarray(getattr(wavelength, "value", wavelength), dtype=float)
+            if values.shape != (n_pixels,):
+                raise InvalidInputError(f"{survey}_wavelength has shape {values.shape} but {survey}_flux has "
+                                        f"{n_pixels} pixels: pass the wavelength of every pixel")
+            if not np.all(np.isfinite(values)) or np.any(np.diff(values) <= 0):
+                raise InvalidInputError(f"{survey}_wavelength must be finite and strictly increasing "
+                                        "(one value per pixel, in Angstrom)")
         if apogee_flux.shape[0] != galah_flux.shape[0]:
             raise InvalidInputError(
                 f"apogee_flux has {apogee_flux.shape[0]} stars but galah_flux has {galah_flux.shape[0]}: "
@@ -590,6 +607,10 @@ class BridgeModel(BaseEstimator):
         if apogee_flux is None and galah_flux is None:
             raise InvalidInputError("infer needs apogee_flux, galah_flux or both")
         if apogee_flux is not None and galah_flux is not None and self.joint == "fusion":
+            n_apogee, n_galah = len(np.atleast_2d(apogee_flux)), len(np.atleast_2d(galah_flux))
+            if n_apogee != n_galah:
+                raise InvalidInputError(f"apogee_flux has {n_apogee} stars but galah_flux has {n_galah}: "
+                                        "rows must be the same stars in the same order")
             from_apogee = self.infer(apogee_flux=apogee_flux, apogee_ivar=apogee_ivar, progress=progress)
             from_galah = self.infer(galah_flux=galah_flux, galah_ivar=galah_ivar, progress=progress)
             return self._fuse(from_apogee, from_galah)

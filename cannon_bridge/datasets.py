@@ -464,7 +464,7 @@ def download(url: str, path=None, *, cache_dir=None, sha256: str | None = None, 
 
 def _fetch_to_part(url: str, part: Path, *, progress: bool, timeout: float, label: str) -> None:
     """Bring ``part`` to the full content of ``url``, resuming from its current length."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # plain: tqdm.auto warns in notebooks without ipywidgets
 
     from . import __version__
 
@@ -686,7 +686,7 @@ def fetch_many(items: Iterable, *, cache_dir=None, overwrite: bool = False, prog
     appended to that file as a JSON line as soon as it happens. ``progress``
     shows one bar over the items. KeyboardInterrupt is not caught.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # plain: tqdm.auto warns in notebooks without ipywidgets
 
     shared = {"cache_dir": cache_dir, "overwrite": overwrite, "timeout": timeout, "progress": False}
     result = FetchManyResult()

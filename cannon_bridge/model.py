@@ -26,7 +26,7 @@ from ._validation import check_labels, check_spectra
 from .backends import get_backend
 from .backends._inference import LikelihoodBlock, levenberg_marquardt
 from .backends._packed import packed_products, unpack
-from .errors import InvalidInputError, NotFittedError
+from .errors import InvalidInputError, ModelFileError, NotFittedError
 from .vectorizer import PolynomialVectorizer
 
 __all__ = ["CannonModel", "InferenceResult", "PixelFlag", "StarFlag"]
@@ -263,8 +263,10 @@ class CannonModel(RegressorMixin, BaseEstimator):
         """
         self._validate_params()
         flux, ivar = check_spectra(flux, ivar)
-        labels_in = np.asarray(labels)
-        self._single_output_ = labels_in.ndim == 1
+        try:
+            self._single_output_ = np.ndim(labels) == 1
+        except ValueError:  # ragged input: check_labels below names the problem
+            self._single_output_ = False
         labels = check_labels(labels, n_stars=flux.shape[0])
         n_stars, n_pixels = flux.shape
         names = list(self.label_names) if self.label_names is not None else [
@@ -452,6 +454,15 @@ class CannonModel(RegressorMixin, BaseEstimator):
 
     @classmethod
     def _from_parts(cls, metadata, arrays):
+        required = ("censors", "coef", "scatter", "term_exponents", "pixel_flags", "pivots", "scales", "label_min",
+                    "label_max", "label_mean", "label_covariance", "start_labels")
+        missing = [name for name in required if name not in arrays]
+        if missing or "label_names" not in metadata or "params" not in metadata:
+            raise ModelFileError(f"model file lacks {missing or 'label_names/params'}: it was not written by "
+                                 "CannonModel.save of this version; retrain or re-export the model")
+        if not (np.all(np.isfinite(arrays["coef"])) and np.all(np.isfinite(arrays["scatter"]))):
+            raise ModelFileError("model file has non-finite coefficients or scatter: the file is damaged or was "
+                                 "written by a faulty exporter; retrain the model")
         names = metadata["label_names"]
         censors_allowed = arrays["censors"]
         model = cls(label_names=names, **metadata["params"])
@@ -536,7 +547,7 @@ def fit_pixels(design, flux, ivar, active, backend, scatter_iterations=2, regula
     pixel (the bridge excludes stars missing a label that pixel depends on).
     Returns coef (n_pixels, n_terms), scatter variance (n_pixels,), flags.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # plain: tqdm.auto warns in notebooks without ipywidgets
 
     n_stars, n_pixels = flux.shape
     n_terms = design.shape[1]
@@ -638,7 +649,7 @@ def packed_coefficients(coef: np.ndarray) -> np.ndarray:
 
 def run_test_step(block_builder, starts, n_stars, xp, max_iter, chunk_size, progress, prior_builder=None):
     """Run LM from every start for chunks of stars and keep the best chi^2 per star."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # plain: tqdm.auto warns in notebooks without ipywidgets
 
     n_labels = starts[0].shape[1]
     x_best = np.zeros((n_stars, n_labels))

@@ -541,7 +541,7 @@ def predict_files(model, paths: Sequence, output, client=None, chunk_size: int =
     (3, True)
     """
     from astropy.table import vstack
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # plain: tqdm.auto warns in notebooks without ipywidgets
 
     from . import __version__
 

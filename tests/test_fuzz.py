@@ -330,13 +330,8 @@ DTYPE_CASES = {
 }
 
 
-_RAGGED_LABELS_BUG = pytest.mark.xfail(strict=True, reason="model.py CannonModel.fit (~line 266): np.asarray(labels) "
-                                                            "runs before check_labels, so ragged labels raise numpy's "
-                                                            "raw ValueError")
-
-
 @pytest.mark.parametrize("case, argument", [
-    pytest.param(case, argument, marks=_RAGGED_LABELS_BUG if (case, argument) == ("ragged", "labels") else ())
+    (case, argument)
     for case in sorted(DTYPE_CASES) for argument in ("flux", "ivar", "labels")])
 def test_dtypes(trained, case, argument):
     """Numbers in any numeric container are accepted; text, complex, dates, objects and ragged lists are refused."""
@@ -464,10 +459,6 @@ def test_use_before_fit_and_empty_input(trained):
 
 
 # --------------------------------------------------------------------- backend bugs
-@pytest.mark.xfail(strict=True, reason="backends/_numpy.py solve_normal_equations (~line 51): np.linalg.solve raises "
-                                       "LinAlgError('Singular matrix') for an exactly singular normal matrix that "
-                                       "passed the Cholesky test (collinear labels); the numba backend flags the "
-                                       "pixels SOLVE_FAILED instead")
 def test_numpy_backend_singular_design_is_flagged_not_raised():
     labels, flux, ivar = toy(20, 6, seed=0)[:3]
     labels[:, 1] = 2.0 * labels[:, 0]
@@ -667,9 +658,6 @@ def test_bridge_refuses_bad_training_input(bridge_setup):
 
 
 # --------------------------------------------------------------------- bridge bugs
-@pytest.mark.xfail(strict=True, reason="bridge.py infer (joint='fusion', ~line 592): with both surveys the star "
-                                       "counts are compared only on the stacked path; fusion runs both inferences "
-                                       "and _fuse (~line 648) fails with a numpy broadcasting ValueError")
 def test_bridge_fusion_with_different_star_counts_is_refused(bridge_setup):
     bridge, pieces = bridge_setup
     with pytest.raises(InvalidInputError, match="stars"):
@@ -691,8 +679,6 @@ def test_bridge_fusion_of_a_singular_survey_result_keeps_variances_positive(brid
     assert_finite_result(result, 1, 4)
 
 
-@pytest.mark.xfail(strict=True, reason="bridge.py fit/_allowed (~line 300): a wavelength grid whose length differs "
-                                       "from the flux's pixel count fails with a numpy broadcasting ValueError")
 def test_bridge_wavelength_of_the_wrong_length_is_refused(bridge_setup):
     pieces = bridge_setup[1]
     with pytest.raises(InvalidInputError, match="wavelength"):
@@ -700,8 +686,6 @@ def test_bridge_wavelength_of_the_wrong_length_is_refused(bridge_setup):
             **dict(pieces, galah_wavelength=pieces["galah_wavelength"][:-1]))
 
 
-@pytest.mark.xfail(strict=True, reason="bridge.py fit: a galah_wavelength with NaN (or not increasing) is accepted; "
-                                       "the NaN pixels silently fall outside every line window (no censoring)")
 def test_bridge_nan_wavelength_is_refused(bridge_setup):
     pieces = bridge_setup[1]
     wave = pieces["galah_wavelength"].copy()
@@ -719,8 +703,6 @@ def test_bridge_without_heavy_labels(bridge_setup):
     assert_finite_result(result, 2, 3)
 
 
-@pytest.mark.xfail(strict=True, reason="bridge.py _calibrate (~line 426): cv_folds=1 or more folds than stars reach "
-                                       "sklearn's KFold and fail with its raw ValueError")
 @pytest.mark.parametrize("folds", [1, 100])
 def test_bridge_impossible_cv_folds_are_refused(bridge_setup, folds):
     pieces = bridge_setup[1]
@@ -728,13 +710,10 @@ def test_bridge_impossible_cv_folds_are_refused(bridge_setup, folds):
         BridgeModel(CORE, HEAVY, **_bridge_params(calibrate=True, cv_folds=folds)).fit(**pieces)
 
 
-@pytest.mark.xfail(strict=True, reason="bridge.py infer: an unknown joint= (e.g. 'fusoin') is silently treated as "
-                                       "'stacked' instead of being refused")
 def test_bridge_unknown_joint_mode_is_refused(bridge_setup):
     pieces = bridge_setup[1]
-    model = BridgeModel(CORE, HEAVY, **_bridge_params(joint="fusoin")).fit(**pieces)
     with pytest.raises(InvalidInputError, match="joint"):
-        model.infer(apogee_flux=pieces["apogee_flux"][:2], galah_flux=pieces["galah_flux"][:2])
+        BridgeModel(CORE, HEAVY, **_bridge_params(joint="fusoin")).fit(**pieces)
 
 
 # =====================================================================================
@@ -1090,9 +1069,6 @@ def test_model_file_padding_and_header_blanks_are_covered(tmp_path, saved_models
             CannonModel.load(tmp_path / "m.fits")
 
 
-@pytest.mark.xfail(strict=True, reason="model.py CannonModel._from_parts (~line 457): a model file with a valid "
-                                       "digest but without the 'params' metadata or the COEF array (a foreign or "
-                                       "buggy writer) fails with a raw KeyError instead of ModelFileError")
 def test_model_file_with_missing_parts_is_refused(tmp_path, trained):
     from cannon_bridge._fitsio import write_model_file
 
@@ -1103,9 +1079,6 @@ def test_model_file_with_missing_parts_is_refused(tmp_path, trained):
         CannonModel.load(tmp_path / "partial.fits")
 
 
-@pytest.mark.xfail(strict=True, reason="model.py CannonModel._from_parts: NaN coefficients in a (validly "
-                                       "digested) model file are loaded as they are and inference then returns "
-                                       "finite but meaningless labels with no flag; from_theta flags such pixels")
 def test_model_file_with_nan_coefficients_is_refused_or_flagged(tmp_path, trained):
     from cannon_bridge._fitsio import write_model_file
 

@@ -47,18 +47,23 @@ def solve_normal_equations(design, weights, flux, active=None, diagonal=None, pr
         good = xp.all(xp.isfinite(chol.reshape(chol.shape[0], -1)), axis=1)
     except np.linalg.LinAlgError:  # numpy raises when some pixel is not positive definite
         good = None
+    solved = False
     if good is not None and bool(good.all()):
-        solution = xp.linalg.solve(normal, (rhs / scale)[:, :, None])[:, :, 0]
-        coef = solution / scale
-        ok[:] = True
-    else:
+        try:
+            solution = xp.linalg.solve(normal, (rhs / scale)[:, :, None])[:, :, 0]
+            coef = solution / scale
+            ok[:] = True
+            solved = True
+        except np.linalg.LinAlgError:  # Cholesky can pass on a matrix that LU still calls singular
+            solved = False
+    if not solved:
         # Fall back pixel by pixel so one singular pixel does not spoil the block.
         for m in range(normal.shape[0]):
             try:
                 np.linalg.cholesky(_to_numpy(normal[m]))
+                coef[m] = xp.linalg.solve(normal[m], rhs[m] / scale[m]) / scale[m]
             except np.linalg.LinAlgError:
                 continue
-            coef[m] = xp.linalg.solve(normal[m], rhs[m] / scale[m]) / scale[m]
             ok[m] = True
     ok &= xp.all(xp.isfinite(coef), axis=1)
     coef[~ok] = 0.0
