@@ -16,6 +16,7 @@ cannon_bridge: generate GALAH spectra (and heavy-element labels) from APOGEE spe
   cannon-bridge predict M.fits MATCH.fits -o labels.fits   labels (+ uncertainties) from APOGEE spectra
   cannon-bridge generate M.fits MATCH.fits -o galah.fits   regenerated GALAH spectra from APOGEE spectra
   cannon-bridge validate M.fits MATCH.fits -o DIR          labels vs the cross-match, per-line metrics, plots
+  cannon-bridge predict-files M.fits FILE... -o DIR         label many spectrum files (resumable; dask cluster)
 
 A CrossMatch file is what cannon_bridge.data.CrossMatch.save writes (labels, both surveys' spectra).
 """
@@ -65,6 +66,19 @@ def _parser() -> argparse.ArgumentParser:
                           help="table format (default ecsv)")
     validate.add_argument("--no-plots", action="store_true", help="write the tables only")
     validate.add_argument("--overwrite", action="store_true", help="replace existing output tables")
+    files = sub.add_parser(
+        "predict-files", help="label many spectrum files, chunk by chunk (resumable; on a dask cluster if asked)",
+        description="Read each APOGEE spectrum file (apStar, apVisit, aspcapStar), resample it onto the model's grid\n"
+                    "and infer its labels. Results are written chunk by chunk to DIR/chunks/; a killed run started\n"
+                    "again with the same arguments skips the finished chunks. Files that cannot be labelled go to\n"
+                    "DIR/failures.fits with the reason; DIR/labels.fits holds every label at the end.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    files.add_argument("model", type=Path, help="model file (CannonModel or BridgeModel FITS)")
+    files.add_argument("files", type=Path, nargs="+", help="spectrum files")
+    files.add_argument("--output", "-o", type=Path, required=True, metavar="DIR", help="output folder")
+    files.add_argument("--chunk-size", type=int, default=256, help="files per chunk (default 256)")
+    files.add_argument("--cluster", default="sync",
+                       help="'sync' (this process, default), 'local' (a dask LocalCluster) or a scheduler address")
     return parser
 
 
@@ -93,6 +107,13 @@ def main(argv=None) -> int:
         from .bridge import BridgeModel
         from .data import CrossMatch
 
+        if args.command == "predict-files":
+            from .scale import predict_files
+
+            table = predict_files(args.model, [str(path) for path in args.files], args.output, client=args.cluster,
+                                  chunk_size=args.chunk_size)
+            print(f"labelled {len(table)} spectra; wrote {args.output / 'labels.fits'}")
+            return 0
         if args.command == "validate":
             from .validation import validate_bridge
 

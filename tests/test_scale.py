@@ -338,3 +338,16 @@ def test_fit_distributed_equals_fit(client):
                 assert value == expected, name
     with pytest.raises(InvalidInputError, match="censors"):
         fit_distributed(CannonModel(NAMES, censors={"fe_h": censor[:-1]}), flux, labels, ivar, client=False)
+
+
+def test_cli_predict_files_labels_the_files(model, stars, tmp_path, capsys):
+    from cannon_bridge import cli
+
+    paths, flux, ivar = stars
+    model_path = model.save(tmp_path / "model.fits")
+    assert cli.main(["predict-files", str(model_path), *paths[:6], "-o", str(tmp_path / "out"),
+                     "--chunk-size", "4"]) == 0
+    table = Table.read(tmp_path / "out" / "labels.fits")
+    assert len(table) == 6
+    np.testing.assert_allclose(_labels(table), model.predict(flux[:6], ivar[:6]), rtol=1e-7)
+    assert "labelled 6 spectra" in capsys.readouterr().out
