@@ -578,10 +578,13 @@ def fit_pixels(design, flux, ivar, active, backend, scatter_iterations=2, regula
         no_data = observed.sum(axis=0) < xp.maximum(n_free, 1)
         weights = xp.where(observed, iv if iv is not None else 1.0, 0.0)
         s2 = xp.zeros(f.shape[1])
+        # the scatter fit reads each pixel's stars: pixel-major copies made once per block, and the
+        # residuals computed pixel-major by the GEMM itself (theta A^T), not transposed every pass
+        flux_t, variance_t, observed_t = (xp.ascontiguousarray(a.T) for a in (f, variance, observed))
         for iteration in range(scatter_iterations + 1):
             theta, ok = _solve_with_regularization(backend, design, weights, f, act, regularization, products=products)
-            residual = f - design @ theta.T
-            s2 = xp.asarray(backend.fit_scatter(residual, variance, observed, dof_factor))
+            residual_t = flux_t - theta @ design.T
+            s2 = xp.asarray(backend.fit_scatter(residual_t, variance_t, observed_t, dof_factor, pixel_major=True))
             if iv is None:
                 weights = xp.where(observed, 1.0 / xp.where(s2 > 0, s2, 1.0), 0.0)
             else:

@@ -167,12 +167,18 @@ def _fit_scatter(residuals, data_variance, observed, dof_factor, n_iter):
     return out
 
 
-def fit_scatter(residuals, data_variance, observed, dof_factor=1.0, n_iter=40):
-    """Intrinsic variance s^2 per pixel; same maths as the numpy reference."""
+def fit_scatter(residuals, data_variance, observed, dof_factor=1.0, n_iter=40, pixel_major=False):
+    """Intrinsic variance s^2 per pixel; same maths as the numpy reference.
+
+    The kernel reads pixel-major arrays; star-major input is transposed first (a copy), so
+    callers that can produce (n_pixels, n_stars) arrays directly pass ``pixel_major=True``.
+    """
+    if not pixel_major:
+        residuals, data_variance, observed = residuals.T, data_variance.T, observed.T
     return _fit_scatter(
-        np.ascontiguousarray(np.asarray(residuals, dtype=np.float64).T),
-        np.ascontiguousarray(np.where(observed, data_variance, 1.0).T, dtype=np.float64),
-        np.ascontiguousarray(np.asarray(observed, dtype=np.bool_).T),
+        np.ascontiguousarray(residuals, dtype=np.float64),
+        np.ascontiguousarray(np.where(observed, data_variance, 1.0), dtype=np.float64),
+        np.ascontiguousarray(observed, dtype=np.bool_),
         float(dof_factor),
         int(n_iter),
     )

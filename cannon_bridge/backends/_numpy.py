@@ -74,8 +74,10 @@ def _to_numpy(array):
     return array.get() if hasattr(array, "get") else np.asarray(array)
 
 
-def fit_scatter(residuals, data_variance, observed, dof_factor=1.0, xp=np, n_iter=40):
+def fit_scatter(residuals, data_variance, observed, dof_factor=1.0, xp=np, n_iter=40, pixel_major=False):
     """Intrinsic variance s^2 per pixel maximising the marginal likelihood.
+
+    Arrays are (n_stars, n_pixels), or (n_pixels, n_stars) with ``pixel_major``.
 
     ``ln L(v) = -1/2 sum_n [r_n^2 / (var_n + v) + ln(var_n + v)]`` over the stars
     ``observed`` at that pixel. The derivative is monotone between 0 and
@@ -83,6 +85,8 @@ def fit_scatter(residuals, data_variance, observed, dof_factor=1.0, xp=np, n_ite
     robust. ``dof_factor`` (>= 1) inflates r^2 for the degrees of freedom used
     by the coefficients (a REML-like correction).
     """
+    if pixel_major:  # views: the maths below reduces over axis 0 (stars)
+        residuals, data_variance, observed = residuals.T, data_variance.T, observed.T
     r2 = xp.where(observed, residuals**2 * dof_factor, 0.0)
     var = xp.where(observed, data_variance, 1.0)
     n_obs = observed.sum(axis=0)
