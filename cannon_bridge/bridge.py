@@ -686,9 +686,14 @@ class BridgeModel(BaseEstimator):
             total = g[:, index[:, None], index[None, :]] + cov_a[usable]
             gain = np.linalg.solve(total, np.transpose(g[:, :, index], (0, 2, 1)))  # (S, c, K) = S^-1 C_cK
             gain = np.transpose(gain, (0, 2, 1))  # (S, K, c)
-            labels[usable] = from_galah.labels[usable] + np.einsum("skc,sc->sk", gain, innovation)
+            fused = from_galah.labels[usable] + np.einsum("skc,sc->sk", gain, innovation)
             updated = g - gain @ g[:, index, :]
-            covariance[usable] = 0.5 * (updated + np.transpose(updated, (0, 2, 1)))
+            updated = 0.5 * (updated + np.transpose(updated, (0, 2, 1)))
+            # a near-singular single-survey covariance (e.g. every APOGEE pixel masked) can make the
+            # update lose positivity: those stars keep the GALAH posterior rather than a NaN uncertainty
+            sane = np.all(np.einsum("sii->si", updated) > 0, axis=1) & np.all(np.isfinite(fused), axis=1)
+            rows = np.flatnonzero(usable)[sane]
+            labels[rows], covariance[rows] = fused[sane], updated[sane]
         # labels where cross-validation preferred a fixed blend of the two estimates (see _calibrate_fusion)
         weights = getattr(self, "fusion_weights_", None)
         for k in np.flatnonzero(np.isfinite(weights)) if weights is not None else ():

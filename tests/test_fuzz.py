@@ -665,11 +665,6 @@ def test_bridge_fusion_with_different_star_counts_is_refused(bridge_setup):
                      galah_flux=pieces["galah_flux"][:2], galah_ivar=pieces["galah_ivar"][:2])
 
 
-@pytest.mark.xfail(strict=True, reason="bridge.py _fuse (~line 648) with model.py scaled_covariance (~line 689): "
-                                       "a survey whose labels the spectra do not constrain (all APOGEE pixels masked; "
-                                       "only the prior acts) gets a pinv covariance with finite, tiny variances for "
-                                       "unconstrained labels; fusing it gives negative variances, so uncertainties "
-                                       "are NaN")
 def test_bridge_fusion_of_a_singular_survey_result_keeps_variances_positive(bridge_setup):
     bridge, pieces = bridge_setup
     galah_ivar = np.zeros_like(pieces["galah_ivar"][:1])
