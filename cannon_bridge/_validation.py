@@ -29,11 +29,17 @@ MAX_ABS_LABEL = 1e50
 _TEXT_KINDS = {"U": "text", "S": "bytes", "V": "raw bytes (void)", "M": "datetime64", "m": "timedelta64"}
 
 
-def _as_float(value, name: str) -> np.ndarray:
+def _as_float(value, name: str, keep_float: bool = False) -> np.ndarray:
     """A float64 copy of ``value``; refuses None, complex, text and non-numeric input by name.
 
     Masked entries of a numpy masked array become NaN (unknown), never their fill value.
+    With ``keep_float`` a float32/float64 ndarray comes back as a read-only view, not a copy
+    (training on large float32 inputs converts block by block instead).
     """
+    if keep_float and type(value) is np.ndarray and value.dtype in (np.float32, np.float64):
+        view = value.view()
+        view.flags.writeable = False
+        return view
     if value is None:
         raise InvalidInputError(f"{name} is required but got None")
     try:
@@ -60,8 +66,8 @@ def _as_float(value, name: str) -> np.ndarray:
         raise InvalidInputError(f"{name} must be numeric; could not convert it: {exc}") from None
 
 
-def _as_float_2d(value, name: str, allow_1d_as_row: bool = False) -> np.ndarray:
-    array = _as_float(value, name)
+def _as_float_2d(value, name: str, allow_1d_as_row: bool = False, keep_float: bool = False) -> np.ndarray:
+    array = _as_float(value, name, keep_float)
     if array.ndim == 1 and allow_1d_as_row:
         array = array[None, :]
     if array.ndim != 2:
@@ -73,14 +79,16 @@ def _as_float_2d(value, name: str, allow_1d_as_row: bool = False) -> np.ndarray:
 
 
 def check_spectra(flux, ivar=None, n_pixels: int | None = None, name: str = "flux",
-                  allow_1d: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+                  allow_1d: bool = False, copy: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """Validate ``flux`` (n_stars, n_pixels) and ``ivar`` of the same shape.
 
     Rules: ivar >= 0 and finite; flux finite wherever ivar > 0 (where ivar is 0
     the flux is never used and may be NaN; it is set to 0 in the returned copy).
-    Without ivar every flux value must be finite.
+    Without ivar every flux value must be finite. With ``copy=False``, float32 and
+    float64 arrays come back as read-only views in their own dtype (copied only if
+    NaN flux at ivar 0 must be zeroed): the memory-bounded training path.
     """
-    flux = _as_float_2d(flux, name, allow_1d)
+    flux = _as_float_2d(flux, name, allow_1d, keep_float=not copy)
     if flux.shape[0] == 0:
         raise InvalidInputError(f"{name} is empty: it has shape {flux.shape}; pass at least one spectrum")
     if flux.shape[1] == 0:
@@ -102,7 +110,7 @@ def check_spectra(flux, ivar=None, n_pixels: int | None = None, name: str = "flu
         _check_magnitude(flux, name, MAX_ABS_FLUX, "the Cannon expects continuum-normalised flux of order 1: "
                          "rescale the spectra")
         return flux, None
-    ivar = _as_float_2d(ivar, ivar_name, allow_1d)
+    ivar = _as_float_2d(ivar, ivar_name, allow_1d, keep_float=not copy)
     if ivar.shape != flux.shape:
         raise InvalidInputError(f"{name} has shape {flux.shape} but {ivar_name} has shape {ivar.shape}")
     if np.isnan(ivar).any():
@@ -123,16 +131,20 @@ def check_spectra(flux, ivar=None, n_pixels: int | None = None, name: str = "flu
             f"{name} has {int(bad.sum())} NaN/inf values where {ivar_name} > 0 (first at star {star}, "
             f"pixel {pixel}): set {ivar_name} to 0 there"
         )
-    flux[~used] = 0.0
+    if flux.flags.writeable:
+        flux[~used] = 0.0
+    elif not np.isfinite(flux).all():  # a view of the caller's array: copy only when something must change
+        flux = np.where(used, flux, 0.0).astype(flux.dtype)
     _check_magnitude(flux, name, MAX_ABS_FLUX, "the Cannon expects continuum-normalised flux of order 1: "
                      "rescale the spectra")
-    if ivar.size and ivar.max() > MAX_IVAR:
+    if ivar.size and float(ivar.max()) > MAX_IVAR:
         raise InvalidInputError(
             f"{ivar_name} has values up to {ivar.max():.3g}, above {MAX_IVAR:.0e} (flux errors below "
             f"{MAX_IVAR ** -0.5:.0e}): check the units of {name} and {ivar_name}"
         )
-    if ivar.size and np.min(ivar, where=used, initial=np.inf) < MIN_POSITIVE_IVAR:
-        tiny = used & (ivar < MIN_POSITIVE_IVAR)
+    # limits as float64 scalars: cast to a float32 array's dtype, 1e80 overflows and 1e-100 underflows
+    if ivar.size and float(np.min(ivar, where=used, initial=np.inf)) < MIN_POSITIVE_IVAR:
+        tiny = used & (ivar < np.float64(MIN_POSITIVE_IVAR))
         star, pixel = np.argwhere(tiny)[0]
         raise InvalidInputError(
             f"{ivar_name} has {int(tiny.sum())} positive values below {MIN_POSITIVE_IVAR:.0e} (first at star "
@@ -146,7 +158,7 @@ def _check_magnitude(array, name, limit, advice):
         return
     largest = max(-float(array.min()), float(array.max()))
     if largest > limit:
-        star, column = np.argwhere(np.abs(array) > limit)[0]
+        star, column = np.argwhere(np.abs(array) > np.float64(limit))[0]
         raise InvalidInputError(
             f"{name} has values of magnitude up to {largest:.3g} (first at row {star}, column {column}), "
             f"above {limit:.0e}: {advice}"

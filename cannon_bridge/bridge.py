@@ -322,8 +322,9 @@ class BridgeModel(BaseEstimator):
         if self.joint not in ("fusion", "stacked"):
             raise InvalidInputError(f"The 'joint' parameter of BridgeModel must be 'fusion' or 'stacked'. "
                                     f"Got {self.joint!r} instead.")
-        apogee_flux, apogee_ivar = check_spectra(apogee_flux, apogee_ivar, name="apogee_flux")
-        galah_flux, galah_ivar = check_spectra(galah_flux, galah_ivar, name="galah_flux")
+        # read-only views in the caller's dtype (float32 allowed): fit_pixels converts block by block
+        apogee_flux, apogee_ivar = check_spectra(apogee_flux, apogee_ivar, name="apogee_flux", copy=False)
+        galah_flux, galah_ivar = check_spectra(galah_flux, galah_ivar, name="galah_flux", copy=False)
         if self.calibrate and not (isinstance(self.cv_folds, (int, np.integer)) and 2 <= self.cv_folds <= apogee_flux.shape[0]):
             raise InvalidInputError(f"cv_folds must be an integer between 2 and the number of stars "
                                     f"({apogee_flux.shape[0]}); got {self.cv_folds!r} (or pass calibrate=False)")

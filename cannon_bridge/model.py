@@ -262,9 +262,10 @@ class CannonModel(RegressorMixin, BaseEstimator):
         it the spectra are taken as noise-free and the scatter absorbs all residuals.
         """
         self._validate_params()
-        flux, ivar = check_spectra(flux, ivar)
+        # no float64 copy of the whole training set: pixel blocks are converted one at a time
+        flux, ivar = check_spectra(flux, ivar, copy=False)
         try:
-            self._single_output_ = np.ndim(labels) == 1
+            self._single_output_ = np.asarray(labels).ndim == 1
         except ValueError:  # ragged input: check_labels below names the problem
             self._single_output_ = False
         labels = check_labels(labels, n_stars=flux.shape[0])

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
+
 from ..errors import BackendUnavailableError, InvalidInputError
 
 __all__ = ["get_backend", "available_backends", "BACKEND_NAMES"]
@@ -91,7 +93,7 @@ def get_backend(name: str = "auto") -> SimpleNamespace:
     return SimpleNamespace(
         name=name,
         xp=module.xp,
-        to_device=_identity,
+        to_device=_float64_if_float,
         to_host=_identity,
         solve_normal_equations=module.solve_normal_equations,
         fit_scatter=module.fit_scatter,
@@ -100,3 +102,8 @@ def get_backend(name: str = "auto") -> SimpleNamespace:
 
 def _identity(array):
     return array
+
+
+def _float64_if_float(array):
+    # blocks of float32 inputs are converted here, one at a time, and accumulated in float64
+    return array.astype(np.float64) if array.dtype.kind == "f" and array.dtype != np.float64 else array
