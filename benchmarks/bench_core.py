@@ -193,10 +193,10 @@ def install_timers(backend_name):
 
     def get_backend(name="auto"):
         ns = original_get_backend(name)
-        return SimpleNamespace(
-            name=ns.name, xp=ns.xp,
-            solve_normal_equations=timers.wrap("solve_normal_equations", ns.solve_normal_equations),
-            fit_scatter=timers.wrap("fit_scatter", ns.fit_scatter))
+        return SimpleNamespace(**{
+            **vars(ns),  # every member (to_device, to_host, ...), two of them timed
+            "solve_normal_equations": timers.wrap("solve_normal_equations", ns.solve_normal_equations),
+            "fit_scatter": timers.wrap("fit_scatter", ns.fit_scatter)})
 
     model_module.get_backend = get_backend
     for name in ("check_spectra", "typical_noise_variance"):  # the latter exists in newer versions only

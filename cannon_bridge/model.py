@@ -563,30 +563,42 @@ def fit_pixels(design, flux, ivar, active, backend, scatter_iterations=2, regula
     # Z (the packed a a^T of every star) depends on the labels only: build it once per fit
     products = packed_products(design, xp)
     dof_factor = n_stars / max(n_stars - n_terms, 1)
+    fused = getattr(backend, "prepare_block", None)  # numba: the elementwise work in one pass per block
     for start in tqdm(starts, desc="training pixels", disable=not progress, unit="block"):
         block = slice(start, min(start + block_size, n_pixels))
-        f = to_device(flux[:, block])
-        iv = to_device(ivar[:, block]) if ivar is not None else None
-        observed = (iv > 0) if iv is not None else xp.ones(f.shape, dtype=bool)
-        if star_mask is not None:
-            observed = observed & to_device(star_mask[:, block])
-        if iv is None:
-            variance = xp.zeros_like(f)  # noise-free: the scatter absorbs every residual
-        else:
-            variance = xp.where(observed, 1.0 / xp.where(iv > 0, iv, 1.0), 1.0)
         act = to_device(active[block])
         n_free = act.sum(axis=1)
-        no_data = observed.sum(axis=0) < xp.maximum(n_free, 1)
-        weights = xp.where(observed, iv if iv is not None else 1.0, 0.0)
+        if fused is not None:
+            iv = ivar[:, block] if ivar is not None else None
+            f, weights, observed, flux_t, variance_t, observed_t, counts = fused(
+                flux[:, block], iv, None if star_mask is None else star_mask[:, block])
+            no_data = counts < np.maximum(n_free, 1)
+        else:
+            f = to_device(flux[:, block])
+            iv = to_device(ivar[:, block]) if ivar is not None else None
+            observed = (iv > 0) if iv is not None else xp.ones(f.shape, dtype=bool)
+            if star_mask is not None:
+                observed = observed & to_device(star_mask[:, block])
+            f = xp.where(observed, f, 0.0)
+            if iv is None:
+                variance = xp.where(observed, 0.0, 1.0)  # noise-free: the scatter absorbs every residual
+            else:
+                variance = xp.where(observed, 1.0 / xp.where(iv > 0, iv, 1.0), 1.0)
+            no_data = observed.sum(axis=0) < xp.maximum(n_free, 1)
+            weights = xp.where(observed, iv if iv is not None else 1.0, 0.0)
+            # the scatter fit reads each pixel's stars: pixel-major copies made once per block, and the
+            # residuals computed pixel-major by the GEMM itself (theta A^T), not transposed every pass
+            flux_t, variance_t, observed_t = (xp.ascontiguousarray(a.T) for a in (f, variance, observed))
         s2 = xp.zeros(f.shape[1])
-        # the scatter fit reads each pixel's stars: pixel-major copies made once per block, and the
-        # residuals computed pixel-major by the GEMM itself (theta A^T), not transposed every pass
-        flux_t, variance_t, observed_t = (xp.ascontiguousarray(a.T) for a in (f, variance, observed))
         for iteration in range(scatter_iterations + 1):
             theta, ok = _solve_with_regularization(backend, design, weights, f, act, regularization, products=products)
             residual_t = flux_t - theta @ design.T
             s2 = xp.asarray(backend.fit_scatter(residual_t, variance_t, observed_t, dof_factor, pixel_major=True))
-            if iv is None:
+            if iteration == scatter_iterations:
+                break  # the last pass's weights are not used
+            if fused is not None:
+                weights = backend.reweight(iv, observed, s2, out=weights)
+            elif iv is None:
                 weights = xp.where(observed, 1.0 / xp.where(s2 > 0, s2, 1.0), 0.0)
             else:
                 weights = xp.where(observed, iv / (1.0 + iv * s2), 0.0)

@@ -17,7 +17,9 @@ A backend is a small namespace of pure array functions:
 ``xp``
     The array module used by the batched test step (numpy or cupy).
 ``to_device(array)``, ``to_host(array)``
-    Move a block to the backend's array module and back (no-ops on the CPU).
+    Move a block to the backend's array module and back (on the CPU: float blocks become float64).
+``prepare_block``, ``reweight`` (optional)
+    Fused elementwise work of a training block (masks, weights, pixel-major copies), numba only.
 
 ``numpy`` is the reference; ``numba`` and ``cupy`` are tested against it.
 """
@@ -90,7 +92,7 @@ def get_backend(name: str = "auto") -> SimpleNamespace:
         from ._cupy import array_module_backend
 
         return array_module_backend(cupy)
-    return SimpleNamespace(
+    namespace = SimpleNamespace(
         name=name,
         xp=module.xp,
         to_device=_float64_if_float,
@@ -98,6 +100,9 @@ def get_backend(name: str = "auto") -> SimpleNamespace:
         solve_normal_equations=module.solve_normal_equations,
         fit_scatter=module.fit_scatter,
     )
+    if hasattr(module, "prepare_block"):  # optional fused elementwise kernels (numba)
+        namespace.prepare_block, namespace.reweight = module.prepare_block, module.reweight
+    return namespace
 
 
 def _identity(array):

@@ -175,10 +175,75 @@ def fit_scatter(residuals, data_variance, observed, dof_factor=1.0, n_iter=40, p
     """
     if not pixel_major:
         residuals, data_variance, observed = residuals.T, data_variance.T, observed.T
+    # the kernel reads data_variance only where observed: no masking copy needed
     return _fit_scatter(
         np.ascontiguousarray(residuals, dtype=np.float64),
-        np.ascontiguousarray(np.where(observed, data_variance, 1.0), dtype=np.float64),
+        np.ascontiguousarray(data_variance, dtype=np.float64),
         np.ascontiguousarray(observed, dtype=np.bool_),
         float(dof_factor),
         int(n_iter),
     )
+
+
+@numba.njit(parallel=True, cache=True)
+def _prepare_block(flux, ivar, mask, use_mask, noise_free):
+    n_stars, n_pixels = flux.shape
+    f = np.empty((n_stars, n_pixels))
+    weights = np.empty((n_stars, n_pixels))
+    observed = np.empty((n_stars, n_pixels), dtype=np.bool_)
+    for n in numba.prange(n_stars):
+        for m in range(n_pixels):
+            w = 1.0 if noise_free else float(ivar[n, m])
+            seen = w > 0 and (not use_mask or mask[n, m])
+            observed[n, m] = seen
+            f[n, m] = flux[n, m] if seen else 0.0
+            weights[n, m] = w if seen else 0.0
+    flux_t = np.empty((n_pixels, n_stars))
+    variance_t = np.empty((n_pixels, n_stars))
+    observed_t = np.empty((n_pixels, n_stars), dtype=np.bool_)
+    counts = np.zeros(n_pixels, dtype=np.int64)
+    for m in numba.prange(n_pixels):
+        count = 0
+        for n in range(n_stars):
+            seen = observed[n, m]
+            observed_t[m, n] = seen
+            flux_t[m, n] = f[n, m]
+            if seen:
+                variance_t[m, n] = 0.0 if noise_free else 1.0 / weights[n, m]
+                count += 1
+            else:
+                variance_t[m, n] = 1.0
+        counts[m] = count
+    return f, weights, observed, flux_t, variance_t, observed_t, counts
+
+
+def prepare_block(flux, ivar=None, star_mask=None):
+    """One fused pass over a pixel block: float64 flux (0 where unused), weights (ivar, 0 where
+    unused), the observed mask, their pixel-major copies for the scatter fit, and per-pixel counts.
+    Inputs may be float32 and strided views of the caller's arrays."""
+    noise_free = ivar is None
+    return _prepare_block(flux, flux if noise_free else ivar,
+                          flux if star_mask is None else star_mask, star_mask is not None, noise_free)
+
+
+@numba.njit(parallel=True, cache=True)
+def _reweight(ivar, observed, scatter_variance, noise_free, out):
+    n_stars, n_pixels = observed.shape
+    for n in numba.prange(n_stars):
+        for m in range(n_pixels):
+            if not observed[n, m]:
+                out[n, m] = 0.0
+            elif noise_free:
+                s2 = scatter_variance[m]
+                out[n, m] = 1.0 / s2 if s2 > 0 else 1.0
+            else:
+                iv = float(ivar[n, m])
+                out[n, m] = iv / (1.0 + iv * scatter_variance[m])
+    return out
+
+
+def reweight(ivar, observed, scatter_variance, out):
+    """Weights ivar / (1 + ivar s^2) where observed (1 / s^2 without ivar), written into ``out``."""
+    noise_free = ivar is None
+    return _reweight(observed if noise_free else ivar, observed, np.ascontiguousarray(scatter_variance, float),
+                     noise_free, out)
