@@ -27,8 +27,8 @@ from .backends._inference import LikelihoodBlock
 from .backends._polynomial import monomial_jacobian, monomials
 from .errors import InvalidInputError, NotFittedError
 from .lines import element_masks, element_of_label, line_windows, window_mask
-from .model import (CannonModel, InferenceResult, StarFlag, fit_pixels, packed_coefficients, run_test_step,
-                    scaled_covariance, typical_noise_variance)
+from .model import (INFER_BATCH, CannonModel, InferenceResult, StarFlag, _batches, concatenate_results, fit_pixels,
+                    packed_coefficients, run_test_step, scaled_covariance, typical_noise_variance)
 from .vectorizer import PolynomialVectorizer, polynomial_exponents
 
 __all__ = ["BridgeModel", "BridgeInferenceResult", "BUILTIN_GALAH_LINES"]
@@ -607,6 +607,15 @@ class BridgeModel(BaseEstimator):
         self._check_fitted()
         if apogee_flux is None and galah_flux is None:
             raise InvalidInputError("infer needs apogee_flux, galah_flux or both")
+        sizes = {len(a) for a in (apogee_flux, galah_flux) if getattr(a, "ndim", None) == 2}
+        if len(sizes) == 1 and sizes.pop() > INFER_BATCH:  # bound the work arrays (see model.INFER_BATCH)
+            def part(array, rows):
+                return None if array is None else array[rows]
+
+            n_stars = len(apogee_flux if apogee_flux is not None else galah_flux)
+            return concatenate_results([
+                self.infer(part(apogee_flux, rows), part(apogee_ivar, rows), part(galah_flux, rows),
+                           part(galah_ivar, rows), progress) for rows in _batches(n_stars)])
         if apogee_flux is not None and galah_flux is not None and self.joint == "fusion":
             n_apogee, n_galah = len(np.atleast_2d(apogee_flux)), len(np.atleast_2d(galah_flux))
             if n_apogee != n_galah:

@@ -340,6 +340,9 @@ class CannonModel(RegressorMixin, BaseEstimator):
     def infer(self, flux, ivar=None, progress: bool | None = None) -> InferenceResult:
         """Labels, covariance (label units), chi^2 and flags for each spectrum."""
         self._check_fitted()
+        if getattr(flux, "ndim", None) == 2 and len(flux) > INFER_BATCH:
+            return concatenate_results([self.infer(flux[rows], None if ivar is None else ivar[rows], progress)
+                                        for rows in _batches(len(flux))])
         flux, ivar = check_spectra(flux, ivar, n_pixels=self.n_features_in_, allow_1d=True)
         weights = self._weights_for(ivar, flux.shape[0])
         packed_coef = self._packed_coef()
@@ -638,6 +641,26 @@ def _solve_with_regularization(backend, design, weights, flux, active, regulariz
         coef, ok = backend.solve_normal_equations(design, weights, flux, active=active, diagonal=diagonal,
                                                   normal=normal)
     return xp.asarray(coef), xp.asarray(ok)
+
+
+#: Stars per top-level inference batch: the float64 work arrays (weights, a copy of the flux) then
+#: take O(batch x pixels) memory however many stars are passed (30,000 APOGEE stars: 16 GB -> ~1 GB).
+INFER_BATCH = 4096
+
+
+def _batches(n_stars: int):
+    return [slice(start, start + INFER_BATCH) for start in range(0, n_stars, INFER_BATCH)]
+
+
+def concatenate_results(results):
+    """One result from the results of consecutive batches of stars (array fields stacked)."""
+    from dataclasses import fields
+
+    values = {}
+    for item in fields(results[0]):
+        parts = [getattr(result, item.name) for result in results]
+        values[item.name] = np.concatenate(parts) if isinstance(parts[0], np.ndarray) else parts[0]
+    return type(results[0])(**values)
 
 
 _PACKED_CACHE: "OrderedDict[int, tuple]" = OrderedDict()

@@ -545,3 +545,19 @@ def test_float32_training_input_is_not_copied_and_accumulates_in_float64(toy_sur
     np.testing.assert_allclose(from_32.scatter_, from_32_as_64.scatter_, rtol=1e-10, atol=1e-15)
     # float32 rounding of the flux (~6e-8 relative) moves the coefficients far below their noise (~1e-3)
     assert np.max(np.abs(from_32.coef_ - from_64.coef_)) < 1e-5
+
+
+def test_large_inputs_are_inferred_in_batches_with_the_same_result(toy_survey, monkeypatch):
+    """infer splits more than INFER_BATCH stars into batches (bounded memory); the result is the
+    same as one call, up to the test step's convergence tolerance."""
+    import cannon_bridge.model as model_module
+
+    data = toy_survey(200, 40, n_labels=3, order=2, snr=100, seed=12)
+    model = CannonModel(["teff", "logg", "feh"]).fit(data["flux"], data["labels"], data["ivar"])
+    whole = model.infer(data["flux"][:30], data["ivar"][:30])
+    monkeypatch.setattr(model_module, "INFER_BATCH", 7)
+    batched = model.infer(data["flux"][:30], data["ivar"][:30])
+    assert batched.labels.shape == whole.labels.shape and batched.covariance.shape == whole.covariance.shape
+    np.testing.assert_allclose(batched.labels, whole.labels, rtol=0, atol=1e-3 * model.label_scales_.max())
+    np.testing.assert_array_equal(batched.flags, whole.flags)
+    assert batched.label_names == whole.label_names
