@@ -98,6 +98,8 @@ class _PopulationPrior:
             ridge = RidgeCV(alphas=np.logspace(-4, 3, 15), fit_intercept=False).fit(design[use], scaled_labels[use, k])
             coef[h] = ridge.coef_
             residuals[use, h] = scaled_labels[use, k] - design[use] @ ridge.coef_
+        if n_heavy == 0:  # a bridge of core labels only: the prior is empty and adds nothing
+            return cls(exponents, coef, np.zeros((0, 0)), np.asarray(core_index), np.asarray(heavy_index, dtype=int))
         covariance = np.empty((n_heavy, n_heavy))
         for i in range(n_heavy):
             for j in range(n_heavy):

@@ -466,18 +466,12 @@ def test_numpy_backend_singular_design_is_flagged_not_raised():
     assert_finite_result(model.infer(flux[:3], ivar[:3]), 3, 2)
 
 
-@pytest.mark.xfail(strict=True, reason="backends/_numpy.py fit_scatter derivatives (~line 92): inv**3 overflows "
-                                       "(RuntimeWarning) when the noise-free residual variance is below ~1e-100, "
-                                       "e.g. flux in units of 1e-50 without ivar; the numba backend copes")
 def test_numpy_backend_tiny_noise_free_flux():
     labels, flux = toy(20, 6, seed=0)[:2]
     model = CannonModel(NAMES[:2], backend="numpy").fit(flux * 1e-50, labels)
     assert np.all(np.isfinite(model.coef_))
 
 
-@pytest.mark.xfail(strict=True, reason="backends/_numpy.py fit_scatter derivatives (~line 91): noise-free training "
-                                       "with as many stars as terms (zero residuals) evaluates 0 * inf and warns "
-                                       "'invalid value encountered in multiply' (the result is right; numba is quiet)")
 def test_numpy_backend_exactly_determined_noise_free_fit():
     model = CannonModel(backend="numpy", order=1).fit(np.array([[1.03], [0.96]]), np.array([5219.1, 4631.6]))
     assert np.all(np.isfinite(model.coef_))
@@ -689,8 +683,6 @@ def test_bridge_nan_wavelength_is_refused(bridge_setup):
         BridgeModel(CORE, HEAVY, **_bridge_params()).fit(**dict(pieces, galah_wavelength=wave))
 
 
-@pytest.mark.xfail(strict=True, reason="bridge.py _PopulationPrior.fit (~line 108): heavy_labels=() makes "
-                                       "values.max() of an empty array raise a raw numpy ValueError")
 def test_bridge_without_heavy_labels(bridge_setup):
     pieces = bridge_setup[1]
     model = BridgeModel(CORE, [], **_bridge_params()).fit(**dict(pieces, labels=pieces["labels"][:, :3]))

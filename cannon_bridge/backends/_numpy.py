@@ -108,7 +108,10 @@ def fit_scatter(residuals, data_variance, observed, dof_factor=1.0, xp=np, n_ite
     v = xp.clip(moment, low, high)
     settled = xp.zeros(v.shape, dtype=bool)
     for _ in range(n_iter):
-        g, h = derivatives(v)
+        # residual variances near 0 (noise-free, exactly determined or tiny-unit data) overflow inv**3 or
+        # give 0 * inf: those Newton steps come out non-finite and the bracket's bisection takes over
+        with np.errstate(over="ignore", invalid="ignore"):
+            g, h = derivatives(v)
         # maintain the bracket [low, high] around the root of g
         low = xp.where(g > 0, v, low)
         high = xp.where(g <= 0, v, high)
