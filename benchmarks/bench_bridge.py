@@ -114,6 +114,8 @@ def parse_args(argv=None):
     parser.add_argument("--mock", type=int, default=None, metavar="N",
                         help="run the recipe on cannon_bridge.mock.make_crossmatch(N) instead of the physset")
     parser.add_argument("--no-figures", action="store_true", help="skip the figures")
+    parser.add_argument("--apogee-order", type=int, help="variant: BridgeModel(apogee_order=...); tags the output")
+    parser.add_argument("--galah-order", type=int, help="variant: BridgeModel(galah_order=...); tags the output")
     args = parser.parse_args(argv)
     # the bridge logs its cross-validated choices (joint-mode fusion per label) at INFO
     logging.basicConfig(level=logging.WARNING, format="  [%(name)s] %(message)s")
@@ -239,9 +241,12 @@ class Timer:
         return value
 
 
+BRIDGE_OPTIONS = {}  # set from --apogee-order / --galah-order (variant runs, tagged file names)
+
+
 def make_bridge(linelist, mode_mask):
     return BridgeModel(core_labels=CORE, heavy_labels=HEAVY, galah_linelist=linelist, galah_mode_mask=mode_mask,
-                       backend="numba")
+                       backend="numba", **BRIDGE_OPTIONS)
 
 
 def run(truth_xm, snr, args, tag, linelist, mode_mask):
@@ -610,6 +615,10 @@ def to_json(value):
 def main(argv=None):
     args = parse_args(argv)
     truth, tag = load_truth(args)
+    for name in ("apogee_order", "galah_order"):
+        if getattr(args, name) is not None:
+            BRIDGE_OPTIONS[name] = getattr(args, name)
+            tag = "_".join(filter(None, [tag, f"{name.split('_')[0]}{getattr(args, name)}"]))
     if truth is None:
         print("--mock: cannon_bridge.mock is not available in this checkout; nothing to run.")
         return 0

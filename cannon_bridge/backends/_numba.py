@@ -245,5 +245,6 @@ def _reweight(ivar, observed, scatter_variance, noise_free, out):
 def reweight(ivar, observed, scatter_variance, out):
     """Weights ivar / (1 + ivar s^2) where observed (1 / s^2 without ivar), written into ``out``."""
     noise_free = ivar is None
-    return _reweight(observed if noise_free else ivar, observed, np.ascontiguousarray(scatter_variance, float),
+    # without ivar the kernel never reads it: a 1x1 float placeholder keeps one compiled signature
+    return _reweight(np.zeros((1, 1)) if noise_free else ivar, observed, np.ascontiguousarray(scatter_variance, float),
                      noise_free, out)
