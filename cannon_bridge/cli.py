@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train and validate on mock data; writes a report with plots")
     demo.add_argument("--output", "-o", default="demo_output", help="output folder (default: demo_output)")
-    demo.add_argument("--n-stars", type=int, default=1200, help="stars in the mock cross-match (default 1200)")
+    demo.add_argument("--n-stars", type=int, default=2000, help="stars in the mock cross-match (default 2000)")
     demo.add_argument("--seed", type=int, default=0)
     train = sub.add_parser("train", help="train a BridgeModel on a CrossMatch FITS file")
     train.add_argument("crossmatch", type=Path)
