@@ -53,25 +53,7 @@ ROOT = HERE.parent
 RESULTS = HERE / "results"
 PEER_VENVS = {"thecannon-0.7.3": HERE / ".peers-venv", "annieslasso-0.2.96": HERE / ".annies-venv"}
 
-
-def source_state():
-    """Which cannon_bridge code was measured: git HEAD, uncommitted package files, digest of the sources."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for path in sorted((ROOT / "cannon_bridge").rglob("*.py")):
-        digest.update(str(path.relative_to(ROOT)).encode())
-        digest.update(path.read_bytes())
-
-    def git(*args):
-        try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout
-        except Exception:  # no git: still report the digest
-            return ""
-
-    dirty = [line[3:] for line in git("status", "--porcelain", "--", "cannon_bridge").splitlines()]
-    return dict(git_head=git("rev-parse", "HEAD").strip(), cannon_bridge_uncommitted=dirty,
-                cannon_bridge_sha256=digest.hexdigest()[:16])
+from bench_core import source_state  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 def maxrss_gb():

@@ -771,13 +771,12 @@ class BridgeModel(BaseEstimator):
         variance = np.empty_like(flux)
         n_samples = int(self.label_samples)
         draws = _standard_draws(n_samples, len(index)) if n_samples > 0 else None
-        if draws is not None:
-            # flux is linear in the monomials v(x): its mean over the draws is mean(v) . c and its
-            # variance c^T Cov(v) c, i.e. packed Cov(v) times the packed products c_i c_j of every pixel
-            n_terms = model.term_exponents_.shape[0]
-            rows_i, cols_j = np.triu_indices(n_terms)
-            doubled = np.where(rows_i == cols_j, 1.0, 2.0)
-            packed_coef = packed_coefficients(model.coef_)
+        # flux is linear in the monomials v(x): its variance is c^T Cov(v) c, i.e. packed Cov(v) times the
+        # packed products c_i c_j of every pixel (Cov(v) from the draws, or J C J^T when linearised)
+        n_terms = model.term_exponents_.shape[0]
+        rows_i, cols_j = np.triu_indices(n_terms)
+        doubled = np.where(rows_i == cols_j, 1.0, 2.0)
+        packed_coef = packed_coefficients(model.coef_)
         step = self.chunk_size * 8
         for start in range(0, len(labels), step):
             rows = slice(start, start + step)
@@ -800,11 +799,8 @@ class BridgeModel(BaseEstimator):
             if linear.size:  # linearised propagation (label_samples=0, or a covariance that is not finite)
                 d_design = monomial_jacobian(x[rows][linear], model.term_exponents_)  # (S, P, Kb), scaled units
                 cov_v = d_design @ cov[linear] @ np.transpose(d_design, (0, 2, 1))  # (S, P, P)
-                n_terms = model.term_exponents_.shape[0]
-                rows_i, cols_j = np.triu_indices(n_terms)
-                doubled = np.where(rows_i == cols_j, 1.0, 2.0)
                 with np.errstate(invalid="ignore"):  # a non-finite covariance gives a non-finite variance
-                    variance[start + linear] = (cov_v[:, rows_i, cols_j] * doubled) @ packed_coefficients(model.coef_).T
+                    variance[start + linear] = (cov_v[:, rows_i, cols_j] * doubled) @ packed_coef.T
         if propagation_scale is None:
             propagation_scale = self.galah_variance_scale_ if survey == "galah" else 1.0
         return flux, propagation_scale * variance + model.scatter_**2

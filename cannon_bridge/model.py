@@ -25,6 +25,7 @@ from ._fitsio import read_model_file, write_model_file
 from ._validation import check_labels, check_spectra
 from .backends import get_backend
 from .backends._inference import LikelihoodBlock, levenberg_marquardt
+from .backends._numpy import _to_numpy
 from .backends._packed import packed_products, unpack
 from .errors import InvalidInputError, ModelFileError, NotFittedError
 from .vectorizer import PolynomialVectorizer
@@ -718,7 +719,7 @@ def run_test_step(block_builder, starts, n_stars, xp, max_iter, chunk_size, prog
         blocks = [block.subset(replicate) for block in projected]
         prior = prior_builder(stacked_rows) if prior_builder is not None else None
         x0 = np.concatenate([s[rows] for s in starts])
-        x, chi2, hessian, converged, n_iter = (_to_host(a) for a in levenberg_marquardt(
+        x, chi2, hessian, converged, n_iter = (_to_numpy(a) for a in levenberg_marquardt(
             xp.asarray(x0), blocks, prior, max_iter=max_iter, xp=xp))
         chi2 = np.where(np.isfinite(chi2), chi2, np.inf).reshape(len(starts), n_rows)
         best = np.argmin(chi2, axis=0)
@@ -729,11 +730,6 @@ def run_test_step(block_builder, starts, n_stars, xp, max_iter, chunk_size, prog
         converged_best[rows] = converged[pick]
         n_iter_best[rows] = n_iter[pick]
     return x_best, chi2_best, hessian_best, converged_best, n_iter_best
-
-
-def _to_host(array):
-    # cupy arrays refuse implicit conversion to numpy; .get() copies them to host memory
-    return array.get() if hasattr(array, "get") and not isinstance(array, np.ndarray) else np.asarray(array)
 
 
 def scaled_covariance(hessian, scales):

@@ -51,6 +51,19 @@ def _figure(*args, **kwargs):
     return plt, plt.subplots(*args, **kwargs)
 
 
+def _save(plt, fig, path, title: str = "", unused_axes=()) -> Path:
+    """Hide the unused panels, add the title, write the PNG and free the figure."""
+    for ax in unused_axes:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+
 def one_to_one(truth: np.ndarray, inferred: np.ndarray, label_names: Sequence[str], path, title: str = "",
                uncertainties: np.ndarray | None = None) -> Path:
     """A panel per label: inferred vs true, with bias and RMS written in."""
@@ -73,14 +86,7 @@ def one_to_one(truth: np.ndarray, inferred: np.ndarray, label_names: Sequence[st
         ax.set_title(f"{name}\nbias {bias:+.3g}  rms {rms:.3g}", fontsize=9)
         ax.set_xlabel("true")
         ax.set_ylabel("inferred")
-    for ax in axes.flat[n:]:
-        ax.set_visible(False)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path, title, axes.flat[n:])
 
 
 def spectrum_comparison(wavelength: np.ndarray, observed: np.ndarray, regenerated: np.ndarray,
@@ -141,12 +147,7 @@ def spectrum_comparison(wavelength: np.ndarray, observed: np.ndarray, regenerate
             top.set_ylabel("normalised flux")
             bottom.set_ylabel("obs − regen")
             top.legend(fontsize=7, loc="lower left")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path, title)
 
 
 def window_rms_bars(groups: Sequence[str], values: dict, path, ylabel: str = "RMS", title: str = "") -> Path:
@@ -165,10 +166,7 @@ def window_rms_bars(groups: Sequence[str], values: dict, path, ylabel: str = "RM
     ax.legend(fontsize=7)
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def zscore_histograms(z: np.ndarray, label_names: Sequence[str], path, title: str = "") -> Path:
@@ -188,14 +186,7 @@ def zscore_histograms(z: np.ndarray, label_names: Sequence[str], path, title: st
         ax.hist(np.clip(values, -4, 4), bins=30, range=(-4, 4), density=True, color="C0", alpha=0.7)
         ax.plot(grid, np.exp(-0.5 * grid**2) / np.sqrt(2 * np.pi), "k-", lw=0.8)
         ax.set_title(f"{name}: std {np.std(values):.2f}", fontsize=9)
-    for ax in axes.flat[n:]:
-        ax.set_visible(False)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path, title, axes.flat[n:])
 
 
 def residual_vs_label(truth, inferred, label_names: Sequence[str], path, against: str | np.ndarray | None = None,
@@ -243,14 +234,7 @@ def residual_vs_label(truth, inferred, label_names: Sequence[str], path, against
         ax.set_xlabel(f"true {name}" if x_name is None else x_name)
         ax.set_ylabel(f"Δ {name}")
         ax.set_title(name, fontsize=9)
-    for ax in axes.flat[n:]:
-        ax.set_visible(False)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, title, axes.flat[n:])
 
 
 def coefficients_vs_wavelength(wavelength, coefficients, term_names: Sequence[str], path, lines=None,
@@ -302,12 +286,7 @@ def coefficients_vs_wavelength(wavelength, coefficients, term_names: Sequence[st
             if c == 0:
                 ax.set_ylabel(term_names[t], fontsize=8)
         axes[-1, c].set_xlabel("wavelength (Å)")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, title)
 
 
 def line_residual_map(table, path, column: str = "depth_residual", title: str = "", sort_by=None) -> Path:
@@ -369,7 +348,4 @@ def line_residual_map(table, path, column: str = "depth_residual", title: str = 
     ax.set_xticks(x, names, rotation=90, fontsize=7)
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)

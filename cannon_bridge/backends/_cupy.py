@@ -9,19 +9,12 @@ from __future__ import annotations
 from functools import partial
 from types import SimpleNamespace
 
-import numpy as np
-
 from . import _numpy
 
 try:
     import cupy as xp  # noqa: F401
 except ImportError:  # pragma: no cover - guarded by get_backend
     xp = None
-
-
-def _host(array):
-    # cupy arrays refuse implicit conversion; .get() copies to host memory
-    return array.get() if hasattr(array, "get") and not isinstance(array, np.ndarray) else np.asarray(array)
 
 
 def array_module_backend(module, name: str = "cupy") -> SimpleNamespace:
@@ -37,7 +30,7 @@ def array_module_backend(module, name: str = "cupy") -> SimpleNamespace:
         name=name,
         xp=module,
         to_device=to_device,
-        to_host=_host,
+        to_host=_numpy._to_numpy,
         solve_normal_equations=partial(_numpy.solve_normal_equations, xp=module),
         fit_scatter=partial(_numpy.fit_scatter, xp=module),
     )
