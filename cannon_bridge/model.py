@@ -107,15 +107,15 @@ class InferenceResult:
 
 
 def typical_noise_variance(ivar, n_pixels):
-    """Mean 1/ivar over the observed stars at each pixel (0 without ivar), in one pass per row block."""
+    """Mean 1/ivar over the observed stars at each pixel (0 without ivar), in float64, one row block at a time."""
     if ivar is None:
         return np.zeros(n_pixels)
     total = np.zeros(n_pixels)
-    count = np.zeros(n_pixels)
-    for start in range(0, ivar.shape[0], 1024):
-        block = ivar[start:start + 1024]
+    count = np.zeros(n_pixels, dtype=np.int64)
+    for start in range(0, ivar.shape[0], 256):
+        block = np.asarray(ivar[start:start + 256], dtype=np.float64)
         observed = block > 0
-        total += np.where(observed, 1.0 / np.where(observed, block, 1.0), 0.0).sum(axis=0)
+        total += np.divide(1.0, block, out=np.zeros_like(block), where=observed).sum(axis=0)
         count += observed.sum(axis=0)
     return np.where(count > 0, total / np.maximum(count, 1), 0.0)
 
@@ -284,13 +284,13 @@ class CannonModel(RegressorMixin, BaseEstimator):
         active = self._active_terms(vectorizer.term_exponents, allowed)
         backend = get_backend(self.backend)
         design = vectorizer.design_matrix(labels)
-        coef, scatter_variance, flags = fit_pixels(
+        coef, scatter_variance, flags, noise_variance = fit_pixels(
             design, flux, ivar, active, backend, self.scatter_iterations, self.regularization,
-            self.block_size, self.progress)
+            self.block_size, self.progress, return_noise_variance=True)
         self.coef_ = coef
         self.scatter_ = np.sqrt(scatter_variance)
         self.pixel_flags_ = flags
-        self.noise_variance_ = typical_noise_variance(ivar, n_pixels)
+        self.noise_variance_ = noise_variance
         self.label_names_ = names
         self.term_exponents_ = vectorizer.term_exponents
         self.term_names_ = vectorizer.term_names
@@ -545,17 +545,22 @@ class CannonModel(RegressorMixin, BaseEstimator):
 # shared training and test-step drivers (also used by the bridge)
 # ---------------------------------------------------------------------------
 def fit_pixels(design, flux, ivar, active, backend, scatter_iterations=2, regularization=0.0,
-               block_size=1024, progress=False, star_mask=None):
+               block_size=1024, progress=False, star_mask=None, return_noise_variance=False):
     """Fit coefficients and scatter for every pixel, one block of pixels at a time.
 
     ``star_mask`` (n_stars, n_pixels) bool, optional: stars allowed at each
     pixel (the bridge excludes stars missing a label that pixel depends on).
-    Returns coef (n_pixels, n_terms), scatter variance (n_pixels,), flags.
+    Returns coef (n_pixels, n_terms), scatter variance (n_pixels,), flags, and with
+    ``return_noise_variance`` also :func:`typical_noise_variance` of ``ivar`` (computed
+    on the way by the fused path when there is no ``star_mask``).
     """
     from tqdm import tqdm  # plain: tqdm.auto warns in notebooks without ipywidgets
 
     n_stars, n_pixels = flux.shape
     n_terms = design.shape[1]
+    if getattr(backend, "fit_fused", None) is not None and regularization <= 0 and n_terms <= backend.fused_max_terms:
+        return _fit_pixels_fused(design, flux, ivar, active, backend, scatter_iterations, block_size, progress,
+                                 star_mask, return_noise_variance)
     coef = np.zeros((n_pixels, n_terms))
     scatter_variance = np.zeros(n_pixels)
     flags = np.zeros(n_pixels, dtype=np.int64)
@@ -623,7 +628,73 @@ def fit_pixels(design, flux, ivar, active, backend, scatter_iterations=2, regula
         scatter_variance[block] = to_host(s2)
         no_data, ok = to_host(no_data), to_host(ok)
         flags[block] = np.where(no_data, PixelFlag.NO_DATA, np.where(~ok, PixelFlag.SOLVE_FAILED, 0))
+    if return_noise_variance:
+        return coef, scatter_variance, flags, typical_noise_variance(ivar, n_pixels)
     return coef, scatter_variance, flags
+
+
+def _fit_pixels_fused(design, flux, ivar, active, backend, scatter_iterations, block_size, progress, star_mask,
+                      return_noise_variance):
+    """``fit_pixels`` for few terms on the numba backend, without regularisation: one kernel call per
+    block runs every pass (see ``backends._numba.fit_fused``); no Python and no GEMM per pass."""
+    from tqdm import tqdm  # plain: tqdm.auto warns in notebooks without ipywidgets
+
+    n_stars, n_pixels = flux.shape
+    n_terms = design.shape[1]
+    design = np.ascontiguousarray(design, dtype=np.float64)
+    dof_factor = n_stars / max(n_stars - n_terms, 1)
+    coef = np.zeros((n_pixels, n_terms))
+    scatter_variance = np.zeros(n_pixels)
+    flags = np.zeros(n_pixels, dtype=np.int64)
+    noise_variance = np.zeros(n_pixels)
+    noise_free = ivar is None
+    # blocks only bound the progress bar's granularity: the kernel's memory is per tile of pixels
+    block_size = max(block_size, 8192)
+    for start in tqdm(range(0, n_pixels, block_size), desc="training pixels", disable=not progress, unit="block"):
+        block = slice(start, min(start + block_size, n_pixels))
+        act = np.ascontiguousarray(active[block], dtype=bool)
+        theta, ok, s2, counts, total_variance = backend.fit_fused(
+            flux[:, block], None if noise_free else ivar[:, block], None if star_mask is None else star_mask[:, block],
+            design, act, scatter_iterations + 1, dof_factor)
+        if not noise_free:
+            noise_variance[block] = np.where(counts > 0, total_variance / np.maximum(counts, 1), 0.0)
+        no_data = counts < np.maximum(act.sum(axis=1), 1)
+        bad = no_data | ~ok
+        theta[bad] = 0.0
+        s2[bad] = 0.0
+        if bool(bad.any()):
+            columns = np.flatnonzero(bad) + start
+            observed = _observed(ivar, star_mask, n_stars, columns)
+            flux_bad = np.asarray(flux[:, columns], dtype=np.float64)
+            _fill_unfittable(theta, s2, bad, np.where(observed, flux_bad, 0.0).T, observed.T, design)
+        coef[block] = theta
+        scatter_variance[block] = s2
+        flags[block] = np.where(no_data, PixelFlag.NO_DATA, np.where(~ok, PixelFlag.SOLVE_FAILED, 0))
+    if not return_noise_variance:
+        return coef, scatter_variance, flags
+    if star_mask is not None:  # the noise variance counts every star with ivar > 0, masked or not
+        noise_variance = typical_noise_variance(ivar, n_pixels)
+    return coef, scatter_variance, flags, noise_variance
+
+
+def _observed(ivar, star_mask, n_stars, columns):
+    """Stars used at the given pixels (ivar > 0 and allowed by ``star_mask``), (n_stars, len(columns))."""
+    observed = np.asarray(ivar[:, columns]) > 0 if ivar is not None else np.ones((n_stars, len(columns)), bool)
+    if star_mask is not None:
+        observed = observed & np.asarray(star_mask[:, columns], dtype=bool)
+    return observed
+
+
+def _fill_unfittable(theta, s2, bad, flux_bad_t, observed_bad_t, design):
+    # an unfittable pixel predicts the mean observed flux with its spread as scatter, never flux 0
+    # (pixel-major inputs; the same values as the generic path of fit_pixels)
+    count = observed_bad_t.sum(axis=1)
+    mean = np.where(count > 0, np.where(observed_bad_t, flux_bad_t, 0).sum(axis=1) / np.maximum(count, 1), 1.0)
+    spread = np.where(count > 1, np.sqrt(np.where(observed_bad_t, (flux_bad_t - mean[:, None]) ** 2, 0).sum(axis=1)
+                                         / np.maximum(count - 1, 1)), 0.1)
+    constant = float(design[:, 0].mean())
+    theta[bad, 0] = mean / constant if constant != 0 else mean
+    s2[bad] = spread**2
 
 
 def _solve_with_regularization(backend, design, weights, flux, active, regularization, n_reweight=6, products=None):

@@ -246,3 +246,89 @@ def test_fit_pixels_with_star_mask_agrees_between_backends(toy_survey, rng, with
     for a, b in zip(results[0][:2], results[1][:2]):
         assert relative_difference(a, b) < 1e-8
     np.testing.assert_array_equal(results[0][2], results[1][2])
+
+
+# ------------------------------- numba fused training kernel (few terms, no L1)
+@pytest.mark.parametrize("with_ivar", [True, False])
+@pytest.mark.parametrize("with_star_mask", [False, True])
+@pytest.mark.parametrize("censored", [False, True])
+def test_fused_numba_training_equals_numpy_reference(toy_survey, rng, monkeypatch, with_ivar, with_star_mask,
+                                                     censored):
+    """backend='numba' trains few-term models with one fused kernel per block (``_numba.fit_fused``):
+    every pass (normal matrices, Cholesky, residuals, scatter, reweighting) per tile of pixels. It
+    equals the numpy reference with censoring, star masks, missing ivar, ivar == 0 stars, pixels
+    without data or with too few stars, float32 inputs and pixel counts that leave partial tiles."""
+    import cannon_bridge.model as model_module
+    from cannon_bridge.backends import _numba
+    from cannon_bridge.model import PixelFlag, fit_pixels, typical_noise_variance
+
+    n_pixels = 45  # partial tiles and partial groups of 4 pixels
+    data = toy_survey(150, n_pixels, n_labels=3, order=2, snr=60, scatter=np.linspace(0.0, 0.03, n_pixels), seed=11)
+    x = (data["labels"] - data["pivots"]) / data["scales"]
+    design = np.prod(x[:, None, :] ** data["exponents"][None], axis=2)
+    n_terms = design.shape[1]
+    ivar = np.broadcast_to(data["ivar"], data["flux"].shape).copy()
+    ivar[rng.random(ivar.shape) < 0.1] = 0.0
+    ivar[:, 3] = 0.0  # no data at all
+    ivar[n_terms - 2:, 7] = 0.0  # fewer stars than terms
+    flux = data["flux"].copy()
+    flux[ivar == 0] = np.nan if with_ivar else 0.0  # never read where ivar is 0
+    star_mask = rng.random(flux.shape) > 0.2 if with_star_mask else None
+    if not with_ivar and star_mask is not None:
+        star_mask[:, 3] = False
+        star_mask[n_terms - 2:, 7] = False
+    active = np.ones((n_pixels, n_terms), bool)
+    if censored:
+        involves_feh = data["exponents"][:, 2] > 0
+        active[::3, involves_feh] = False
+        active[5, 1:] = False  # constant only
+    calls = []
+    real_fused = _numba.fit_fused
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real_fused(*args, **kwargs)
+
+    backend = get_backend("numba")
+    monkeypatch.setattr(backend, "fit_fused", spy)
+    iv = ivar.astype(np.float32) if with_ivar else None
+    flux32 = np.where(np.isnan(flux), 0.0, flux).astype(np.float32) if not with_ivar else flux.astype(np.float32)
+    results = [fit_pixels(design, flux32, iv, active, b, block_size=16, star_mask=star_mask,
+                          return_noise_variance=True) for b in (get_backend("numpy"), backend)]
+    assert calls, "the fused kernel was not used"
+    coef, s2, flags, noise = results[1]
+    assert relative_difference(results[0][0], coef) < 1e-8
+    assert relative_difference(results[0][1], s2) < 1e-8
+    np.testing.assert_array_equal(results[0][2], flags)
+    np.testing.assert_allclose(results[0][3], noise, rtol=1e-12)
+    np.testing.assert_allclose(noise, typical_noise_variance(iv, n_pixels), rtol=1e-12)
+    if with_ivar or with_star_mask:
+        assert flags[3] == PixelFlag.NO_DATA and flags[7] == PixelFlag.NO_DATA
+    assert np.sum(s2 > 0) > 20
+    if censored:
+        assert np.all(coef[5, 1:] == 0.0) and np.all(coef[::3][:, data["exponents"][:, 2] > 0] == 0.0)
+    # the whole model takes the same path (and L1 falls back to the generic one)
+    monkeypatch.setattr(model_module, "get_backend", lambda name="auto": backend if name == "numba"
+                        else get_backend(name))
+    calls.clear()
+    CannonModel(["a", "b", "c"], backend="numba", regularization=5.0).fit(data["flux"], data["labels"], ivar)
+    assert not calls
+
+
+def test_fused_numba_kernel_flags_singular_pixels(rng):
+    """A pixel whose observed stars cannot constrain every term is SOLVE_FAILED on both backends."""
+    from cannon_bridge.model import PixelFlag, fit_pixels
+
+    n_stars, n_pixels = 80, 9
+    x = rng.uniform(-1, 1, size=(n_stars, 2))
+    x[:40, 1] = 0.25  # the first 40 stars share one value of the second label
+    design = np.prod(x[:, None, :] ** polynomial_exponents(2, 2)[None], axis=2)
+    flux = 1.0 + 0.1 * x[:, :1] + rng.normal(0, 0.01, (n_stars, n_pixels))
+    ivar = np.full(flux.shape, 1e4)
+    ivar[40:, 2] = 0.0  # at pixel 2 the second label never varies: singular normal matrix
+    active = np.ones((n_pixels, design.shape[1]), bool)
+    results = [fit_pixels(design, flux, ivar, active, get_backend(name), block_size=4) for name in CPU_BACKENDS]
+    assert results[0][2][2] == PixelFlag.SOLVE_FAILED
+    np.testing.assert_array_equal(results[0][2], results[1][2])
+    for a, b in zip(results[0][:2], results[1][:2]):
+        assert relative_difference(a, b) < 1e-8

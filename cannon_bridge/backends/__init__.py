@@ -102,6 +102,8 @@ def get_backend(name: str = "auto") -> SimpleNamespace:
     )
     if hasattr(module, "prepare_block"):  # optional fused elementwise kernels (numba)
         namespace.prepare_block, namespace.reweight = module.prepare_block, module.reweight
+    if hasattr(module, "fit_fused"):  # every training pass of a block in one kernel, for few terms (numba)
+        namespace.fit_fused, namespace.fused_max_terms = module.fit_fused, module.FUSED_MAX_TERMS
     return namespace
 
 

@@ -248,3 +248,304 @@ def reweight(ivar, observed, scatter_variance, out):
     # without ivar the kernel never reads it: a 1x1 float placeholder keeps one compiled signature
     return _reweight(np.zeros((1, 1)) if noise_free else ivar, observed, np.ascontiguousarray(scatter_variance, float),
                      noise_free, out)
+
+
+# ---------------------------------------------------------------------------
+# fused training path for small models (few terms): pixel-major blocks, one kernel per pass
+# ---------------------------------------------------------------------------
+#: Largest number of terms for which ``fit_block_pass`` computes the right-hand sides and residuals
+#: itself: BLAS is slow for GEMMs with ~10 columns, numba dots are not for ~100.
+FUSED_MAX_TERMS = 32
+
+# reassociation lets LLVM vectorise the dot products and sums; no 'nnan'/'ninf' (the scatter fit
+# relies on inf), no reciprocal approximations
+_REDUCE = {"reassoc", "contract", "nsz"}
+
+
+@numba.njit(cache=True, fastmath=_REDUCE, error_model="numpy")
+def _dot(a, b, n):
+    total = 0.0
+    for i in range(n):
+        total += a[i] * b[i]
+    return total
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _cholesky_solve(packed_row, rhs, active_row, n_terms, work, scale, y, out):
+    # the same maths as _solve_packed_one without a diagonal: Jacobi scaling, Cholesky, substitution
+    index = 0
+    for i in range(n_terms):
+        for j in range(i, n_terms):
+            value = packed_row[index]
+            index += 1
+            if not (active_row[i] and active_row[j]):
+                value = 1.0 if i == j else 0.0
+            work[j, i] = value
+    for i in range(n_terms):
+        d = work[i, i]
+        scale[i] = np.sqrt(d) if d > 0 else 1.0
+    for i in range(n_terms):
+        for j in range(i + 1):
+            work[i, j] /= scale[i] * scale[j]
+    for j in range(n_terms):
+        s = work[j, j]
+        for k in range(j):
+            s -= work[j, k] * work[j, k]
+        if not s > 1e-14:
+            return False
+        d = np.sqrt(s)
+        work[j, j] = d
+        for i in range(j + 1, n_terms):
+            t = work[i, j]
+            for k in range(j):
+                t -= work[i, k] * work[j, k]
+            work[i, j] = t / d
+    for i in range(n_terms):
+        t = (rhs[i] if active_row[i] else 0.0) / scale[i]
+        for k in range(i):
+            t -= work[i, k] * y[k]
+        y[i] = t / work[i, i]
+    for i in range(n_terms - 1, -1, -1):
+        t = y[i]
+        for k in range(i + 1, n_terms):
+            t -= work[k, i] * out[k]
+        out[i] = t / work[i, i]
+    for i in range(n_terms):
+        out[i] /= scale[i]
+        if not np.isfinite(out[i]):
+            return False
+    return True
+
+
+@numba.njit(cache=True, fastmath=_REDUCE, error_model="numpy")
+def _residuals(flux_row, design_t, theta, n_terms, n_stars, out):
+    for n in range(n_stars):
+        out[n] = flux_row[n]
+    for i in range(n_terms):
+        c = theta[i]
+        if c != 0.0:
+            row = design_t[i]
+            for n in range(n_stars):
+                out[n] -= c * row[n]
+
+
+@numba.njit(cache=True, fastmath=_REDUCE, error_model="numpy")
+def _newton_sums(r2, var, n_obs, v):
+    g = 0.0
+    h = 0.0
+    for j in range(n_obs):
+        inv = 1.0 / (var[j] + v)
+        inv2 = inv * inv
+        g += 0.5 * (r2[j] * inv2 - inv)
+        h += -r2[j] * inv2 * inv + 0.5 * inv2
+    return g, h
+
+
+@numba.njit(cache=True, fastmath=_REDUCE, error_model="numpy")
+def _ivar_newton_sums(r2, ivar_row, n_stars, v):
+    # 1 / (1/ivar + v) written as ivar / (1 + ivar v): unused stars (ivar 0) add exactly 0
+    g = 0.0
+    h = 0.0
+    for n in range(n_stars):
+        iv = ivar_row[n]
+        inv = iv / (1.0 + iv * v)
+        inv2 = inv * inv
+        g += 0.5 * (r2[n] * inv2 - inv)
+        h += -r2[n] * inv2 * inv + 0.5 * inv2
+    return g, h
+
+
+@numba.njit(cache=True, fastmath=_REDUCE, error_model="numpy")
+def _ivar_start(residual, ivar_row, dof_factor, n_stars, r2):
+    g0 = 0.0
+    high = 0.0
+    total_r2 = 0.0
+    for n in range(n_stars):
+        iv = ivar_row[n]
+        r = residual[n] * residual[n] * dof_factor if iv > 0 else 0.0
+        r2[n] = r
+        g0 += 0.5 * (r * iv * iv - iv)
+        high = max(high, r)
+        total_r2 += r
+    return g0, high, total_r2
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _scatter_one(residual, ivar_row, noise_free, dof_factor, n_iter, total_var, n_obs, r2, var):
+    # the maths of _fit_scatter for one pixel; unused stars have ivar_row 0
+    n_stars = residual.shape[0]
+    if n_obs == 0:
+        return 0.0
+    if noise_free:
+        # every used star has variance 0: gather them (v = 0 is then infinitely unlikely)
+        j = 0
+        high = 0.0
+        total_r2 = 0.0
+        for n in range(n_stars):
+            if ivar_row[n] > 0:
+                r = residual[n] ** 2 * dof_factor
+                r2[j] = r
+                var[j] = 0.0
+                high = max(high, r)
+                total_r2 += r
+                j += 1
+        g0 = np.inf
+    else:
+        g0, high, total_r2 = _ivar_start(residual, ivar_row, dof_factor, n_stars, r2)
+    if not (g0 > 0) or high <= 0:
+        return 0.0
+    low = 0.0
+    v = min(max((total_r2 - total_var) / n_obs, 0.0), high)
+    for _ in range(n_iter):
+        if noise_free:
+            g, h = _newton_sums(r2, var, n_obs, v)
+        else:
+            g, h = _ivar_newton_sums(r2, ivar_row, n_stars, v)
+        if g > 0:
+            low = v
+        else:
+            high = v
+        if h < 0:
+            candidate = v - g / h
+        else:
+            candidate = -1.0
+        if not (candidate > low and candidate < high):
+            candidate = 0.5 * (low + high)
+        if abs(candidate - v) <= 1e-12 * max(v, 1e-30):
+            v = candidate
+            break
+        v = candidate
+    return v
+
+
+@numba.njit(cache=True, fastmath=_REDUCE, error_model="numpy")
+def _normal_group(w0, w1, w2, w3, products_t, n_stars, out, k0, width):
+    # packed normal matrices of up to 4 pixels (rows k0.. of out) sharing every read of Z
+    n_packed = products_t.shape[0]
+    if width == 4:
+        for j in range(n_packed):
+            z = products_t[j]
+            s0 = 0.0
+            s1 = 0.0
+            s2 = 0.0
+            s3 = 0.0
+            for n in range(n_stars):
+                zn = z[n]
+                s0 += w0[n] * zn
+                s1 += w1[n] * zn
+                s2 += w2[n] * zn
+                s3 += w3[n] * zn
+            out[k0, j] = s0
+            out[k0 + 1, j] = s1
+            out[k0 + 2, j] = s2
+            out[k0 + 3, j] = s3
+    else:
+        for k in range(width):
+            w = w0 if k == 0 else (w1 if k == 1 else w2)
+            for j in range(n_packed):
+                out[k0 + k, j] = _dot(w, products_t[j], n_stars)
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def _fit_fused(flux, ivar, mask, use_mask, noise_free, design_t, products_t, active, dof_factor, n_passes, n_iter,
+               tile, coef, ok, scatter_variance, counts, total_variance):
+    n_stars, n_pixels = flux.shape
+    n_terms = design_t.shape[0]
+    n_packed = products_t.shape[0]
+    n_tiles = (n_pixels + tile - 1) // tile
+    for t in numba.prange(n_tiles):
+        m0 = t * tile
+        width = min(m0 + tile, n_pixels) - m0
+        # a tile of pixels, pixel-major, stays in cache through every pass
+        f_t = np.empty((tile, n_stars))
+        iv_t = np.empty((tile, n_stars))
+        w_t = np.empty((tile, n_stars))
+        normal = np.empty((tile, n_packed))
+        work = np.empty((n_terms, n_terms))
+        scale = np.empty(n_terms)
+        y = np.empty(n_terms)
+        out = np.empty(n_terms)
+        rhs = np.empty(n_terms)
+        buffer = np.empty(n_stars)
+        r2 = np.empty(n_stars)
+        var = np.empty(n_stars)
+        for n in range(n_stars):
+            for k in range(width):
+                m = m0 + k
+                w = 1.0 if noise_free else float(ivar[n, m])
+                seen = w > 0 and (not use_mask or mask[n, m])
+                f_t[k, n] = float(flux[n, m]) if seen else 0.0
+                iv_t[k, n] = w if seen else 0.0
+        for k in range(width):
+            count = 0
+            total = 0.0
+            row = iv_t[k]
+            for n in range(n_stars):
+                w = row[n]
+                w_t[k, n] = w
+                if w > 0:
+                    count += 1
+                    if not noise_free:
+                        total += 1.0 / w
+            counts[m0 + k] = count
+            total_variance[m0 + k] = total
+        for p in range(n_passes):
+            for k0 in range(0, width, 4):
+                group = min(4, width - k0)
+                _normal_group(w_t[k0], w_t[min(k0 + 1, width - 1)], w_t[min(k0 + 2, width - 1)],
+                              w_t[min(k0 + 3, width - 1)], products_t, n_stars, normal, k0, group)
+            for k in range(width):
+                m = m0 + k
+                w_row = w_t[k]
+                f_row = f_t[k]
+                for n in range(n_stars):
+                    buffer[n] = w_row[n] * f_row[n]
+                for i in range(n_terms):
+                    rhs[i] = _dot(buffer, design_t[i], n_stars)
+                solved = _cholesky_solve(normal[k], rhs, active[m], n_terms, work, scale, y, out)
+                for i in range(n_terms):
+                    coef[m, i] = out[i] if solved else 0.0
+                ok[m] = solved
+                _residuals(f_row, design_t, coef[m], n_terms, n_stars, buffer)
+                s2 = _scatter_one(buffer, iv_t[k], noise_free, dof_factor, n_iter, total_variance[m], counts[m], r2, var)
+                scatter_variance[m] = s2
+                if p + 1 < n_passes:
+                    iv_row = iv_t[k]
+                    for n in range(n_stars):
+                        iv = iv_row[n]
+                        if not iv > 0:
+                            w_row[n] = 0.0
+                        elif noise_free:
+                            w_row[n] = 1.0 / s2 if s2 > 0 else 1.0
+                        else:
+                            w_row[n] = iv / (1.0 + iv * s2)
+
+
+def fit_fused(flux, ivar, star_mask, design, active, n_passes, dof_factor, n_iter=40, tile=None):
+    """Every training pass of a block of pixels in one kernel, parallel over tiles of pixels: each
+    tile is transposed once into pixel-major buffers that stay in cache, then every pass computes
+    per pixel the packed normal matrix (4 pixels share each read of Z), the right-hand side, the
+    Cholesky solve, residuals, the marginal-likelihood scatter and the next pass's weights. The
+    maths of ``solve_normal_equations`` + ``fit_scatter`` + ``reweight``; for few terms only
+    (``FUSED_MAX_TERMS``), where the per-pixel dot products beat small BLAS calls.
+
+    ``flux``, ``ivar`` (None: noise-free) and ``star_mask`` (None: all) are (n_stars, n_pixels) views
+    of any float dtype. Returns coef, ok, scatter variance, observed counts and the sum of 1/ivar
+    over the observed stars of each pixel.
+    """
+    n_stars, n_pixels = flux.shape
+    design = np.ascontiguousarray(design, dtype=np.float64)
+    n_terms = design.shape[1]
+    if tile is None:  # three tile x n_stars float64 buffers within ~1.5 MB of L2
+        tile = int(max(4, min(16, 1_500_000 // (24 * n_stars) // 4 * 4)))
+    coef = np.empty((n_pixels, n_terms))
+    ok = np.empty(n_pixels, dtype=np.bool_)
+    s2 = np.empty(n_pixels)
+    counts = np.empty(n_pixels, dtype=np.int64)
+    total_variance = np.empty(n_pixels)
+    noise_free = ivar is None
+    _fit_fused(flux, flux if noise_free else ivar, flux if star_mask is None else star_mask, star_mask is not None,
+               noise_free, np.ascontiguousarray(design.T), np.ascontiguousarray(packed_products(design).T),
+               np.ascontiguousarray(active, dtype=np.bool_), float(dof_factor), int(n_passes), int(n_iter),
+               int(tile), coef, ok, s2, counts, total_variance)
+    return coef, ok, s2, counts, total_variance
