@@ -109,3 +109,21 @@ def test_bad_input(fitted, mock_pair):
     with pytest.raises(InvalidInputError, match="core label"):
         BridgeModel(CORE, HEAVY).fit(data.apogee_flux, data.galah_flux, labels, apogee_wavelength=data.apogee_wavelength,
                                      galah_wavelength=data.galah_wavelength)
+
+
+def test_band_limited_training_gives_a_closer_galah_model(mock_pair):
+    """Low-pass filtering the noisy training spectra at the LSF's band limit removes only noise:
+    the GALAH model lands closer to the one trained on the noise-free spectra than without it."""
+    data, _ = mock_pair
+    train = data.subset(np.arange(200))
+    clean = make_crossmatch(260, seed=3, noise_free=True, missing_fraction=0.2).subset(np.arange(200))
+    true = make_crossmatch(260, seed=3, missing_fraction=0.0).subset(np.arange(200, 260))
+    names = CORE_LABELS + HEAVY_LABELS
+    labels = true.labels[:, [names.index(n) for n in CORE + HEAVY]]
+    reference = BridgeModel(CORE, HEAVY, backend="numpy", calibrate=False, band_limit_training=False).fit(clean)
+    expected = reference.generate_galah(labels)
+    errors = {}
+    for flag in (False, True):
+        model = BridgeModel(CORE, HEAVY, backend="numpy", calibrate=False, band_limit_training=flag).fit(train)
+        errors[flag] = np.sqrt(np.mean((model.generate_galah(labels) - expected) ** 2))
+    assert errors[True] < 0.9 * errors[False], errors

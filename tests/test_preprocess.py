@@ -297,3 +297,66 @@ def test_spectrum_does_not_change_caller_arrays():
     ivar = np.array([1.0, 1.0, 1.0])
     Spectrum(wavelength=[1.0, 2.0, 3.0], flux=flux, ivar=ivar)
     assert ivar.tolist() == [1.0, 1.0, 1.0]
+
+
+# ------------------------------------------------------------ band limiting
+def _lsf_spectra(n_stars, wavelength, resolution, seed):
+    """Random absorption lines convolved with a Gaussian LSF of resolving power R (noise-free)."""
+    rng = np.random.default_rng(seed)
+    sigma = wavelength / resolution / 2.3548
+    flux = np.ones((n_stars, wavelength.size))
+    for _ in range(60):
+        centre = rng.uniform(wavelength[0], wavelength[-1])
+        depth = rng.uniform(0.05, 0.6, size=(n_stars, 1))
+        flux -= depth * np.exp(-0.5 * ((wavelength - centre) / sigma) ** 2)
+    return flux
+
+
+def test_band_limit_keeps_lsf_limited_signal_and_removes_noise():
+    from cannon_bridge.preprocess import band_limit, band_limit_filter
+
+    # two CCD-like pieces with a gap, 3.7 pixels per FWHM as GALAH
+    wavelength = np.r_[np.linspace(4800, 4840, 900), np.linspace(5700, 5740, 760)]
+    resolution = 28000.0
+    clean = _lsf_spectra(40, wavelength, resolution, seed=1)
+    rng = np.random.default_rng(2)
+    noisy = clean + rng.normal(0, 0.02, clean.shape)
+    ivar = np.full(clean.shape, 0.02 ** -2)
+    ivar[3, 100] = 0.0  # a masked pixel: its neighbours within the filter's reach stay as given
+    filtered, new_ivar = band_limit(noisy, ivar, wavelength, resolution)
+    untouched = new_ivar == ivar
+    # noise-free signal: the filter changes it by far less than the noise it removes
+    clean_filtered, _ = band_limit(clean, np.full(clean.shape, 1.0), wavelength, resolution)
+    assert np.sqrt(np.mean((clean_filtered - clean) ** 2)) < 1e-3
+    # the noise left is what the returned ivar says, and much less than before
+    inner = ~untouched
+    residual = (filtered - clean)[inner]
+    predicted = 1.0 / new_ivar[inner]
+    assert abs(np.mean(residual**2) / np.mean(predicted) - 1) < 0.05
+    assert np.mean(predicted) < 0.7 * 0.02**2
+    # edges of each piece and the neighbours of the masked pixel are left alone, exactly
+    half = band_limit_filter(1.5).size // 2
+    for start, stop in ((0, 900), (900, 1660)):
+        assert np.all(untouched[:, start:start + half]) and np.all(untouched[:, stop - half:stop])
+    assert np.all(untouched[3, 100 - half:100 + half + 1])
+    assert np.array_equal(filtered[untouched], noisy[untouched])
+    # noise-free input (no ivar) is returned as it is
+    same, none = band_limit(clean, None, wavelength, resolution)
+    assert none is None and np.array_equal(same, clean)
+
+
+def test_band_limit_filter_none_when_undersampled_and_errors():
+    from cannon_bridge.errors import InvalidInputError
+    from cannon_bridge.preprocess import band_limit, band_limit_filter
+
+    assert band_limit_filter(0.8) is None  # < 1.1 pixels per sigma: nothing above the band limit
+    taps = band_limit_filter(1.6)
+    assert taps.size == 21 and abs(taps.sum() - 1) < 1e-12 and 0.5 < np.sum(taps**2) < 0.7
+    wavelength = np.linspace(5000, 5010, 200)
+    flux = np.ones((2, 200))
+    with pytest.raises(InvalidInputError, match="shape"):
+        band_limit(flux, np.ones((2, 199)), wavelength, 28000.0)
+    with pytest.raises(InvalidInputError, match="resolving power"):
+        band_limit(flux, np.ones((2, 200)), wavelength, -1.0)
+    with pytest.raises(InvalidInputError, match="n_taps"):
+        band_limit(flux, np.ones((2, 200)), wavelength, 28000.0, n_taps=20)
