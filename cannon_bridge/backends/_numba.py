@@ -271,12 +271,13 @@ def _dot(a, b, n):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _cholesky_solve(packed_row, rhs, active_row, n_terms, work, scale, y, out):
-    # the same maths as _solve_packed_one without a diagonal: Jacobi scaling, Cholesky, substitution
+def _cholesky_solve(packed_row, packed_map, rhs, active_row, n_terms, work, scale, y, out):
+    # the same maths as _solve_packed_one without a diagonal: Jacobi scaling, Cholesky, substitution;
+    # packed entry `index` of the normal matrix is packed_row[packed_map[index]]
     index = 0
     for i in range(n_terms):
         for j in range(i, n_terms):
-            value = packed_row[index]
+            value = packed_row[packed_map[index]]
             index += 1
             if not (active_row[i] and active_row[j]):
                 value = 1.0 if i == j else 0.0
@@ -419,36 +420,44 @@ def _scatter_one(residual, ivar_row, noise_free, dof_factor, n_iter, total_var, 
 
 
 @numba.njit(cache=True, fastmath=_REDUCE, error_model="numpy")
-def _normal_group(w0, w1, w2, w3, products_t, n_stars, out, k0, width):
-    # packed normal matrices of up to 4 pixels (rows k0.. of out) sharing every read of Z
-    n_packed = products_t.shape[0]
-    if width == 4:
-        for j in range(n_packed):
-            z = products_t[j]
+def _normal_group(w0, w1, w2, w3, products_t, n0, n1, out, k0, width):
+    # adds stars n0:n1 to the normal matrices of up to 4 pixels (rows k0.. of out), sharing every read
+    # of Z; the loops run over slices from 0 (a loop from n0 keeps numba's negative-index checks)
+    n_products = products_t.shape[0]
+    count = n1 - n0
+    a0 = w0[n0:n1]
+    a1 = w1[n0:n1]
+    a2 = w2[n0:n1]
+    a3 = w3[n0:n1]
+    for j in range(n_products):
+        z = products_t[j, n0:n1]
+        if width == 4:
             s0 = 0.0
             s1 = 0.0
             s2 = 0.0
             s3 = 0.0
-            for n in range(n_stars):
+            for n in range(count):
                 zn = z[n]
-                s0 += w0[n] * zn
-                s1 += w1[n] * zn
-                s2 += w2[n] * zn
-                s3 += w3[n] * zn
-            out[k0, j] = s0
-            out[k0 + 1, j] = s1
-            out[k0 + 2, j] = s2
-            out[k0 + 3, j] = s3
-    else:
-        for k in range(width):
-            w = w0 if k == 0 else (w1 if k == 1 else w2)
-            for j in range(n_packed):
-                out[k0 + k, j] = _dot(w, products_t[j], n_stars)
+                s0 += a0[n] * zn
+                s1 += a1[n] * zn
+                s2 += a2[n] * zn
+                s3 += a3[n] * zn
+            out[k0, j] += s0
+            out[k0 + 1, j] += s1
+            out[k0 + 2, j] += s2
+            out[k0 + 3, j] += s3
+        else:
+            for k in range(width):
+                a = a0 if k == 0 else (a1 if k == 1 else a2)
+                total = 0.0
+                for n in range(count):
+                    total += a[n] * z[n]
+                out[k0 + k, j] += total
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def _fit_fused(flux, ivar, mask, use_mask, noise_free, design_t, products_t, active, dof_factor, n_passes, n_iter,
-               tile, coef, ok, scatter_variance, counts, total_variance):
+def _fit_fused(flux, ivar, mask, use_mask, noise_free, design_t, products_t, packed_map, active, dof_factor, n_passes,
+               n_iter, tile, star_chunk, coef, ok, scatter_variance, counts, total_variance):
     n_stars, n_pixels = flux.shape
     n_terms = design_t.shape[0]
     n_packed = products_t.shape[0]
@@ -490,10 +499,13 @@ def _fit_fused(flux, ivar, mask, use_mask, noise_free, design_t, products_t, act
             counts[m0 + k] = count
             total_variance[m0 + k] = total
         for p in range(n_passes):
-            for k0 in range(0, width, 4):
-                group = min(4, width - k0)
-                _normal_group(w_t[k0], w_t[min(k0 + 1, width - 1)], w_t[min(k0 + 2, width - 1)],
-                              w_t[min(k0 + 3, width - 1)], products_t, n_stars, normal, k0, group)
+            normal[:] = 0.0
+            # stars in chunks whose rows of Z stay in L2 while every group of the tile reads them
+            for n0 in range(0, n_stars, star_chunk):
+                n1 = min(n0 + star_chunk, n_stars)
+                for k0 in range(0, width, 4):
+                    _normal_group(w_t[k0], w_t[min(k0 + 1, width - 1)], w_t[min(k0 + 2, width - 1)],
+                                  w_t[min(k0 + 3, width - 1)], products_t, n0, n1, normal, k0, min(4, width - k0))
             for k in range(width):
                 m = m0 + k
                 w_row = w_t[k]
@@ -502,7 +514,7 @@ def _fit_fused(flux, ivar, mask, use_mask, noise_free, design_t, products_t, act
                     buffer[n] = w_row[n] * f_row[n]
                 for i in range(n_terms):
                     rhs[i] = _dot(buffer, design_t[i], n_stars)
-                solved = _cholesky_solve(normal[k], rhs, active[m], n_terms, work, scale, y, out)
+                solved = _cholesky_solve(normal[k], packed_map, rhs, active[m], n_terms, work, scale, y, out)
                 for i in range(n_terms):
                     coef[m, i] = out[i] if solved else 0.0
                 ok[m] = solved
@@ -521,7 +533,7 @@ def _fit_fused(flux, ivar, mask, use_mask, noise_free, design_t, products_t, act
                             w_row[n] = iv / (1.0 + iv * s2)
 
 
-def fit_fused(flux, ivar, star_mask, design, active, n_passes, dof_factor, n_iter=40, tile=None):
+def fit_fused(flux, ivar, star_mask, design, active, n_passes, dof_factor, n_iter=40, tile=16, star_chunk=None):
     """Every training pass of a block of pixels in one kernel, parallel over tiles of pixels: each
     tile is transposed once into pixel-major buffers that stay in cache, then every pass computes
     per pixel the packed normal matrix (4 pixels share each read of Z), the right-hand side, the
@@ -536,8 +548,9 @@ def fit_fused(flux, ivar, star_mask, design, active, n_passes, dof_factor, n_ite
     n_stars, n_pixels = flux.shape
     design = np.ascontiguousarray(design, dtype=np.float64)
     n_terms = design.shape[1]
-    if tile is None:  # three tile x n_stars float64 buffers within ~1.5 MB of L2
-        tile = int(max(4, min(16, 1_500_000 // (24 * n_stars) // 4 * 4)))
+    products_t, packed_map = distinct_products(design)
+    if star_chunk is None:  # 4 pixels' weights and a row of Z for 1,024 stars (40 kB) stay in L1
+        star_chunk = 1024
     coef = np.empty((n_pixels, n_terms))
     ok = np.empty(n_pixels, dtype=np.bool_)
     s2 = np.empty(n_pixels)
@@ -545,7 +558,40 @@ def fit_fused(flux, ivar, star_mask, design, active, n_passes, dof_factor, n_ite
     total_variance = np.empty(n_pixels)
     noise_free = ivar is None
     _fit_fused(flux, flux if noise_free else ivar, flux if star_mask is None else star_mask, star_mask is not None,
-               noise_free, np.ascontiguousarray(design.T), np.ascontiguousarray(packed_products(design).T),
+               noise_free, np.ascontiguousarray(design.T), products_t, packed_map,
                np.ascontiguousarray(active, dtype=np.bool_), float(dof_factor), int(n_passes), int(n_iter),
-               int(tile), coef, ok, s2, counts, total_variance)
+               int(tile), int(star_chunk), coef, ok, s2, counts, total_variance)
     return coef, ok, s2, counts, total_variance
+
+
+def distinct_products(design, rtol=1e-13):
+    """Z^T with repeated columns dropped, and for every packed entry the row that holds it.
+
+    In a polynomial design many products a_i a_j are the same monomial (x1^2 x2^2 = (x1 x2)^2; at
+    K = 3, quadratic, 55 products are 35 monomials), so each pixel's normal matrix needs only the
+    distinct ones. Columns equal to ``rtol`` of their largest value (rounding of the products) count
+    as one: the normal matrices then differ from W^T Z by less than the GEMM's own rounding spread.
+    Returns (n_distinct, n_stars) float64 and (n_packed,) int64.
+    """
+    products = packed_products(np.asarray(design, dtype=np.float64))
+    n_stars, n_packed = products.shape
+    probe = products[np.linspace(0, n_stars - 1, min(n_stars, 16)).astype(np.int64)]
+    scale = np.maximum(np.abs(products).max(axis=0), 1e-300)
+    groups = {}
+    keep = []
+    packed_map = np.empty(n_packed, dtype=np.int64)
+    for j in range(n_packed):
+        # a coarse signature finds the candidates, the full comparison decides
+        key = tuple(np.round(probe[:, j] / scale[j], 8)) + (np.round(np.log2(scale[j]), 3),)
+        match = -1
+        for candidate in groups.get(key, ()):
+            column = products[:, keep[candidate]]
+            if np.max(np.abs(column - products[:, j])) <= rtol * max(scale[j], scale[keep[candidate]]):
+                match = candidate
+                break
+        if match < 0:
+            match = len(keep)
+            keep.append(j)
+            groups.setdefault(key, []).append(match)
+        packed_map[j] = match
+    return np.ascontiguousarray(products[:, keep].T), packed_map
