@@ -456,9 +456,10 @@ def _normal_group(w0, w1, w2, w3, products_t, n0, n1, out, k0, width):
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def _fit_fused(flux, ivar, mask, use_mask, noise_free, design_t, products_t, packed_map, active, dof_factor, n_passes,
-               n_iter, tile, star_chunk, coef, ok, scatter_variance, counts, total_variance):
-    n_stars, n_pixels = flux.shape
+def _fit_fused(flux, flux_stride, ivar, ivar_stride, mask, mask_stride, use_mask, noise_free, n_stars, n_pixels,
+               design_t, products_t, packed_map, active, dof_factor, n_passes, n_iter, tile, star_chunk, coef, ok,
+               scatter_variance, counts, total_variance):
+    # flux, ivar and mask are flat views: element (n, m) at [n * stride + m]
     n_terms = design_t.shape[0]
     n_packed = products_t.shape[0]
     n_tiles = (n_pixels + tile - 1) // tile
@@ -479,11 +480,15 @@ def _fit_fused(flux, ivar, mask, use_mask, noise_free, design_t, products_t, pac
         r2 = np.empty(n_stars)
         var = np.empty(n_stars)
         for n in range(n_stars):
+            # row slices from their first pixel: indices from 0 keep the inner loop free of
+            # negative-index checks
+            f_row = flux[n * flux_stride + m0:n * flux_stride + m0 + width]
+            iv_row = ivar[n * ivar_stride + m0:n * ivar_stride + m0 + width]
+            mask_row = mask[n * mask_stride + m0:n * mask_stride + m0 + width]
             for k in range(width):
-                m = m0 + k
-                w = 1.0 if noise_free else float(ivar[n, m])
-                seen = w > 0 and (not use_mask or mask[n, m])
-                f_t[k, n] = float(flux[n, m]) if seen else 0.0
+                w = 1.0 if noise_free else float(iv_row[k])
+                seen = w > 0 and (not use_mask or mask_row[k])
+                f_t[k, n] = float(f_row[k]) if seen else 0.0
                 iv_t[k, n] = w if seen else 0.0
         for k in range(width):
             count = 0
@@ -557,11 +562,30 @@ def fit_fused(flux, ivar, star_mask, design, active, n_passes, dof_factor, n_ite
     counts = np.empty(n_pixels, dtype=np.int64)
     total_variance = np.empty(n_pixels)
     noise_free = ivar is None
-    _fit_fused(flux, flux if noise_free else ivar, flux if star_mask is None else star_mask, star_mask is not None,
-               noise_free, np.ascontiguousarray(design.T), products_t, packed_map,
+    flux_flat, flux_stride = _flat_rows(flux)
+    ivar_flat, ivar_stride = (flux_flat, flux_stride) if noise_free else _flat_rows(ivar)
+    mask_flat, mask_stride = (flux_flat, flux_stride) if star_mask is None else _flat_rows(star_mask)
+    _fit_fused(flux_flat, flux_stride, ivar_flat, ivar_stride, mask_flat, mask_stride, star_mask is not None, noise_free,
+               n_stars, n_pixels, np.ascontiguousarray(design.T), products_t, packed_map,
                np.ascontiguousarray(active, dtype=np.bool_), float(dof_factor), int(n_passes), int(n_iter),
                int(tile), int(star_chunk), coef, ok, s2, counts, total_variance)
     return coef, ok, s2, counts, total_variance
+
+
+def _flat_rows(array):
+    """A read-only 1-D view of a 2-D array's rows and the row stride in elements: element (n, m) is
+    ``flat[n * stride + m]``. Column blocks of a C-ordered array are views (no copy); every input then
+    has the same numba type whatever its layout, so one compiled kernel serves them all."""
+    array = np.asarray(array)
+    n_rows, n_cols = array.shape
+    item = array.itemsize
+    row, col = array.strides
+    if col != item or row % item or row < n_cols * item:
+        array = np.ascontiguousarray(array)
+        row = n_cols * item
+    span = (n_rows - 1) * (row // item) + n_cols if n_rows else 0
+    flat = np.lib.stride_tricks.as_strided(array, shape=(span,), strides=(item,), writeable=False)
+    return flat, row // item
 
 
 def distinct_products(design, rtol=1e-13):
