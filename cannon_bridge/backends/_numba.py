@@ -251,10 +251,11 @@ def reweight(ivar, observed, scatter_variance, out):
 
 
 # ---------------------------------------------------------------------------
-# fused training path for small models (few terms): pixel-major blocks, one kernel per pass
+# fused training path for few terms: every pass of a block of pixels in one kernel
 # ---------------------------------------------------------------------------
-#: Largest number of terms for which ``fit_block_pass`` computes the right-hand sides and residuals
-#: itself: BLAS is slow for GEMMs with ~10 columns, numba dots are not for ~100.
+#: Largest number of terms trained by ``fit_fused`` (per-pixel dot products in numba); above it, the
+#: generic path (one BLAS GEMM per block and pass for all normal matrices) is faster: BLAS is slow for
+#: GEMMs with ~10 columns, numba dot products are slow next to BLAS for ~100.
 FUSED_MAX_TERMS = 32
 
 # reassociation lets LLVM vectorise the dot products and sums; no 'nnan'/'ninf' (the scatter fit
@@ -505,7 +506,7 @@ def _fit_fused(flux, flux_stride, ivar, ivar_stride, mask, mask_stride, use_mask
             total_variance[m0 + k] = total
         for p in range(n_passes):
             normal[:] = 0.0
-            # stars in chunks whose rows of Z stay in L2 while every group of the tile reads them
+            # stars in chunks whose rows of Z stay in L1 while every group of the tile reads them
             for n0 in range(0, n_stars, star_chunk):
                 n1 = min(n0 + star_chunk, n_stars)
                 for k0 in range(0, width, 4):
@@ -538,7 +539,7 @@ def _fit_fused(flux, flux_stride, ivar, ivar_stride, mask, mask_stride, use_mask
                             w_row[n] = iv / (1.0 + iv * s2)
 
 
-def fit_fused(flux, ivar, star_mask, design, active, n_passes, dof_factor, n_iter=40, tile=16, star_chunk=None):
+def fit_fused(flux, ivar, star_mask, design, active, n_passes, dof_factor, n_iter=40, tile=None, star_chunk=None):
     """Every training pass of a block of pixels in one kernel, parallel over tiles of pixels: each
     tile is transposed once into pixel-major buffers that stay in cache, then every pass computes
     per pixel the packed normal matrix (4 pixels share each read of Z), the right-hand side, the
@@ -556,6 +557,8 @@ def fit_fused(flux, ivar, star_mask, design, active, n_passes, dof_factor, n_ite
     products_t, packed_map = distinct_products(design)
     if star_chunk is None:  # 4 pixels' weights and a row of Z for 1,024 stars (40 kB) stay in L1
         star_chunk = 1024
+    if tile is None:  # 16 pixels (a float32 row segment is one cache line); smaller for very many stars
+        tile = int(min(16, max(4, 2**21 // max(n_stars, 1))))
     coef = np.empty((n_pixels, n_terms))
     ok = np.empty(n_pixels, dtype=np.bool_)
     s2 = np.empty(n_pixels)
