@@ -255,8 +255,10 @@ def reweight(ivar, observed, scatter_variance, out):
 # ---------------------------------------------------------------------------
 #: Largest number of terms trained by ``fit_fused`` (per-pixel dot products in numba); above it, the
 #: generic path (one BLAS GEMM per block and pass for all normal matrices) is faster: BLAS is slow for
-#: GEMMs with ~10 columns, numba dot products are slow next to BLAS for ~100.
-FUSED_MAX_TERMS = 32
+#: GEMMs with ~10 columns, numba dot products are slow next to BLAS for ~100. Measured here (2 cores,
+#: quadratic, fused / generic s): N=2,000, M=4,000: K=4 0.25/0.89, K=6 0.49/1.08, K=7 0.65/1.25,
+#: K=9 1.25/1.66, K=12 3.20/2.95; N=10,000, M=1,500: K=5 1.43/2.73, K=7 3.42/3.90, K=9 7.2/5.0.
+FUSED_MAX_TERMS = 36  # K <= 7 at order 2
 
 # reassociation lets LLVM vectorise the dot products and sums; no 'nnan'/'ninf' (the scatter fit
 # relies on inf), no reciprocal approximations
