@@ -482,17 +482,18 @@ def _fit_fused(flux, flux_stride, ivar, ivar_stride, mask, mask_stride, use_mask
         buffer = np.empty(n_stars)
         r2 = np.empty(n_stars)
         var = np.empty(n_stars)
+        base_f = m0
+        base_i = m0
+        base_m = m0
         for n in range(n_stars):
-            # row slices from their first pixel: indices from 0 keep the inner loop free of
-            # negative-index checks
-            f_row = flux[n * flux_stride + m0:n * flux_stride + m0 + width]
-            iv_row = ivar[n * ivar_stride + m0:n * ivar_stride + m0 + width]
-            mask_row = mask[n * mask_stride + m0:n * mask_stride + m0 + width]
             for k in range(width):
-                w = 1.0 if noise_free else float(iv_row[k])
-                seen = w > 0 and (not use_mask or mask_row[k])
-                f_t[k, n] = float(f_row[k]) if seen else 0.0
+                w = 1.0 if noise_free else float(ivar[base_i + k])
+                seen = w > 0 and (not use_mask or mask[base_m + k])
+                f_t[k, n] = float(flux[base_f + k]) if seen else 0.0
                 iv_t[k, n] = w if seen else 0.0
+            base_f += flux_stride
+            base_i += ivar_stride
+            base_m += mask_stride
         for k in range(width):
             count = 0
             total = 0.0
