@@ -23,7 +23,8 @@ def mock_pair():
 def fitted(mock_pair):
     data, _ = mock_pair
     train = data.subset(np.arange(200))
-    return BridgeModel(CORE, HEAVY, backend="numpy", cv_folds=3).fit(train)
+    return BridgeModel(CORE, HEAVY, backend="numpy", cv_folds=3, apogee_regularization=100.0,
+                       galah_regularization=100.0).fit(train)
 
 
 def test_heavy_terms_are_censored_outside_their_windows(fitted):
@@ -66,7 +67,8 @@ def test_missing_labels_still_train_every_pixel(mock_pair):
     data, _ = mock_pair
     train = data.subset(np.arange(200))
     assert np.isnan(train.labels).any()
-    model = BridgeModel(CORE, HEAVY, backend="numpy", calibrate=False).fit(train)
+    model = BridgeModel(CORE, HEAVY, backend="numpy", calibrate=False, apogee_regularization=100.0,
+                        galah_regularization=100.0).fit(train)
     assert np.all(model.galah_model_.pixel_flags_ == 0)
     assert np.all(np.isfinite(model.galah_model_.coef_))
 
@@ -120,10 +122,39 @@ def test_band_limited_training_gives_a_closer_galah_model(mock_pair):
     true = make_crossmatch(260, seed=3, missing_fraction=0.0).subset(np.arange(200, 260))
     names = CORE_LABELS + HEAVY_LABELS
     labels = true.labels[:, [names.index(n) for n in CORE + HEAVY]]
-    reference = BridgeModel(CORE, HEAVY, backend="numpy", calibrate=False, band_limit_training=False).fit(clean)
+    fixed = dict(backend="numba", calibrate=False, apogee_regularization=30.0, galah_regularization=30.0)
+    reference = BridgeModel(CORE, HEAVY, band_limit_training=False, **fixed).fit(clean)
     expected = reference.generate_galah(labels)
     errors = {}
     for flag in (False, True):
-        model = BridgeModel(CORE, HEAVY, backend="numpy", calibrate=False, band_limit_training=flag).fit(train)
+        model = BridgeModel(CORE, HEAVY, band_limit_training=flag, **fixed).fit(train)
         errors[flag] = np.sqrt(np.mean((model.generate_galah(labels) - expected) ** 2))
     assert errors[True] < 0.9 * errors[False], errors
+
+
+def test_regularization_is_chosen_by_cross_validation_per_pixel_class(mock_pair, tmp_path):
+    """Several L1 strengths: K-fold CV scores each by the held-out stars' chi^2 and keeps the best,
+    separately for core-only and heavy-line pixels; the choice is saved with the model."""
+    data, _ = mock_pair
+    train = data.subset(np.arange(120))
+    model = BridgeModel(CORE, HEAVY, backend="numba", calibrate=False, cv_folds=3, apogee_regularization=(0.0, 1e5),
+                        galah_regularization=(0.0, 30.0)).fit(train)
+    for survey in ("apogee", "galah"):
+        strengths = getattr(model, f"{survey}_regularization_")
+        heavy_pixel = getattr(model, f"{survey}_allowed_")[:, len(CORE):].any(axis=1)
+        for name, pixels in (("core", ~heavy_pixel), ("heavy", heavy_pixel)):
+            if not pixels.any():
+                assert name not in model.regularization_scores_[survey]
+                continue
+            scores = model.regularization_scores_[survey][name]
+            best = min(scores, key=scores.get)
+            assert np.all(strengths[pixels] == best)
+    # an absurd strength flattens every coefficient: CV must reject it
+    assert np.all(model.apogee_regularization_ == 0.0)
+    assert model.regularization_scores_["apogee"]["core"][1e5] > 1.5 * model.regularization_scores_["apogee"]["core"][0.0]
+    path = tmp_path / "bridge.fits"
+    model.save(path)
+    loaded = BridgeModel.load(path)
+    assert np.array_equal(loaded.galah_regularization_, model.galah_regularization_)
+    with pytest.raises(InvalidInputError, match="galah_regularization"):
+        BridgeModel(CORE, HEAVY, calibrate=False, galah_regularization=(-1.0, 10.0)).fit(train)
