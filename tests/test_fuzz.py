@@ -497,12 +497,13 @@ def bridge_setup():
                   apogee_wavelength=xm.apogee_wavelength[ap], galah_wavelength=gw[ga],
                   labels=xm.labels_for(CORE + HEAVY))
     bridge = BridgeModel(CORE, HEAVY, order=2, apogee_order=2, galah_order=2, backend="numpy",
-                         calibrate=False).fit(**pieces)
+                         calibrate=False, apogee_regularization=100.0, galah_regularization=100.0).fit(**pieces)
     return bridge, pieces
 
 
 def _bridge_params(**changes):
-    params = dict(order=2, apogee_order=2, galah_order=2, backend="numpy", calibrate=False)
+    params = dict(order=2, apogee_order=2, galah_order=2, backend="numpy", calibrate=False,
+                  apogee_regularization=100.0, galah_regularization=100.0)
     params.update(changes)
     return params
 
