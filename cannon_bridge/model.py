@@ -570,7 +570,8 @@ def fit_pixels(design, flux, ivar, active, backend, scatter_iterations=2, regula
     xp, to_device, to_host = backend.xp, backend.to_device, backend.to_host
     design = to_device(design)
     # Z (the packed a a^T of every star) depends on the labels only: build it once per fit
-    products = packed_products(design, xp)
+    reweighted = getattr(backend, "solve_reweighted", None)  # numba: every L1 reweighting in one kernel call
+    products = backend.training_products(design) if reweighted is not None else packed_products(design, xp)
     dof_factor = n_stars / max(n_stars - n_terms, 1)
     fused = getattr(backend, "prepare_block", None)  # numba: the elementwise work in one pass per block
     for start in tqdm(starts, desc="training pixels", disable=not progress, unit="block"):
@@ -699,6 +700,10 @@ def _fill_unfittable(theta, s2, bad, flux_bad_t, observed_bad_t, design):
 
 def _solve_with_regularization(backend, design, weights, flux, active, regularization, n_reweight=6, products=None):
     xp = backend.xp
+    if getattr(backend, "solve_reweighted", None) is not None:
+        # the same solves, fused per pixel (``products``: from backend.training_products, or None)
+        coef, ok = backend.solve_reweighted(design, weights, flux, active, regularization, n_reweight, products=products)
+        return xp.asarray(coef), xp.asarray(ok)
     if regularization <= 0:
         coef, ok = backend.solve_normal_equations(design, weights, flux, active=active, products=products)
         return xp.asarray(coef), xp.asarray(ok)

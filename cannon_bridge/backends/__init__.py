@@ -18,6 +18,10 @@ A backend is a small namespace of pure array functions:
     The array module used by the batched test step (numpy or cupy).
 ``to_device(array)``, ``to_host(array)``
     Move a block to the backend's array module and back (on the CPU: float blocks become float64).
+``solve_reweighted(design, weights, flux, active, regularization, n_reweight, products)``,
+``training_products(design)`` (optional)
+    Every solve of the reweighted-L1 loop of a block in one kernel call, on the distinct products
+    that ``training_products`` builds once per fit, numba only.
 ``prepare_block``, ``reweight`` (optional)
     Fused elementwise work of a training block (masks, weights, pixel-major copies), numba only.
 
@@ -102,6 +106,8 @@ def get_backend(name: str = "auto") -> SimpleNamespace:
     )
     if hasattr(module, "prepare_block"):  # optional fused elementwise kernels (numba)
         namespace.prepare_block, namespace.reweight = module.prepare_block, module.reweight
+    if hasattr(module, "solve_reweighted"):  # every reweighted-L1 solve of a block in one kernel (numba)
+        namespace.solve_reweighted, namespace.training_products = module.solve_reweighted, module.training_products
     if hasattr(module, "fit_fused"):  # every training pass of a block in one kernel, for few terms (numba)
         namespace.fit_fused, namespace.fused_max_terms = module.fit_fused, module.FUSED_MAX_TERMS
     return namespace
