@@ -387,6 +387,7 @@ class BridgeModel(BaseEstimator):
         self.uncertainty_scale_ = {mode: np.ones(len(names)) for mode in MODES}
         self.galah_variance_scale_ = 1.0
         self.fusion_weights_ = np.full(len(names), np.nan)  # NaN: the Kalman update (see _calibrate_fusion)
+        self.fusion_correlation_ = None  # measured by _calibrate_fusion
         if self.calibrate:
             self._calibrate(apogee_flux, apogee_ivar, galah_flux, galah_ivar, labels)
         return self
@@ -681,6 +682,9 @@ class BridgeModel(BaseEstimator):
         n_labels = len(self.label_names_)
         for sub in fold_models:
             sub.fusion_weights_ = np.full(n_labels, np.nan)
+        self.fusion_correlation_ = self._error_correlation(pairs, labels)
+        for sub in fold_models:
+            sub.fusion_correlation_ = self.fusion_correlation_
         kalman = np.vstack([sub._fuse(ra, rg).labels for _, sub, ra, rg in pairs])
         apogee = np.vstack([ra.labels for _, _, ra, _ in pairs])
         galah = np.vstack([rg.labels for _, _, _, rg in pairs])
@@ -704,6 +708,30 @@ class BridgeModel(BaseEstimator):
         for sub in fold_models:
             sub.fusion_weights_ = weights.copy()
         return [(test, sub, sub._fuse(ra, rg)) for test, sub, ra, rg in pairs]
+
+    def _error_correlation(self, pairs, labels):
+        """Correlation matrix of the held-out label errors [APOGEE's labels, GALAH's labels] (z-scores).
+
+        Pairwise over the stars whose true labels are known, then made positive definite
+        (eigenvalues clipped at 0.02, unit diagonal restored).
+        """
+        index = self.apogee_label_index_
+        z = np.vstack([np.hstack([(ra.labels[:, index] - labels[test][:, index]) / ra.uncertainties[:, index],
+                                  (rg.labels - labels[test]) / rg.uncertainties]) for test, _, ra, rg in pairs])
+        n = z.shape[1]
+        correlation = np.eye(n)
+        for i in range(n):
+            for j in range(i):
+                both = np.isfinite(z[:, i]) & np.isfinite(z[:, j])
+                value = np.corrcoef(z[both, i], z[both, j])[0, 1] if both.sum() >= 10 else 0.0
+                correlation[i, j] = correlation[j, i] = value if np.isfinite(value) else 0.0
+        values, vectors = np.linalg.eigh(correlation)
+        correlation = (vectors * np.maximum(values, 0.02)) @ vectors.T
+        scale = np.sqrt(np.diag(correlation))
+        correlation = correlation / scale[:, None] / scale[None, :]
+        logger.info("joint mode: correlation of the two surveys' label errors %s",
+                    {self.label_names_[k]: round(float(correlation[j, index.size + k]), 2) for j, k in enumerate(index)})
+        return correlation
 
     def _clone_for_cv(self):
         from sklearn.base import clone
@@ -811,20 +839,29 @@ class BridgeModel(BaseEstimator):
         usable = np.all(np.isfinite(cov_a.reshape(len(cov_a), -1)), axis=1) & \
             np.all(np.isfinite(cov_g.reshape(len(cov_g), -1)), axis=1)
         labels, covariance = from_galah.labels.copy(), cov_g.copy()
-        if usable.any():
-            g = cov_g[usable]
-            innovation = from_apogee.labels[usable][:, index] - from_galah.labels[usable][:, index]
-            total = g[:, index[:, None], index[None, :]] + cov_a[usable]
-            gain = np.linalg.solve(total, np.transpose(g[:, :, index], (0, 2, 1)))  # (S, c, K) = S^-1 C_cK
-            gain = np.transpose(gain, (0, 2, 1))  # (S, K, c)
-            fused = from_galah.labels[usable] + np.einsum("skc,sc->sk", gain, innovation)
+        correlation = getattr(self, "fusion_correlation_", None)
+        n_joint = index.size + cov_g.shape[1]
+        if correlation is not None and correlation.shape == (n_joint, n_joint) and usable.any():
+            # the measured correlation of both surveys' errors (see _error_correlation)
+            rows = np.flatnonzero(usable)
+            fused, updated, sane = _correlated_update(from_galah.labels[rows], cov_g[rows],
+                                                      from_apogee.labels[rows][:, index], cov_a[rows], index,
+                                                      correlation)
+            labels[rows[sane]], covariance[rows[sane]] = fused[sane], updated[sane]
+            usable[rows[sane]] = False
+        if usable.any():  # no measured correlation (or it failed): the Kalman update of independent errors
+            rows = np.flatnonzero(usable)
+            g = cov_g[rows]
+            innovation = from_apogee.labels[rows][:, index] - from_galah.labels[rows][:, index]
+            total = g[:, index[:, None], index[None, :]] + cov_a[rows]
+            gain = np.transpose(np.linalg.solve(total, np.transpose(g[:, :, index], (0, 2, 1))), (0, 2, 1))
+            fused = from_galah.labels[rows] + np.einsum("skc,sc->sk", gain, innovation)
             updated = g - gain @ g[:, index, :]
             updated = 0.5 * (updated + np.transpose(updated, (0, 2, 1)))
             # a near-singular single-survey covariance (e.g. every APOGEE pixel masked) can make the
             # update lose positivity: those stars keep the GALAH posterior rather than a NaN uncertainty
             sane = np.all(np.einsum("sii->si", updated) > 0, axis=1) & np.all(np.isfinite(fused), axis=1)
-            rows = np.flatnonzero(usable)[sane]
-            labels[rows], covariance[rows] = fused[sane], updated[sane]
+            labels[rows[sane]], covariance[rows[sane]] = fused[sane], updated[sane]
         # labels where cross-validation preferred a fixed blend of the two estimates (see _calibrate_fusion)
         weights = getattr(self, "fusion_weights_", None)
         for k in np.flatnonzero(np.isfinite(weights)) if weights is not None else ():
@@ -966,6 +1003,8 @@ class BridgeModel(BaseEstimator):
             strengths = getattr(self, f"{survey}_regularization_", None)
             if strengths is not None:
                 arrays[f"regularization_{survey}"] = np.asarray(strengths, float)
+        if getattr(self, "fusion_correlation_", None) is not None:
+            arrays["fusion_correlation"] = np.asarray(self.fusion_correlation_, float)
         arrays["fusion_weights"] = np.asarray(getattr(self, "fusion_weights_", np.full(len(self.label_names_), np.nan)),
                                               float)
         arrays["galah_variance_scale"] = np.broadcast_to(
@@ -1001,10 +1040,41 @@ class BridgeModel(BaseEstimator):
         model.uncertainty_scale_ = {mode: arrays[f"uncertainty_scale_{mode}"] for mode in MODES}
         model.galah_variance_scale_ = arrays["galah_variance_scale"]
         model.fusion_weights_ = arrays.get("fusion_weights", np.full(len(model.label_names_), np.nan))
+        model.fusion_correlation_ = arrays.get("fusion_correlation")
         for survey in ("apogee", "galah"):
             if f"regularization_{survey}" in arrays:
                 setattr(model, f"{survey}_regularization_", arrays[f"regularization_{survey}"])
         return model
+
+
+def _correlated_update(galah_labels, galah_cov, apogee_labels, apogee_cov, index, correlation):
+    """The GALAH estimate updated by APOGEE's estimate of the labels ``index``, errors correlated.
+
+    Two estimates of the same labels whose errors correlate (both models learned from one training
+    set, so they err alike where it is sparse) carry less than two independent ones. ``correlation``
+    is the (c + K, c + K) correlation matrix of the errors [APOGEE's c labels, GALAH's K labels],
+    measured on held-out stars; with each star's standard deviations D it gives the joint error
+    covariance Sigma = D R D. The best linear combination is x = g + L V^-1 (a - g_c), with
+    V = Cov(a - g_c) and L = Cov(e_g, e_g,c - e_a), and its covariance is Sigma_gg - L V^-1 L^T.
+    Returns (labels, covariance, sane) where ``sane`` marks stars whose result is usable.
+    """
+    n_apogee = index.size
+    sd = np.sqrt(np.maximum(np.concatenate([np.einsum("sii->si", apogee_cov), np.einsum("sii->si", galah_cov)],
+                                           axis=1), 0.0))
+    joint = sd[:, :, None] * correlation[None] * sd[:, None, :]
+    a_block, g_block = slice(0, n_apogee), slice(n_apogee, None)
+    s_aa, s_gg, s_ga = joint[:, a_block, a_block], joint[:, g_block, g_block], joint[:, g_block, a_block]
+    left = s_gg[:, :, index] - s_ga  # Cov(e_g, e_g,c - e_a)
+    difference = s_gg[:, index[:, None], index[None, :]] + s_aa - s_ga[:, index, :] - np.transpose(s_ga[:, index, :], (0, 2, 1))
+    difference = 0.5 * (difference + np.transpose(difference, (0, 2, 1)))
+    positive = np.all(np.linalg.eigvalsh(difference) > 0, axis=1)
+    difference[~positive] = np.eye(n_apogee)
+    gain = np.transpose(np.linalg.solve(difference, np.transpose(left, (0, 2, 1))), (0, 2, 1))  # (S, K, c)
+    fused = galah_labels + np.einsum("skc,sc->sk", gain, apogee_labels - galah_labels[:, index])
+    updated = s_gg - gain @ np.transpose(left, (0, 2, 1))
+    updated = 0.5 * (updated + np.transpose(updated, (0, 2, 1)))
+    sane = positive & np.all(np.einsum("sii->si", updated) > 0, axis=1) & np.all(np.isfinite(fused), axis=1)
+    return fused, updated, sane
 
 
 def _standard_draws(n_samples: int, n_labels: int) -> np.ndarray:

@@ -158,3 +158,46 @@ def test_regularization_is_chosen_by_cross_validation_per_pixel_class(mock_pair,
     assert np.array_equal(loaded.galah_regularization_, model.galah_regularization_)
     with pytest.raises(InvalidInputError, match="galah_regularization"):
         BridgeModel(CORE, HEAVY, calibrate=False, galah_regularization=(-1.0, 10.0)).fit(train)
+
+
+def _random_covariance(rng, n):
+    a = rng.normal(size=(n, n))
+    return a @ a.T + 0.5 * np.eye(n)
+
+
+def test_correlated_update_is_the_generalised_least_squares_combination():
+    """Fusing two estimates whose errors correlate: the update equals brute-force GLS on the stacked
+    estimates, its covariance is the true error covariance (Monte Carlo), and with no cross-correlation
+    it is the plain Kalman update."""
+    from cannon_bridge.bridge import _correlated_update
+
+    rng = np.random.default_rng(5)
+    n_labels, index = 4, np.array([0, 1, 2])
+    n_apogee = index.size
+    joint = _random_covariance(rng, n_apogee + n_labels)
+    sd = np.sqrt(np.diag(joint))
+    correlation = joint / sd[:, None] / sd[None, :]
+    cov_a, cov_g = joint[:n_apogee, :n_apogee], joint[n_apogee:, n_apogee:]
+    truth = rng.normal(size=n_labels)
+    errors = rng.multivariate_normal(np.zeros(n_apogee + n_labels), joint, size=20000)
+    a, g = truth[index] + errors[:, :n_apogee], truth + errors[:, n_apogee:]
+    stars = len(a)
+    fused, covariance, sane = _correlated_update(g, np.broadcast_to(cov_g, (stars,) + cov_g.shape).copy(), a,
+                                                 np.broadcast_to(cov_a, (stars,) + cov_a.shape).copy(), index,
+                                                 correlation)
+    assert np.all(sane)
+    # brute force: x = (H^T S^-1 H)^-1 H^T S^-1 [a; g] with H = [rows `index` of I; I]
+    design = np.vstack([np.eye(n_labels)[index], np.eye(n_labels)])
+    precision = np.linalg.inv(joint)
+    gls_cov = np.linalg.inv(design.T @ precision @ design)
+    gls = (gls_cov @ design.T @ precision @ np.hstack([a, g]).T).T
+    assert np.allclose(fused, gls, atol=1e-10) and np.allclose(covariance[0], gls_cov, atol=1e-10)
+    empirical = np.cov((fused - truth).T)
+    assert np.allclose(np.diag(empirical), np.diag(covariance[0]), rtol=0.05)
+    # no cross-correlation: the Kalman update of independent estimates
+    independent = correlation.copy()
+    independent[:n_apogee, n_apogee:] = independent[n_apogee:, :n_apogee] = 0.0
+    fused0, cov0, _ = _correlated_update(g[:1], cov_g[None], a[:1], cov_a[None], index, independent)
+    gain = cov_g[:, index] @ np.linalg.inv(cov_g[np.ix_(index, index)] + cov_a)
+    assert np.allclose(fused0[0], g[0] + gain @ (a[0] - g[0, index]), atol=1e-10)
+    assert np.allclose(cov0[0], cov_g - gain @ cov_g[index], atol=1e-10)
