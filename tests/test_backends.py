@@ -412,3 +412,21 @@ def test_fit_pixels_l1_many_terms_with_star_mask_agrees_between_backends(toy_sur
         assert relative_difference(a, b) < 1e-8
     np.testing.assert_array_equal(results[0][2], results[1][2])
     assert results[1][2][4] != 0 and np.sum(results[1][2] == 0) > 20
+
+
+@pytest.mark.parametrize("regularization", [0.0, 30.0])
+def test_cubic_five_label_model_agrees_between_backends(rng, regularization):
+    """56 terms (above the fused kernel's limit) with and without L1: CannonModel on numba (distinct
+    products, reweighted kernel) equals numpy in coefficients, scatter and flags."""
+    n_stars, n_pixels = 400, 30
+    labels = rng.normal(size=(n_stars, 5))
+    flux = (1.0 + 0.02 * labels @ rng.normal(size=(5, n_pixels)) + 0.01 * (labels**2) @ rng.normal(size=(5, n_pixels))
+            + rng.normal(scale=0.01, size=(n_stars, n_pixels)))
+    ivar = np.full(flux.shape, 1e4)
+    ivar[rng.random(ivar.shape) < 0.1] = 0.0
+    models = [CannonModel(list("abcde"), order=3, regularization=regularization, backend=name).fit(flux, labels, ivar)
+              for name in CPU_BACKENDS]
+    assert models[0].coef_.shape == (n_pixels, 56)
+    assert relative_difference(models[0].coef_, models[1].coef_) < 1e-8
+    assert relative_difference(models[0].scatter_, models[1].scatter_) < 1e-8
+    np.testing.assert_array_equal(models[0].pixel_flags_, models[1].pixel_flags_)
