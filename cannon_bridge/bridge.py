@@ -36,6 +36,9 @@ __all__ = ["BridgeModel", "BridgeInferenceResult", "BUILTIN_GALAH_LINES"]
 
 logger = logging.getLogger(__name__)
 
+#: how the joint mode combines the surveys for a label (``BridgeModel.fusion_methods_``)
+FUSION_CORRELATED, FUSION_KALMAN, FUSION_BLEND = 0, 1, 2
+
 #: Heavy-element lines in the GALAH CCDs (air Angstrom), the default censoring windows when no
 #: line list is given: the GALAH DR3 abundance lines plus every line of the element within 1 dex
 #: of its strongest in the CCDs (line_strength at 5000 K) from the Gaia-ESO line list, as
@@ -202,8 +205,12 @@ class BridgeModel(BaseEstimator):
     apogee_model_, galah_model_ : CannonModel
     apogee_labels_, galah_labels_ : list of str, the labels each survey's model uses
     uncertainty_scale_ : dict mode -> ndarray (n_labels,), CV calibration factors
-    fusion_weights_ : ndarray (n_labels,), weight of the APOGEE estimate in the joint mode for labels
-        where cross-validation preferred a fixed blend to the Kalman update (NaN: Kalman)
+    fusion_correlation_ : ndarray (n_apogee_labels + n_labels,) * 2, correlation of the two surveys' label
+        errors on held-out training stars (the joint mode's update uses it)
+    fusion_methods_ : ndarray (n_labels,), per label the joint combination cross-validation chose:
+        0 correlated update, 1 Kalman update of independent errors, 2 fixed blend
+    fusion_weights_ : ndarray (n_labels,), weight of the APOGEE estimate for the labels with a fixed
+        blend (NaN otherwise)
     apogee_regularization_, galah_regularization_ : ndarray (n_pixels,), the L1 strength of each pixel
     regularization_scores_ : dict survey -> pixel class -> {strength: held-out chi^2} (when chosen by CV)
     """
@@ -388,6 +395,7 @@ class BridgeModel(BaseEstimator):
         self.galah_variance_scale_ = 1.0
         self.fusion_weights_ = np.full(len(names), np.nan)  # NaN: the Kalman update (see _calibrate_fusion)
         self.fusion_correlation_ = None  # measured by _calibrate_fusion
+        self.fusion_methods_ = np.full(len(names), FUSION_CORRELATED, dtype=np.int64)
         if self.calibrate:
             self._calibrate(apogee_flux, apogee_ivar, galah_flux, galah_ivar, labels)
         return self
@@ -667,11 +675,11 @@ class BridgeModel(BaseEstimator):
     def _calibrate_fusion(self, held, labels, folds, fold_models):
         """Choose, per label, how the joint mode combines the two single-survey estimates.
 
-        The Kalman update is optimal only if both calibrated covariances are right; where a
-        survey's model errors are correlated across labels it can do worse than the better
-        survey alone. On the held-out folds, each label keeps the Kalman value or the best
-        fixed blend ``w * apogee + (1 - w) * galah``, whichever has the lower CV error.
-        Reuses the single-survey held-out results (no extra inference).
+        Labels both surveys measure use the update with the measured correlation of the two
+        surveys' errors (``fusion_correlation_``, see :func:`_correlated_update`); for the others
+        cross-validation picks the Kalman update of independent errors or the best fixed blend
+        ``w * apogee + (1 - w) * galah``, whichever has the lower held-out error. The correlation
+        used for a fold is measured on the other folds. Reuses the single-survey held-out results.
         """
         def scaled(result, mode):
             factor = self.uncertainty_scale_[mode]
@@ -680,33 +688,43 @@ class BridgeModel(BaseEstimator):
         pairs = [(test, sub, scaled(ra, "apogee"), scaled(rg, "galah"))
                  for (test, sub, ra), (_, _, rg) in zip(held["apogee"], held["galah"])]
         n_labels = len(self.label_names_)
-        for sub in fold_models:
-            sub.fusion_weights_ = np.full(n_labels, np.nan)
-        self.fusion_correlation_ = self._error_correlation(pairs, labels)
-        for sub in fold_models:
-            sub.fusion_correlation_ = self.fusion_correlation_
-        kalman = np.vstack([sub._fuse(ra, rg).labels for _, sub, ra, rg in pairs])
+        out_of_fold = [self._error_correlation([p for j, p in enumerate(pairs) if j != i], labels)
+                       for i in range(len(pairs))]
+        correlated = np.vstack([sub._fuse_update(ra, rg, corr)[0] for (_, sub, ra, rg), corr in zip(pairs, out_of_fold)])
+        kalman = np.vstack([sub._fuse_update(ra, rg, None)[0] for _, sub, ra, rg in pairs])
         apogee = np.vstack([ra.labels for _, _, ra, _ in pairs])
         galah = np.vstack([rg.labels for _, _, _, rg in pairs])
         truth = np.vstack([labels[test] for test, _, _, _ in pairs])
         weights = np.full(n_labels, np.nan)
+        methods = np.full(n_labels, FUSION_CORRELATED, dtype=np.int64)
+        # Labels both surveys measure take the correlated update: their errors' correlation
+        # (0.6-0.9 on physset) is large and well measured, and ignoring it overweights the worse
+        # survey. The other labels (APOGEE knows them only through the population prior) have
+        # weak, noisy correlations with APOGEE's errors that add noise there, so CV picks the
+        # Kalman update or a fixed blend for them.
+        measured = set(int(k) for k in self.apogee_label_index_)
         for k in range(n_labels):
             known = np.isfinite(truth[:, k]) & np.isfinite(apogee[:, k]) & np.isfinite(galah[:, k])
             if known.sum() < 10:
                 continue
-            a, g, t, f = apogee[known, k], galah[known, k], truth[known, k], kalman[known, k]
+            a, g, t = apogee[known, k], galah[known, k], truth[known, k]
             spread = np.sum((g - a) ** 2)
             w = float(np.clip(np.sum((g - t) * (g - a)) / spread, 0.0, 1.0)) if spread > 0 else 0.0
-            blend_mse, kalman_mse = np.mean((w * a + (1 - w) * g - t) ** 2), np.mean((f - t) ** 2)
-            # the blend must win clearly (5% in RMS): with a few hundred stars the CV errors are noisy
-            # and the Kalman update also uses the correlations between labels
-            if blend_mse < 0.9 * kalman_mse:
+            errors = [np.mean((correlated[known, k] - t) ** 2), np.mean((kalman[known, k] - t) ** 2),
+                      np.mean((w * a + (1 - w) * g - t) ** 2)]
+            if k in measured:
+                methods[k] = FUSION_CORRELATED
+            else:
+                methods[k] = FUSION_KALMAN if errors[1] <= errors[2] else FUSION_BLEND
+            if methods[k] == FUSION_BLEND:
                 weights[k] = w
-            logger.info("joint mode, %s: CV RMS Kalman %.4g, blend (w_apogee=%.2f) %.4g -> %s", self.label_names_[k],
-                        np.sqrt(kalman_mse), w, np.sqrt(blend_mse), "blend" if np.isfinite(weights[k]) else "Kalman")
-        self.fusion_weights_ = weights
-        for sub in fold_models:
-            sub.fusion_weights_ = weights.copy()
+            logger.info("joint mode, %s: CV RMS correlated %.4g, Kalman %.4g, blend (w_apogee=%.2f) %.4g -> %s",
+                        self.label_names_[k], *np.sqrt(errors[:2]), w, np.sqrt(errors[2]),
+                        ("correlated", "Kalman", "blend")[methods[k]])
+        self.fusion_correlation_ = self._error_correlation(pairs, labels)
+        self.fusion_methods_, self.fusion_weights_ = methods, weights
+        for sub, corr in zip(fold_models, out_of_fold):
+            sub.fusion_correlation_, sub.fusion_methods_, sub.fusion_weights_ = corr, methods.copy(), weights.copy()
         return [(test, sub, sub._fuse(ra, rg)) for test, sub, ra, rg in pairs]
 
     def _error_correlation(self, pairs, labels):
@@ -825,31 +843,27 @@ class BridgeModel(BaseEstimator):
         return BridgeInferenceResult(labels, covariance, chi2, chi2 / dof, n_iter, flags, list(self.label_names_),
                                      chi2_apogee=chi2_per.get("apogee"), chi2_galah=chi2_per.get("galah"), mode=mode)
 
-    def _fuse(self, from_apogee, from_galah) -> BridgeInferenceResult:
-        """Joint labels: the GALAH posterior updated by APOGEE's calibrated constraint on its labels.
+    def _fuse_update(self, from_apogee, from_galah, correlation):
+        """(labels, covariance): the GALAH posterior updated by APOGEE's estimate of its labels.
 
-        The product of two Gaussians (a Kalman update): APOGEE constrains the labels its model
-        uses (the core labels), GALAH all of them with the prior; correlations carry the update
-        to the heavy labels. Both covariances are the cross-validated ones, so a survey whose
-        chi^2 is overconfident does not dominate by its pixel count, as it would in a raw
-        stacked likelihood (``joint="stacked"``).
+        With ``correlation`` (the measured correlation of both surveys' errors), the correlated
+        update of :func:`_correlated_update`; without it, or for stars where it fails, the Kalman
+        update of independent errors. Stars with no usable covariance keep the GALAH posterior.
         """
         index = self.apogee_label_index_
         cov_g, cov_a = from_galah.covariance, from_apogee.covariance[:, index[:, None], index[None, :]]
         usable = np.all(np.isfinite(cov_a.reshape(len(cov_a), -1)), axis=1) & \
             np.all(np.isfinite(cov_g.reshape(len(cov_g), -1)), axis=1)
         labels, covariance = from_galah.labels.copy(), cov_g.copy()
-        correlation = getattr(self, "fusion_correlation_", None)
         n_joint = index.size + cov_g.shape[1]
-        if correlation is not None and correlation.shape == (n_joint, n_joint) and usable.any():
-            # the measured correlation of both surveys' errors (see _error_correlation)
+        if correlation is not None and np.shape(correlation) == (n_joint, n_joint) and usable.any():
             rows = np.flatnonzero(usable)
             fused, updated, sane = _correlated_update(from_galah.labels[rows], cov_g[rows],
                                                       from_apogee.labels[rows][:, index], cov_a[rows], index,
                                                       correlation)
             labels[rows[sane]], covariance[rows[sane]] = fused[sane], updated[sane]
             usable[rows[sane]] = False
-        if usable.any():  # no measured correlation (or it failed): the Kalman update of independent errors
+        if usable.any():
             rows = np.flatnonzero(usable)
             g = cov_g[rows]
             innovation = from_apogee.labels[rows][:, index] - from_galah.labels[rows][:, index]
@@ -862,17 +876,33 @@ class BridgeModel(BaseEstimator):
             # update lose positivity: those stars keep the GALAH posterior rather than a NaN uncertainty
             sane = np.all(np.einsum("sii->si", updated) > 0, axis=1) & np.all(np.isfinite(fused), axis=1)
             labels[rows[sane]], covariance[rows[sane]] = fused[sane], updated[sane]
+        return labels, covariance
+
+    def _fuse(self, from_apogee, from_galah) -> BridgeInferenceResult:
+        """Joint labels: the GALAH posterior updated by APOGEE's calibrated constraint on its labels.
+
+        Both estimates' covariances are the cross-validated ones, so a survey whose chi^2 is
+        overconfident does not dominate by its pixel count, as it would in a raw stacked
+        likelihood (``joint="stacked"``). Their errors correlate (both models learned from one
+        training set), so the update uses the correlation measured on held-out stars; per label,
+        cross-validation may instead have chosen the Kalman update of independent errors or a
+        fixed blend (``fusion_methods_``).
+        """
+        correlation = getattr(self, "fusion_correlation_", None)
+        labels, covariance = self._fuse_update(from_apogee, from_galah, correlation)
+        methods = getattr(self, "fusion_methods_", None)
+        if correlation is not None and methods is not None and np.any(np.asarray(methods) == FUSION_KALMAN):
+            kalman_labels, kalman_cov = self._fuse_update(from_apogee, from_galah, None)
+            for k in np.flatnonzero(np.asarray(methods) == FUSION_KALMAN):
+                labels[:, k] = kalman_labels[:, k]
+                _rescale_variance(covariance, k, kalman_cov[:, k, k])
         # labels where cross-validation preferred a fixed blend of the two estimates (see _calibrate_fusion)
         weights = getattr(self, "fusion_weights_", None)
         for k in np.flatnonzero(np.isfinite(weights)) if weights is not None else ():
             w = weights[k]
             labels[:, k] = w * from_apogee.labels[:, k] + (1 - w) * from_galah.labels[:, k]
-            variance = w**2 * from_apogee.covariance[:, k, k] + (1 - w) ** 2 * from_galah.covariance[:, k, k]
-            with np.errstate(invalid="ignore", divide="ignore"):
-                ratio = np.sqrt(variance / covariance[:, k, k])
-            ratio = np.where(np.isfinite(ratio) & (ratio > 0), ratio, 1.0)
-            covariance[:, k, :] *= ratio[:, None]  # keep the Kalman correlations, rescale the variance
-            covariance[:, :, k] *= ratio[:, None]
+            _rescale_variance(covariance, k, w**2 * from_apogee.covariance[:, k, k]
+                              + (1 - w) ** 2 * from_galah.covariance[:, k, k])
         factor = self.uncertainty_scale_["both"]
         covariance = covariance * factor[None, :, None] * factor[None, None, :]
         chi2 = from_apogee.chi2 + from_galah.chi2
@@ -1005,6 +1035,8 @@ class BridgeModel(BaseEstimator):
                 arrays[f"regularization_{survey}"] = np.asarray(strengths, float)
         if getattr(self, "fusion_correlation_", None) is not None:
             arrays["fusion_correlation"] = np.asarray(self.fusion_correlation_, float)
+        if getattr(self, "fusion_methods_", None) is not None:
+            arrays["fusion_methods"] = np.asarray(self.fusion_methods_, np.int64)
         arrays["fusion_weights"] = np.asarray(getattr(self, "fusion_weights_", np.full(len(self.label_names_), np.nan)),
                                               float)
         arrays["galah_variance_scale"] = np.broadcast_to(
@@ -1041,10 +1073,20 @@ class BridgeModel(BaseEstimator):
         model.galah_variance_scale_ = arrays["galah_variance_scale"]
         model.fusion_weights_ = arrays.get("fusion_weights", np.full(len(model.label_names_), np.nan))
         model.fusion_correlation_ = arrays.get("fusion_correlation")
+        model.fusion_methods_ = arrays.get("fusion_methods")
         for survey in ("apogee", "galah"):
             if f"regularization_{survey}" in arrays:
                 setattr(model, f"{survey}_regularization_", arrays[f"regularization_{survey}"])
         return model
+
+
+def _rescale_variance(covariance, k, variance):
+    """Give label k the variance ``variance`` (per star), keeping its correlations with the others."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.sqrt(variance / covariance[:, k, k])
+    ratio = np.where(np.isfinite(ratio) & (ratio > 0), ratio, 1.0)
+    covariance[:, k, :] *= ratio[:, None]
+    covariance[:, :, k] *= ratio[:, None]
 
 
 def _correlated_update(galah_labels, galah_cov, apogee_labels, apogee_cov, index, correlation):
