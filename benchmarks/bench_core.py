@@ -209,9 +209,11 @@ def install_timers(backend_name):
     if backend_name == "numba":
         from cannon_bridge.backends import _numba as kernel_module
 
-        original_solve = kernel_module._solve_packed
-        kernel_module._solve_packed = timers.wrap("per_pixel_solve", original_solve)
-        undo.append(lambda: setattr(kernel_module, "_solve_packed", original_solve))
+        # the per-pixel solves: every L1 reweighting of a block in one kernel (newer versions), else the packed solve
+        solver = "_solve_reweighted" if hasattr(kernel_module, "_solve_reweighted") else "_solve_packed"
+        original_solve = getattr(kernel_module, solver)
+        setattr(kernel_module, solver, timers.wrap("per_pixel_solve", original_solve))
+        undo.append(lambda: setattr(kernel_module, solver, original_solve))
     else:
         kernel_module = numpy_module
         original_unpack = kernel_module.unpack
