@@ -23,6 +23,8 @@ MAX_ABS_FLUX = 1e50
 MAX_IVAR = 1e80
 #: smallest accepted non-zero inverse variance (sigma <= 1e50); use 0 to mask a pixel
 MIN_POSITIVE_IVAR = 1e-100
+#: inputs with at least this many flux values are checked in one parallel numba read
+FAST_CHECK_SIZE = 1 << 20
 #: largest accepted |label|
 MAX_ABS_LABEL = 1e50
 
@@ -99,6 +101,14 @@ def check_spectra(flux, ivar=None, n_pixels: int | None = None, name: str = "flu
             "resample the spectra onto the model's wavelength grid"
         )
     ivar_name = "ivar" if name == "flux" else name.replace("flux", "ivar")
+    if ivar is not None:
+        ivar = _as_float_2d(ivar, ivar_name, allow_1d, keep_float=not copy)
+        if ivar.shape != flux.shape:
+            raise InvalidInputError(f"{name} has shape {flux.shape} but {ivar_name} has shape {ivar.shape}")
+    if flux.size >= FAST_CHECK_SIZE:
+        checked = _checked_fast(flux, ivar)
+        if checked is not None:
+            return checked
     if ivar is None:
         bad = ~np.isfinite(flux)
         if bad.any():
@@ -110,9 +120,6 @@ def check_spectra(flux, ivar=None, n_pixels: int | None = None, name: str = "flu
         _check_magnitude(flux, name, MAX_ABS_FLUX, "the Cannon expects continuum-normalised flux of order 1: "
                          "rescale the spectra")
         return flux, None
-    ivar = _as_float_2d(ivar, ivar_name, allow_1d, keep_float=not copy)
-    if ivar.shape != flux.shape:
-        raise InvalidInputError(f"{name} has shape {flux.shape} but {ivar_name} has shape {ivar.shape}")
     if np.isnan(ivar).any():
         raise InvalidInputError(
             f"{ivar_name} contains {int(np.isnan(ivar).sum())} NaN values: use 0 for unknown pixels")
@@ -150,6 +157,35 @@ def check_spectra(flux, ivar=None, n_pixels: int | None = None, name: str = "flu
             f"{ivar_name} has {int(tiny.sum())} positive values below {MIN_POSITIVE_IVAR:.0e} (first at star "
             f"{star}, pixel {pixel}): such pixels carry no information; set {ivar_name} to 0 there"
         )
+    return flux, ivar
+
+
+def _checked_fast(flux, ivar):
+    """check_spectra's result from one parallel read (numba) of a large input, or None when the input
+    has a problem: the numpy path then finds it again and names the first bad star and pixel."""
+    try:
+        from .backends import _numba as kernels
+    except ImportError:  # numba missing or broken: the numpy path is the reference anyway
+        return None
+    summary = kernels.spectra_summary(flux, ivar)
+    if ivar is None:
+        if summary[kernels.SUMMARY_NONFINITE_FLUX] or summary[kernels.SUMMARY_MAX_ABS_FLUX] > MAX_ABS_FLUX:
+            return None
+        return flux, None
+    if (summary[kernels.SUMMARY_NAN_IVAR] or summary[kernels.SUMMARY_INF_IVAR]
+            or summary[kernels.SUMMARY_NEGATIVE_IVAR] or summary[kernels.SUMMARY_BAD_USED_FLUX]
+            or summary[kernels.SUMMARY_MAX_IVAR] > MAX_IVAR
+            or summary[kernels.SUMMARY_MIN_POSITIVE_IVAR] < np.float64(MIN_POSITIVE_IVAR)):
+        return None
+    # the flux the numpy path would check for magnitude: 0 where ivar is 0 once it has been zeroed there
+    zeroed = flux.flags.writeable or summary[kernels.SUMMARY_NONFINITE_FLUX] > 0
+    largest = summary[kernels.SUMMARY_MAX_ABS_USED_FLUX] if zeroed else summary[kernels.SUMMARY_MAX_ABS_FLUX]
+    if largest > MAX_ABS_FLUX:
+        return None
+    if flux.flags.writeable:
+        flux[ivar == 0] = 0.0
+    elif summary[kernels.SUMMARY_NONFINITE_FLUX]:
+        flux = np.where(ivar > 0, flux, 0.0).astype(flux.dtype)
     return flux, ivar
 
 

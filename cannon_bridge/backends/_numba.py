@@ -657,15 +657,16 @@ def _fit_fused(flux, flux_stride, ivar, ivar_stride, mask, mask_stride, use_mask
                 s2 = _scatter_one(buffer, iv_t[k], noise_free, dof_factor, n_iter, total_variance[m], counts[m], r2, var)
                 scatter_variance[m] = s2
                 if p + 1 < n_passes:
+                    # branch-free loops (they vectorise): iv_t is 0 exactly where a star is unused, and
+                    # iv / (1 + iv s2) is then 0 as well
                     iv_row = iv_t[k]
-                    for n in range(n_stars):
-                        iv = iv_row[n]
-                        if not iv > 0:
-                            w_row[n] = 0.0
-                        elif noise_free:
-                            w_row[n] = 1.0 / s2 if s2 > 0 else 1.0
-                        else:
-                            w_row[n] = iv / (1.0 + iv * s2)
+                    if noise_free:
+                        weight = 1.0 / s2 if s2 > 0 else 1.0
+                        for n in range(n_stars):
+                            w_row[n] = weight if iv_row[n] > 0 else 0.0
+                    else:
+                        for n in range(n_stars):
+                            w_row[n] = iv_row[n] / (1.0 + iv_row[n] * s2)
 
 
 def fit_fused(flux, ivar, star_mask, design, active, n_passes, dof_factor, n_iter=40, tile=None, star_chunk=None):
@@ -751,3 +752,80 @@ def distinct_products(design, rtol=1e-13):
             groups.setdefault(key, []).append(match)
         packed_map[j] = match
     return np.ascontiguousarray(products[:, keep].T), packed_map
+
+
+# ----------------------------------------------------------------------------- input checks
+# What check_spectra needs to know about a large (flux, ivar) pair, in one parallel read instead of the
+# ten or so numpy passes (and boolean temporaries) of its reference path: the counts of each kind of
+# bad value and the extremes the limits are compared with. Any problem sends check_spectra back to the
+# numpy path, which finds the first offending star and pixel for the message.
+_N_SUMMARY = 9
+(SUMMARY_NAN_IVAR, SUMMARY_INF_IVAR, SUMMARY_NEGATIVE_IVAR, SUMMARY_BAD_USED_FLUX, SUMMARY_NONFINITE_FLUX,
+ SUMMARY_MAX_ABS_USED_FLUX, SUMMARY_MAX_ABS_FLUX, SUMMARY_MAX_IVAR, SUMMARY_MIN_POSITIVE_IVAR) = range(_N_SUMMARY)
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def _spectra_summary(flux, flux_stride, ivar, ivar_stride, has_ivar, n_rows, n_cols):
+    rows = np.zeros((n_rows, _N_SUMMARY))
+    for n in numba.prange(n_rows):
+        nan_ivar = 0.0
+        inf_ivar = 0.0
+        negative = 0.0
+        bad_used = 0.0
+        nonfinite = 0.0
+        max_used = 0.0
+        max_all = 0.0
+        max_ivar = 0.0
+        min_positive = np.inf
+        f0 = n * flux_stride
+        i0 = n * ivar_stride
+        for m in range(n_cols):
+            f = float(flux[f0 + m])
+            finite = f - f == 0.0  # False for NaN and +-inf
+            a = abs(f) if finite else 0.0
+            if not finite:
+                nonfinite += 1.0
+            if a > max_all:
+                max_all = a
+            if has_ivar:
+                w = float(ivar[i0 + m])
+                if w != w:
+                    nan_ivar += 1.0
+                elif w == np.inf:
+                    inf_ivar += 1.0
+                elif w < 0:
+                    negative += 1.0
+                elif w > 0:
+                    if not finite:
+                        bad_used += 1.0
+                    if a > max_used:
+                        max_used = a
+                    if w > max_ivar:
+                        max_ivar = w
+                    if w < min_positive:
+                        min_positive = w
+        out = rows[n]
+        out[0] = nan_ivar
+        out[1] = inf_ivar
+        out[2] = negative
+        out[3] = bad_used
+        out[4] = nonfinite
+        out[5] = max_used
+        out[6] = max_all
+        out[7] = max_ivar
+        out[8] = min_positive
+    return rows
+
+
+def spectra_summary(flux, ivar=None) -> np.ndarray:
+    """(9,) float64: counts of NaN, inf and negative ivar, of non-finite flux where ivar > 0 and anywhere;
+    the largest |flux| where ivar > 0 and over all finite flux; the largest ivar and the smallest positive one
+    (see the SUMMARY_* indices). Reads float32 or float64 arrays of any row stride without copying them."""
+    flux_flat, flux_stride = _flat_rows(flux)
+    has_ivar = ivar is not None
+    ivar_flat, ivar_stride = _flat_rows(ivar) if has_ivar else (flux_flat, flux_stride)
+    rows = _spectra_summary(flux_flat, flux_stride, ivar_flat, ivar_stride, has_ivar, flux.shape[0], flux.shape[1])
+    summary = rows.sum(axis=0)
+    summary[SUMMARY_MAX_ABS_USED_FLUX:SUMMARY_MAX_IVAR + 1] = rows[:, SUMMARY_MAX_ABS_USED_FLUX:SUMMARY_MAX_IVAR + 1].max(axis=0)
+    summary[SUMMARY_MIN_POSITIVE_IVAR] = rows[:, SUMMARY_MIN_POSITIVE_IVAR].min()
+    return summary
