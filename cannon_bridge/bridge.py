@@ -65,6 +65,9 @@ BUILTIN_GALAH_LINES = {
 }
 
 MODES = ("apogee", "galah", "both")
+#: largest accepted ratio of held-out z-scores' standard deviation to their robust spread (see
+#: BridgeModel._fit_misfit_reference): 1.0 +- 0.05 for Gaussian errors over a few hundred stars
+MISFIT_TAIL = 1.2
 
 
 @dataclass
@@ -74,6 +77,15 @@ class BridgeInferenceResult(InferenceResult):
     chi2_apogee: np.ndarray = None
     chi2_galah: np.ndarray = None
     mode: str = ""
+    #: per star, the factor the spectra's information was divided by because the model fits the
+    #: star worse than it fits held-out training stars (1: a normal fit; see ``BridgeModel.misfit_reference_``)
+    misfit_factor: np.ndarray = None
+    #: chi^2 of the spectra alone (no prior) and its degrees of freedom
+    data_chi2: np.ndarray = None
+    dof: np.ndarray = None
+    # scaled-unit information matrices of the spectra and of the prior (kept during calibration only)
+    likelihood_information: np.ndarray = None
+    prior_information: np.ndarray = None
 
 
 class _PopulationPrior:
@@ -396,6 +408,7 @@ class BridgeModel(BaseEstimator):
         self.fusion_weights_ = np.full(len(names), np.nan)  # NaN: the Kalman update (see _calibrate_fusion)
         self.fusion_correlation_ = None  # measured by _calibrate_fusion
         self.fusion_methods_ = np.full(len(names), FUSION_CORRELATED, dtype=np.int64)
+        self.misfit_reference_ = {}  # set by the calibration (no tempering without it)
         if self.calibrate:
             self._calibrate(apogee_flux, apogee_ivar, galah_flux, galah_ivar, labels)
         return self
@@ -631,16 +644,25 @@ class BridgeModel(BaseEstimator):
             return results
 
         def z_spread(results):
-            z = np.vstack([(r.labels - labels[test]) / r.uncertainties for test, _, r in results])
+            # stars fitted normally: the tempered ones (see _misfit_factor) have their own, wider scale
+            z = np.vstack([((r.labels - labels[test]) / r.uncertainties)[
+                np.ones(len(test), bool) if r.misfit_factor is None else r.misfit_factor <= 1]
+                for test, _, r in results])
             with np.errstate(invalid="ignore"):
                 return np.array([_robust_std(z[:, k]) for k in range(z.shape[1])])
 
         held = {}
+        self.misfit_reference_ = {}
         for mode in MODES:
             if mode == "both" and self.joint == "fusion":
                 results = self._calibrate_fusion(held, labels, folds, fold_models)
             else:
                 results = held_out(mode)
+                reference = self._fit_misfit_reference(results, labels, mode)
+                self.misfit_reference_[mode] = reference
+                for sub in fold_models:
+                    sub.misfit_reference_ = dict(self.misfit_reference_)
+                results = [(test, sub, sub._tempered(result)) for test, sub, result in results]
             held[mode] = results
             scale = z_spread(results)
             self.uncertainty_scale_[mode] = np.where(np.isfinite(scale), np.clip(scale, 0.5, 100.0), 1.0)
@@ -663,6 +685,8 @@ class BridgeModel(BaseEstimator):
                 noise = 0.0 if galah_ivar is None else np.where(galah_ivar[test] > 0, 1.0 / np.where(
                     galah_ivar[test] > 0, galah_ivar[test], 1.0), 0.0)
                 observed = np.ones_like(flux, bool) if galah_ivar is None else galah_ivar[test] > 0
+                if result.misfit_factor is not None:  # poorly fitted stars (inflated) do not set the scale
+                    observed = observed & (result.misfit_factor <= 1)[:, None]
                 pixel_excess = np.sum(np.where(observed, (galah_flux[test] - flux) ** 2 - s2 - noise, 0.0), axis=0)
                 pixel_propagated = np.sum(np.where(observed, variance - s2, 0.0), axis=0)
                 excess += np.bincount(group_of_pixel, pixel_excess, n_groups)
@@ -754,7 +778,23 @@ class BridgeModel(BaseEstimator):
     def _clone_for_cv(self):
         from sklearn.base import clone
 
-        return clone(self).set_params(calibrate=False, progress=False)
+        sub = clone(self).set_params(calibrate=False, progress=False)
+        sub._keep_information = True  # its held-out results feed _fit_misfit_reference
+        return sub
+
+    def _tempered(self, result):
+        """``result`` with this model's misfit tempering applied (it needs the kept information)."""
+        if result.likelihood_information is None:
+            return result
+        misfit = self._misfit_factor(result.mode, result.data_chi2, result.dof)
+        if not np.any(misfit > 1):
+            return result
+        covariance, _ = _tempered_covariance(result.likelihood_information, result.prior_information, misfit,
+                                             self.label_scales_)
+        factor = self.uncertainty_scale_[result.mode]
+        covariance = covariance * factor[None, :, None] * factor[None, None, :]
+        flags = result.flags | np.where(misfit > 1, StarFlag.POOR_FIT, 0)
+        return replace(result, covariance=covariance, misfit_factor=misfit, flags=flags)
 
     # ------------------------------------------------------------- inference
     def _groups(self, survey):
@@ -823,9 +863,6 @@ class BridgeModel(BaseEstimator):
             self.progress if progress is None else progress,
             prior_builder=(lambda rows: prior) if prior is not None else None)
         labels = x * self.label_scales_ + self.label_pivots_
-        covariance, singular = scaled_covariance(hessian, self.label_scales_)
-        factor = self.uncertainty_scale_[mode]
-        covariance = covariance * factor[None, :, None] * factor[None, None, :]
         chi2_per = {}
         n_used = 0
         for survey, model, flux, weights, index in blocks_data:
@@ -833,15 +870,101 @@ class BridgeModel(BaseEstimator):
             chi2_per[survey] = np.sum(weights * residual**2, axis=1)
             n_used = n_used + (weights > 0).sum(axis=1)
         dof = np.maximum(n_used - n_labels, 1)
+        data_chi2 = sum(chi2_per.values())
+        prior_information = None
+        if prior is not None:
+            _, dz = prior(x)
+            prior_information = np.matmul(np.transpose(dz, (0, 2, 1)), dz)
+        likelihood_information = hessian if prior_information is None else hessian - prior_information
+        misfit = self._misfit_factor(mode, data_chi2, dof)
+        covariance, singular = _tempered_covariance(likelihood_information, prior_information, misfit,
+                                                    self.label_scales_)
+        factor = self.uncertainty_scale_[mode]
+        covariance = covariance * factor[None, :, None] * factor[None, None, :]
         flags = np.zeros(n_stars, dtype=np.int64)
+        flags[misfit > 1] |= StarFlag.POOR_FIT
         flags[~converged] |= StarFlag.NOT_CONVERGED
         flags[singular] |= StarFlag.SINGULAR
         low, high = self.galah_model_.training_label_min_, self.galah_model_.training_label_max_
         index = self.galah_label_index_
         outside = np.any((labels[:, index] < low) | (labels[:, index] > high), axis=1)
         flags[outside] |= StarFlag.OUTSIDE_RANGE
+        keep = getattr(self, "_keep_information", False)
         return BridgeInferenceResult(labels, covariance, chi2, chi2 / dof, n_iter, flags, list(self.label_names_),
-                                     chi2_apogee=chi2_per.get("apogee"), chi2_galah=chi2_per.get("galah"), mode=mode)
+                                     chi2_apogee=chi2_per.get("apogee"), chi2_galah=chi2_per.get("galah"), mode=mode,
+                                     misfit_factor=misfit, data_chi2=data_chi2, dof=dof.astype(float),
+                                     likelihood_information=likelihood_information if keep else None,
+                                     prior_information=prior_information if keep and prior is not None else None)
+
+    def _misfit_factor(self, mode, data_chi2, dof):
+        """Per star, 1 + (chi^2 above the held-out training stars' range) / D (1 where the fit is normal).
+
+        A star the model fits worse than ``threshold`` (reduced chi^2) carries model error the chi^2
+        surface does not show: the error it puts into the labels is correlated over many pixels,
+        so the labels can be off by many sigma while the chi^2 rises by a few per cent. Its spectra's
+        information is divided by this factor (the prior is kept), with ``D`` set by cross-validation
+        so that held-out training stars have no such outliers (:meth:`_fit_misfit_reference`).
+        """
+        reference = getattr(self, "misfit_reference_", None)
+        if not reference or mode not in reference:
+            return np.ones(len(data_chi2))
+        threshold, scale = reference[mode]
+        if not (np.isfinite(threshold) and np.isfinite(scale) and scale > 0):
+            return np.ones(len(data_chi2))
+        return 1.0 + np.maximum(np.asarray(data_chi2) - threshold * np.asarray(dof), 0.0) / scale
+
+    def _fit_misfit_reference(self, results, labels, mode):
+        """(threshold, D) of :meth:`_misfit_factor` from held-out training stars (``results`` of one mode).
+
+        threshold: median + 3 robust sigma of their reduced chi^2. D: the largest (least inflation)
+        for which, on every label the spectra constrain, the z-scores' standard deviation is at most
+        ``MISFIT_TAIL`` times their robust spread (no star many sigma off); infinity when that already
+        holds untempered.
+        """
+        rchi2 = np.concatenate([r.data_chi2 / r.dof for _, _, r in results])
+        threshold = float(np.median(rchi2) + 3.0 * _robust_std(rchi2))
+        if not np.isfinite(threshold):
+            return threshold, np.inf
+        constrained = np.arange(self.n_core_) if mode == "apogee" else np.arange(len(self.label_names_))
+        truth = np.vstack([labels[test] for test, _, _ in results])
+        estimate = np.vstack([r.labels for _, _, r in results])
+        data_chi2 = np.concatenate([r.data_chi2 for _, _, r in results])
+        dof = np.concatenate([r.dof for _, _, r in results])
+        excess = np.maximum(data_chi2 - threshold * dof, 0.0)
+        poor = np.flatnonzero(excess > 0)
+        if poor.size == 0:
+            return threshold, np.inf
+        sigma = np.vstack([r.uncertainties for _, _, r in results])
+        like = np.concatenate([r.likelihood_information for _, _, r in results])[poor]
+        prior = [r.prior_information for _, _, r in results]
+        prior = None if any(p is None for p in prior) else np.concatenate(prior)[poor]
+
+        def tail_ratio(scale):
+            trial = sigma.copy()
+            if np.isfinite(scale):
+                covariance, _ = _tempered_covariance(like, prior, 1.0 + excess[poor] / scale, self.label_scales_)
+                trial[poor] = np.sqrt(np.einsum("sii->si", covariance))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                z = (estimate - truth) / trial
+            ratios = []
+            for k in constrained:
+                values = z[:, k][np.isfinite(z[:, k])]
+                robust = _robust_std(values)
+                if values.size >= 10 and robust > 0:
+                    ratios.append(np.std(values) / robust)
+            return max(ratios) if ratios else 0.0
+
+        candidates = np.concatenate([[np.inf], np.logspace(6, 0, 49)])  # least inflation first
+        ratios = np.array([tail_ratio(scale) for scale in candidates])
+        good = np.flatnonzero(ratios <= MISFIT_TAIL)
+        if good.size:
+            scale = candidates[good[0]]
+        else:  # no D tames the tail: temper only if that clearly helps (the tail is not the misfit's)
+            best = int(np.argmin(ratios))
+            scale = candidates[best] if ratios[best] < 0.9 * ratios[0] else np.inf
+        logger.info("%s: stars fitted worse than reduced chi^2 %.3f (%d of %d held-out) get their spectra's "
+                    "information divided by 1 + excess chi^2 / %.3g", mode, threshold, poor.size, rchi2.size, scale)
+        return threshold, float(scale)
 
     def _fuse_update(self, from_apogee, from_galah, correlation):
         """(labels, covariance): the GALAH posterior updated by APOGEE's estimate of its labels.
@@ -911,7 +1034,10 @@ class BridgeModel(BaseEstimator):
         return BridgeInferenceResult(labels, covariance, chi2, chi2 / np.maximum(dof_total, 1),
                                      from_apogee.n_iter + from_galah.n_iter, from_apogee.flags | from_galah.flags,
                                      list(self.label_names_), chi2_apogee=from_apogee.chi2,
-                                     chi2_galah=from_galah.chi2, mode="both")
+                                     chi2_galah=from_galah.chi2, mode="both",
+                                     misfit_factor=np.maximum(from_apogee.misfit_factor, from_galah.misfit_factor)
+                                     if from_apogee.misfit_factor is not None and from_galah.misfit_factor is not None
+                                     else None)
 
     def _starts(self, blocks_data, n_stars, prior):
         """Two starts: the best training-grid template, and the linear estimate (+ prior mean)."""
@@ -963,6 +1089,8 @@ class BridgeModel(BaseEstimator):
         rows_i, cols_j = np.triu_indices(n_terms)
         doubled = np.where(rows_i == cols_j, 1.0, 2.0)
         packed_coef = packed_coefficients(model.coef_)
+        low = (np.asarray(model.training_label_min_, float) - model.label_pivots_) / model.label_scales_
+        high = (np.asarray(model.training_label_max_, float) - model.label_pivots_) / model.label_scales_
         step = self.chunk_size * 8
         for start in range(0, len(labels), step):
             rows = slice(start, start + step)
@@ -973,6 +1101,9 @@ class BridgeModel(BaseEstimator):
                 if sampled.any():
                     picked = np.flatnonzero(sampled)
                     points = x[rows][picked][:, None, :] + np.einsum("skl,dl->sdk", root[picked], draws)
+                    # the model holds within the training labels' range only: a wide posterior (a star the
+                    # model fits poorly, see _misfit_factor) must not evaluate the polynomial far outside it
+                    points = np.clip(points, low, high)
                     v = monomials(points.reshape(-1, len(index)), model.term_exponents_).reshape(
                         len(picked), len(draws), n_terms)
                     mean_v = v.mean(axis=1)
@@ -1013,6 +1144,12 @@ class BridgeModel(BaseEstimator):
             return self.generate_galah(result.labels)
         # the posterior-mean spectrum (see ``label_samples``), with or without its variance
         flux, variance = self._generate("galah", result.labels, result.covariance)
+        # a star the model fits poorly has a posterior too wide to average the model over (it would
+        # average spectra from across the training range): its spectrum is the model at its labels,
+        # and the wide posterior shows in the variance
+        poor = np.flatnonzero(result.misfit_factor > 1) if result.misfit_factor is not None else []
+        if len(poor):
+            flux[poor] = self.generate_galah(result.labels[poor])
         return (flux, variance) if return_variance else flux
 
     # ------------------------------------------------------------------ I/O
@@ -1039,6 +1176,8 @@ class BridgeModel(BaseEstimator):
             arrays["fusion_methods"] = np.asarray(self.fusion_methods_, np.int64)
         arrays["fusion_weights"] = np.asarray(getattr(self, "fusion_weights_", np.full(len(self.label_names_), np.nan)),
                                               float)
+        for mode, (threshold, scale) in (getattr(self, "misfit_reference_", None) or {}).items():
+            arrays[f"misfit_reference_{mode}"] = np.array([threshold, scale], float)
         arrays["galah_variance_scale"] = np.broadcast_to(
             np.asarray(self.galah_variance_scale_, float), (self.galah_model_.n_features_in_,)).copy()
         params = {k: v for k, v in self.get_params().items()
@@ -1071,6 +1210,8 @@ class BridgeModel(BaseEstimator):
                                         np.arange(model.n_core_, len(model.label_names_)))
         model.uncertainty_scale_ = {mode: arrays[f"uncertainty_scale_{mode}"] for mode in MODES}
         model.galah_variance_scale_ = arrays["galah_variance_scale"]
+        model.misfit_reference_ = {mode: tuple(float(v) for v in arrays[f"misfit_reference_{mode}"])
+                                   for mode in MODES if f"misfit_reference_{mode}" in arrays}
         model.fusion_weights_ = arrays.get("fusion_weights", np.full(len(model.label_names_), np.nan))
         model.fusion_correlation_ = arrays.get("fusion_correlation")
         model.fusion_methods_ = arrays.get("fusion_methods")
@@ -1078,6 +1219,14 @@ class BridgeModel(BaseEstimator):
             if f"regularization_{survey}" in arrays:
                 setattr(model, f"{survey}_regularization_", arrays[f"regularization_{survey}"])
         return model
+
+
+def _tempered_covariance(likelihood_information, prior_information, factor, scales):
+    """Label covariance (label units) from the spectra's information divided by ``factor`` plus the prior's."""
+    information = likelihood_information / np.asarray(factor, float)[:, None, None]
+    if prior_information is not None:
+        information = information + prior_information
+    return scaled_covariance(information, scales)
 
 
 def _rescale_variance(covariance, k, variance):

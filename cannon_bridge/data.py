@@ -97,8 +97,9 @@ class CrossMatch:
         return self.labels[:, self.label_index(names)]
 
     def subset(self, index) -> "CrossMatch":
-        """A new CrossMatch with the selected stars (index array or boolean mask)."""
-        index = np.asarray(index)
+        """A new CrossMatch with the selected stars (index array or boolean mask; a slice gives views, no copy)."""
+        if not isinstance(index, slice):
+            index = np.asarray(index)
         take = lambda a: None if a is None else a[index]
         return replace(self, labels=self.labels[index], apogee_flux=self.apogee_flux[index],
                        apogee_ivar=self.apogee_ivar[index], galah_flux=self.galah_flux[index],
@@ -106,23 +107,35 @@ class CrossMatch:
                        meta=dict(self.meta))
 
     def with_noise(self, snr_apogee: float = 100.0, snr_galah: float = 40.0, seed=0,
-                   mask_apogee_gaps: bool = True) -> "CrossMatch":
+                   mask_apogee_gaps: bool = True, dtype=np.float64) -> "CrossMatch":
         """A noisy copy: Gaussian noise of sigma = 1/S/N per pixel, ivar = S/N^2.
 
         The flux is treated as noise-free truth. ``mask_apogee_gaps`` sets ivar
         to 0 in the apStar chip gaps (when the grid is the 8575-px apStar grid).
+        ``dtype`` is that of the new flux and ivar (float32 halves the memory of a
+        30,000-star set); the noise is drawn in float64 in blocks of stars, so no
+        temporary of the whole set's size is made, and the values do not depend on
+        the block size.
         """
         rng = np.random.default_rng(seed)
-        apogee_flux = self.apogee_flux + rng.normal(0, 1.0 / snr_apogee, self.apogee_flux.shape)
-        galah_flux = self.galah_flux + rng.normal(0, 1.0 / snr_galah, self.galah_flux.shape)
-        apogee_ivar = np.full(self.apogee_flux.shape, float(snr_apogee) ** 2)
-        galah_ivar = np.full(self.galah_flux.shape, float(snr_galah) ** 2)
+        surveys = {}
+        for survey, snr in (("apogee", snr_apogee), ("galah", snr_galah)):
+            flux = getattr(self, f"{survey}_flux")
+            surveys[survey] = (flux, np.empty(flux.shape, dtype=dtype), np.full(flux.shape, float(snr) ** 2, dtype=dtype))
+        # one generator stream: all APOGEE noise, then all GALAH noise, as one draw of each shape would give
+        for survey, snr in (("apogee", snr_apogee), ("galah", snr_galah)):
+            flux, noisy, _ = surveys[survey]
+            rows = max(1, (1 << 22) // max(flux.shape[1], 1))
+            for start in range(0, flux.shape[0], rows):
+                block = slice(start, start + rows)
+                noisy[block] = flux[block] + rng.normal(0, 1.0 / snr, noisy[block].shape)
+        apogee_ivar, galah_ivar = surveys["apogee"][2], surveys["galah"][2]
         apogee_ivar[self.apogee_ivar == 0] = 0.0
         galah_ivar[self.galah_ivar == 0] = 0.0
         if mask_apogee_gaps and self.apogee_wavelength.size == 8575:
             apogee_ivar[:, apogee_gap_mask()] = 0.0
         meta = dict(self.meta, snr_apogee=float(snr_apogee), snr_galah=float(snr_galah))
-        return replace(self, apogee_flux=apogee_flux, apogee_ivar=apogee_ivar, galah_flux=galah_flux,
+        return replace(self, apogee_flux=surveys["apogee"][1], apogee_ivar=apogee_ivar, galah_flux=surveys["galah"][1],
                        galah_ivar=galah_ivar, meta=meta)
 
     def blank_labels(self, names: Sequence[str], fraction: float, seed=0) -> "CrossMatch":

@@ -51,11 +51,12 @@ class StarFlag:
     LOW_SNR = 1 << 3  #: median S/N over used pixels below ``low_snr``
     SINGULAR = 1 << 4  #: the labels are not all constrained (covariance from a pseudo-inverse)
     FEW_PIXELS = 1 << 5  #: fewer usable pixels than labels
+    POOR_FIT = 1 << 6  #: fitted worse than held-out training stars: uncertainties inflated (BridgeModel)
 
     @classmethod
     def names(cls, value: int) -> list[str]:
         return [name for name in ("NOT_CONVERGED", "OUTSIDE_RANGE", "OUTSIDE_HULL", "LOW_SNR",
-                                  "SINGULAR", "FEW_PIXELS") if value & getattr(cls, name)]
+                                  "SINGULAR", "FEW_PIXELS", "POOR_FIT") if value & getattr(cls, name)]
 
 
 @dataclass

@@ -91,6 +91,7 @@ def test_save_load_round_trip(fitted, mock_pair, tmp_path):
     a = fitted.infer(apogee_flux=test.apogee_flux, apogee_ivar=test.apogee_ivar)
     b = loaded.infer(apogee_flux=test.apogee_flux, apogee_ivar=test.apogee_ivar)
     assert np.array_equal(a.labels, b.labels) and np.array_equal(a.covariance, b.covariance)
+    assert loaded.misfit_reference_ == {mode: tuple(map(float, value)) for mode, value in fitted.misfit_reference_.items()}
     raw = bytearray(path.read_bytes())
     raw[-3000] ^= 0xFF
     (tmp_path / "bad.fits").write_bytes(bytes(raw))
@@ -201,3 +202,77 @@ def test_correlated_update_is_the_generalised_least_squares_combination():
     gain = cov_g[:, index] @ np.linalg.inv(cov_g[np.ix_(index, index)] + cov_a)
     assert np.allclose(fused0[0], g[0] + gain @ (a[0] - g[0, index]), atol=1e-10)
     assert np.allclose(cov0[0], cov_g - gain @ cov_g[index], atol=1e-10)
+
+
+def test_a_star_the_model_cannot_fit_gets_honest_uncertainties(fitted, mock_pair):
+    """Misfit tempering: a spectrum with model error the chi^2 hardly shows (lines 40% too deep, as for a
+    star in a corner of label space the training set barely covers) gets POOR_FIT and wider
+    uncertainties; well-fitted stars are left alone."""
+    import copy
+
+    from cannon_bridge.model import StarFlag
+
+    data, truth = mock_pair
+    test = data.subset(np.arange(200, 260))
+    # the calibration measured the reduced chi^2 of held-out training stars; the mock has no misfit
+    # tail, so it found no reason to temper (D = inf)
+    threshold, scale = fitted.misfit_reference_["apogee"]
+    assert 0.5 < threshold < 2.0 and scale > 0
+    model = copy.deepcopy(fitted)
+    model.misfit_reference_ = {"apogee": (threshold, 50.0)}
+    normal = model.infer(apogee_flux=test.apogee_flux, apogee_ivar=test.apogee_ivar)
+    assert np.mean(normal.misfit_factor == 1.0) > 0.9
+    model_flux = model.generate_apogee(normal.labels)
+    distorted = 1.0 - 1.4 * (1.0 - model_flux) + (test.apogee_flux - model_flux)
+    bad = model.infer(apogee_flux=distorted, apogee_ivar=test.apogee_ivar)
+    poor = bad.misfit_factor > 1.0
+    assert np.mean(poor) > 0.8 and np.all((bad.flags & StarFlag.POOR_FIT > 0) == poor)
+    assert np.all(bad.reduced_chi2[poor] > threshold)
+    expected = 1.0 + (bad.data_chi2 - threshold * bad.dof) / 50.0
+    np.testing.assert_allclose(bad.misfit_factor[poor], expected[poor])
+    # the spectra's information is divided by the factor: the core labels' variance grows with it
+    untempered = fitted.infer(apogee_flux=distorted, apogee_ivar=test.apogee_ivar)
+    ratio = bad.uncertainties[poor, :3] ** 2 / untempered.uncertainties[poor, :3] ** 2
+    assert np.all(ratio > 0.5 * bad.misfit_factor[poor, None]) and np.all(ratio < 1.01 * bad.misfit_factor[poor, None])
+    # regenerated spectra of such stars are the model at their labels, not an average over a wide posterior
+    galah, variance = model.predict_galah(distorted, test.apogee_ivar, return_variance=True)
+    np.testing.assert_allclose(galah[poor], model.generate_galah(bad.labels[poor]))
+    assert np.all(np.isfinite(variance)) and np.all(np.abs(galah - 1) < 1.5)
+
+
+def test_misfit_tempering_is_set_by_held_out_outliers(fitted):
+    """_fit_misfit_reference: no outliers -> no tempering; a few stars many sigma off with a chi^2
+    excess -> the least tempering that brings their z-scores into the bulk's spread."""
+    from cannon_bridge.bridge import MISFIT_TAIL, BridgeInferenceResult
+
+    rng = np.random.default_rng(1)
+    n_stars, n_labels = 400, len(fitted.label_names_)
+    truth = rng.normal(size=(n_stars, n_labels)) * fitted.label_scales_ + fitted.label_pivots_
+    # unit information in scaled units: sigma = the label scale in label units
+    information = np.broadcast_to(np.eye(n_labels), (n_stars, n_labels, n_labels)).copy()
+    sigma = fitted.label_scales_
+    dof = np.full(n_stars, 5000.0)
+    data_chi2 = dof * rng.normal(1.0, 0.01, n_stars)
+    estimate = truth + rng.normal(size=truth.shape) * sigma
+
+    def results(estimate, data_chi2):
+        covariance = np.broadcast_to(np.diag(sigma**2), (n_stars, n_labels, n_labels)).copy()
+        result = BridgeInferenceResult(estimate, covariance, data_chi2, data_chi2 / dof, np.ones(n_stars),
+                                       np.zeros(n_stars, np.int64), list(fitted.label_names_), mode="galah",
+                                       data_chi2=data_chi2, dof=dof, likelihood_information=information,
+                                       prior_information=None)
+        return [(np.arange(n_stars), None, result)]
+
+    threshold, scale = fitted._fit_misfit_reference(results(estimate, data_chi2), truth, "galah")
+    assert scale == np.inf and 1.0 < threshold < 1.06
+    # five stars fit 30% worse and sit 15 sigma off
+    bad = np.arange(5)
+    shifted, worse = estimate.copy(), data_chi2.copy()
+    shifted[bad] = truth[bad] + 15 * sigma
+    worse[bad] = 1.3 * dof[bad]
+    threshold, scale = fitted._fit_misfit_reference(results(shifted, worse), truth, "galah")
+    assert np.isfinite(scale)
+    factor = 1 + (worse[bad] - threshold * dof[bad]) / scale
+    z = (shifted - truth) / sigma
+    z[bad] /= np.sqrt(factor)[:, None]
+    assert np.all(np.std(z, axis=0) <= MISFIT_TAIL * 1.1)

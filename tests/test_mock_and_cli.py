@@ -83,3 +83,18 @@ def test_cli_validate_help_and_missing_files(tmp_path, capsys):
     assert "label_comparison.ecsv" in text and "--linelist" in text and "regenerate the GALAH" in text
     assert main(["validate", str(tmp_path / "none.fits"), str(tmp_path / "x.fits"), "-o", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_with_noise_is_one_draw_in_any_dtype():
+    """Blockwise noise equals one draw of the whole set; float32 output is that draw rounded."""
+    truth = make_crossmatch(60, noise_free=True, missing_fraction=0.0)
+    noisy = truth.with_noise(100, 40, seed=3)
+    rng = np.random.default_rng(3)
+    np.testing.assert_array_equal(noisy.apogee_flux, truth.apogee_flux + rng.normal(0, 0.01, truth.apogee_flux.shape))
+    np.testing.assert_array_equal(noisy.galah_flux, truth.galah_flux + rng.normal(0, 0.025, truth.galah_flux.shape))
+    assert noisy.apogee_flux.dtype == np.float64 and np.all(noisy.galah_ivar == 1600)
+    assert np.all(noisy.apogee_ivar[:, :200] == 0)  # the first apStar chip gap
+    lean = truth.with_noise(100, 40, seed=3, dtype=np.float32)
+    assert lean.galah_flux.dtype == lean.galah_ivar.dtype == np.float32
+    np.testing.assert_array_equal(lean.galah_flux, noisy.galah_flux.astype(np.float32))
+    np.testing.assert_array_equal(lean.apogee_ivar, noisy.apogee_ivar.astype(np.float32))
