@@ -919,7 +919,7 @@ class BridgeModel(BaseEstimator):
         threshold: median + 3 robust sigma of their reduced chi^2. D: the largest (least inflation)
         for which, on every label the spectra constrain, the z-scores' standard deviation is at most
         ``MISFIT_TAIL`` times their robust spread (no star many sigma off); infinity when that already
-        holds untempered.
+        holds untempered; never below the chi^2 spread of the well-fitted stars.
         """
         rchi2 = np.concatenate([r.data_chi2 / r.dof for _, _, r in results])
         threshold = float(np.median(rchi2) + 3.0 * _robust_std(rchi2))
@@ -954,7 +954,10 @@ class BridgeModel(BaseEstimator):
                     ratios.append(np.std(values) / robust)
             return max(ratios) if ratios else 0.0
 
-        candidates = np.concatenate([[np.inf], np.logspace(6, 0, 49)])  # least inflation first
+        # D no smaller than the chi^2 spread of well-fitted stars: a star one such spread above the
+        # threshold at most doubles its variance (a fit that is only a little worse is only a little less trusted)
+        floor = max(float(_robust_std(rchi2) * np.median(dof)), 1.0)
+        candidates = np.concatenate([[np.inf], np.geomspace(max(1e6, floor), floor, 49)])  # least inflation first
         ratios = np.array([tail_ratio(scale) for scale in candidates])
         good = np.flatnonzero(ratios <= MISFIT_TAIL)
         if good.size:

@@ -584,6 +584,33 @@ def _normal_group(w0, w1, w2, w3, products_t, n0, n1, out, k0, width):
                 out[k0 + k, j] += total
 
 
+@numba.njit(cache=True, fastmath=_REDUCE, error_model="numpy")
+def _normal_group4(w0, w1, w2, w3, products_t, n0, n1, out, k0, k1, k2, k3):
+    # _normal_group for 4 pixels whose normal matrices are rows k0..k3 of out (not necessarily adjacent)
+    n_products = products_t.shape[0]
+    count = n1 - n0
+    a0 = w0[n0:n1]
+    a1 = w1[n0:n1]
+    a2 = w2[n0:n1]
+    a3 = w3[n0:n1]
+    for j in range(n_products):
+        z = products_t[j, n0:n1]
+        s0 = 0.0
+        s1 = 0.0
+        s2 = 0.0
+        s3 = 0.0
+        for n in range(count):
+            zn = z[n]
+            s0 += a0[n] * zn
+            s1 += a1[n] * zn
+            s2 += a2[n] * zn
+            s3 += a3[n] * zn
+        out[k0, j] += s0
+        out[k1, j] += s1
+        out[k2, j] += s2
+        out[k3, j] += s3
+
+
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def _fit_fused(flux, flux_stride, ivar, ivar_stride, mask, mask_stride, use_mask, noise_free, n_stars, n_pixels,
                design_t, products_t, packed_map, active, dof_factor, n_passes, n_iter, tile, star_chunk, coef, ok,
@@ -633,15 +660,33 @@ def _fit_fused(flux, flux_stride, ivar, ivar_stride, mask, mask_stride, use_mask
                         total += 1.0 / w
             counts[m0 + k] = count
             total_variance[m0 + k] = total
+        # A pixel whose new scatter equals the one its weights were built with has reached the fixed
+        # point: every further pass would repeat the same arithmetic and give the same coefficients
+        # and scatter bit for bit, so it drops out of the later passes (e.g. pixels with s^2 = 0).
+        s2_used = np.zeros(tile)  # the first pass weighs with s^2 = 0
+        pending = np.arange(tile)
+        n_pending = width
         for p in range(n_passes):
+            if n_pending == 0:
+                break
             normal[:] = 0.0
-            # stars in chunks whose rows of Z stay in L1 while every group of the tile reads them
+            # stars in chunks whose rows of Z stay in L1 while every group of the tile reads them;
+            # groups of 4 pending pixels (row k of normal belongs to pixel k of the tile)
             for n0 in range(0, n_stars, star_chunk):
                 n1 = min(n0 + star_chunk, n_stars)
-                for k0 in range(0, width, 4):
-                    _normal_group(w_t[k0], w_t[min(k0 + 1, width - 1)], w_t[min(k0 + 2, width - 1)],
-                                  w_t[min(k0 + 3, width - 1)], products_t, n0, n1, normal, k0, min(4, width - k0))
-            for k in range(width):
+                for g0 in range(0, n_pending, 4):
+                    group = min(4, n_pending - g0)
+                    if group == 4:
+                        _normal_group4(w_t[pending[g0]], w_t[pending[g0 + 1]], w_t[pending[g0 + 2]],
+                                       w_t[pending[g0 + 3]], products_t, n0, n1, normal, pending[g0],
+                                       pending[g0 + 1], pending[g0 + 2], pending[g0 + 3])
+                    else:
+                        for q in range(group):
+                            k = pending[g0 + q]
+                            _normal_group(w_t[k], w_t[k], w_t[k], w_t[k], products_t, n0, n1, normal, k, 1)
+            still = 0
+            for q in range(n_pending):
+                k = pending[q]
                 m = m0 + k
                 w_row = w_t[k]
                 f_row = f_t[k]
@@ -656,6 +701,11 @@ def _fit_fused(flux, flux_stride, ivar, ivar_stride, mask, mask_stride, use_mask
                 _residuals(f_row, design_t, coef[m], n_terms, n_stars, buffer)
                 s2 = _scatter_one(buffer, iv_t[k], noise_free, dof_factor, n_iter, total_variance[m], counts[m], r2, var)
                 scatter_variance[m] = s2
+                if s2 == s2_used[k]:
+                    continue  # converged: the next pass would be this one again
+                s2_used[k] = s2
+                pending[still] = k
+                still += 1
                 if p + 1 < n_passes:
                     # branch-free loops (they vectorise): iv_t is 0 exactly where a star is unused, and
                     # iv / (1 + iv s2) is then 0 as well
@@ -667,6 +717,7 @@ def _fit_fused(flux, flux_stride, ivar, ivar_stride, mask, mask_stride, use_mask
                     else:
                         for n in range(n_stars):
                             w_row[n] = iv_row[n] / (1.0 + iv_row[n] * s2)
+            n_pending = still
 
 
 def fit_fused(flux, ivar, star_mask, design, active, n_passes, dof_factor, n_iter=40, tile=None, star_chunk=None):
