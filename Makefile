@@ -25,7 +25,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_core.py
 
 results: $(STAMP)
-	$(PY) benchmarks/bench_bridge.py --output docs
+	$(PY) benchmarks/bench_bridge.py --all-snr --output docs
+	$(PY) benchmarks/report_bridge.py
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache

@@ -267,11 +267,12 @@ def run_config(cfg):
         return CannonModel(label_names=data["names"], order=2, backend=cfg["backend"],
                            scatter_iterations=cfg["scatter_iterations"], block_size=cfg["block_size"])
 
-    # warm-up: JIT compile (numba) / first-call overheads, on a tiny problem of the same K
+    # warm-up: JIT compile (numba) / first-call overheads, on a small problem of the same K; 4,096 pixels
+    # so that the input check takes its large-input (numba) path too
     t0 = time.perf_counter()
-    small = new_model().fit(data["train_flux"][:max(4 * p, 300), :256], data["train_labels"][:max(4 * p, 300)],
-                            ivar=data["train_ivar"][:max(4 * p, 300), :256])
-    small.infer(data["test_flux"][:8, :256], data["test_ivar"][:8, :256])
+    small = new_model().fit(data["train_flux"][:max(4 * p, 300), :4096], data["train_labels"][:max(4 * p, 300)],
+                            ivar=data["train_ivar"][:max(4 * p, 300), :4096])
+    small.infer(data["test_flux"][:8, :4096], data["test_ivar"][:8, :4096])
     result["warmup_compile_s"] = time.perf_counter() - t0
     del small
     gc.collect()

@@ -19,7 +19,7 @@ every package reads.
 Set up the peer environments (not tracked by git)::
 
     python3.11 -m venv benchmarks/.peers-venv
-    benchmarks/.peers-venv/bin/pip install thecannon==0.7.3 matplotlib astropy
+    benchmarks/.peers-venv/bin/pip install thecannon==0.7.3 matplotlib astropy scipy
     python3.11 -m venv benchmarks/.annies-venv            # optional
     benchmarks/.annies-venv/bin/pip install annieslasso==0.2.96 "numpy<2"
 

@@ -614,14 +614,15 @@ def _normal_group4(w0, w1, w2, w3, products_t, n0, n1, out, k0, k1, k2, k3):
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def _fit_fused(flux, flux_stride, ivar, ivar_stride, mask, mask_stride, use_mask, noise_free, n_stars, n_pixels,
                design_t, products_t, packed_map, active, dof_factor, n_passes, n_iter, tile, star_chunk, coef, ok,
-               scatter_variance, counts, total_variance):
+               scatter_variance, counts, total_variance, n_workers):
     # flux, ivar and mask are flat views: element (n, m) at [n * stride + m]
     n_terms = design_t.shape[0]
     n_packed = products_t.shape[0]
     n_tiles = (n_pixels + tile - 1) // tile
-    for t in numba.prange(n_tiles):
-        m0 = t * tile
-        width = min(m0 + tile, n_pixels) - m0
+    # tiles are dealt to n_groups workers in turn; each allocates its buffers once (a fresh 4 MB of
+    # buffers per tile cost as much in page faults as a pass of arithmetic)
+    n_groups = max(1, min(n_tiles, n_workers))
+    for g in numba.prange(n_groups):
         # a tile of pixels, pixel-major, stays in cache through every pass
         f_t = np.empty((tile, n_stars))
         iv_t = np.empty((tile, n_stars))
@@ -635,89 +636,92 @@ def _fit_fused(flux, flux_stride, ivar, ivar_stride, mask, mask_stride, use_mask
         buffer = np.empty(n_stars)
         r2 = np.empty(n_stars)
         var = np.empty(n_stars)
-        base_f = m0
-        base_i = m0
-        base_m = m0
-        for n in range(n_stars):
-            for k in range(width):
-                w = 1.0 if noise_free else float(ivar[base_i + k])
-                seen = w > 0 and (not use_mask or mask[base_m + k])
-                f_t[k, n] = float(flux[base_f + k]) if seen else 0.0
-                iv_t[k, n] = w if seen else 0.0
-            base_f += flux_stride
-            base_i += ivar_stride
-            base_m += mask_stride
-        for k in range(width):
-            count = 0
-            total = 0.0
-            row = iv_t[k]
+        for t in range(g, n_tiles, n_groups):
+            m0 = t * tile
+            width = min(m0 + tile, n_pixels) - m0
+            base_f = m0
+            base_i = m0
+            base_m = m0
             for n in range(n_stars):
-                w = row[n]
-                w_t[k, n] = w
-                if w > 0:
-                    count += 1
-                    if not noise_free:
-                        total += 1.0 / w
-            counts[m0 + k] = count
-            total_variance[m0 + k] = total
-        # A pixel whose new scatter equals the one its weights were built with has reached the fixed
-        # point: every further pass would repeat the same arithmetic and give the same coefficients
-        # and scatter bit for bit, so it drops out of the later passes (e.g. pixels with s^2 = 0).
-        s2_used = np.zeros(tile)  # the first pass weighs with s^2 = 0
-        pending = np.arange(tile)
-        n_pending = width
-        for p in range(n_passes):
-            if n_pending == 0:
-                break
-            normal[:] = 0.0
-            # stars in chunks whose rows of Z stay in L1 while every group of the tile reads them;
-            # groups of 4 pending pixels (row k of normal belongs to pixel k of the tile)
-            for n0 in range(0, n_stars, star_chunk):
-                n1 = min(n0 + star_chunk, n_stars)
-                for g0 in range(0, n_pending, 4):
-                    group = min(4, n_pending - g0)
-                    if group == 4:
-                        _normal_group4(w_t[pending[g0]], w_t[pending[g0 + 1]], w_t[pending[g0 + 2]],
-                                       w_t[pending[g0 + 3]], products_t, n0, n1, normal, pending[g0],
-                                       pending[g0 + 1], pending[g0 + 2], pending[g0 + 3])
-                    else:
-                        for q in range(group):
-                            k = pending[g0 + q]
-                            _normal_group(w_t[k], w_t[k], w_t[k], w_t[k], products_t, n0, n1, normal, k, 1)
-            still = 0
-            for q in range(n_pending):
-                k = pending[q]
-                m = m0 + k
-                w_row = w_t[k]
-                f_row = f_t[k]
+                for k in range(width):
+                    w = 1.0 if noise_free else float(ivar[base_i + k])
+                    seen = w > 0 and (not use_mask or mask[base_m + k])
+                    f_t[k, n] = float(flux[base_f + k]) if seen else 0.0
+                    iv_t[k, n] = w if seen else 0.0
+                base_f += flux_stride
+                base_i += ivar_stride
+                base_m += mask_stride
+            for k in range(width):
+                count = 0
+                total = 0.0
+                row = iv_t[k]
                 for n in range(n_stars):
-                    buffer[n] = w_row[n] * f_row[n]
-                for i in range(n_terms):
-                    rhs[i] = _dot(buffer, design_t[i], n_stars)
-                solved = _cholesky_solve(normal[k], packed_map, rhs, active[m], n_terms, work, scale, y, out)
-                for i in range(n_terms):
-                    coef[m, i] = out[i] if solved else 0.0
-                ok[m] = solved
-                _residuals(f_row, design_t, coef[m], n_terms, n_stars, buffer)
-                s2 = _scatter_one(buffer, iv_t[k], noise_free, dof_factor, n_iter, total_variance[m], counts[m], r2, var)
-                scatter_variance[m] = s2
-                if s2 == s2_used[k]:
-                    continue  # converged: the next pass would be this one again
-                s2_used[k] = s2
-                pending[still] = k
-                still += 1
-                if p + 1 < n_passes:
-                    # branch-free loops (they vectorise): iv_t is 0 exactly where a star is unused, and
-                    # iv / (1 + iv s2) is then 0 as well
-                    iv_row = iv_t[k]
-                    if noise_free:
-                        weight = 1.0 / s2 if s2 > 0 else 1.0
-                        for n in range(n_stars):
-                            w_row[n] = weight if iv_row[n] > 0 else 0.0
-                    else:
-                        for n in range(n_stars):
-                            w_row[n] = iv_row[n] / (1.0 + iv_row[n] * s2)
-            n_pending = still
+                    w = row[n]
+                    w_t[k, n] = w
+                    if w > 0:
+                        count += 1
+                        if not noise_free:
+                            total += 1.0 / w
+                counts[m0 + k] = count
+                total_variance[m0 + k] = total
+            # A pixel whose new scatter equals the one its weights were built with has reached the fixed
+            # point: every further pass would repeat the same arithmetic and give the same coefficients
+            # and scatter bit for bit, so it drops out of the later passes (e.g. pixels with s^2 = 0).
+            s2_used = np.zeros(tile)  # the first pass weighs with s^2 = 0
+            pending = np.arange(tile)
+            n_pending = width
+            for p in range(n_passes):
+                if n_pending == 0:
+                    break
+                normal[:] = 0.0
+                # stars in chunks whose rows of Z stay in L1 while every group of the tile reads them;
+                # groups of 4 pending pixels (row k of normal belongs to pixel k of the tile)
+                for n0 in range(0, n_stars, star_chunk):
+                    n1 = min(n0 + star_chunk, n_stars)
+                    for g0 in range(0, n_pending, 4):
+                        group = min(4, n_pending - g0)
+                        if group == 4:
+                            _normal_group4(w_t[pending[g0]], w_t[pending[g0 + 1]], w_t[pending[g0 + 2]],
+                                           w_t[pending[g0 + 3]], products_t, n0, n1, normal, pending[g0],
+                                           pending[g0 + 1], pending[g0 + 2], pending[g0 + 3])
+                        else:
+                            for q in range(group):
+                                k = pending[g0 + q]
+                                _normal_group(w_t[k], w_t[k], w_t[k], w_t[k], products_t, n0, n1, normal, k, 1)
+                still = 0
+                for q in range(n_pending):
+                    k = pending[q]
+                    m = m0 + k
+                    w_row = w_t[k]
+                    f_row = f_t[k]
+                    for n in range(n_stars):
+                        buffer[n] = w_row[n] * f_row[n]
+                    for i in range(n_terms):
+                        rhs[i] = _dot(buffer, design_t[i], n_stars)
+                    solved = _cholesky_solve(normal[k], packed_map, rhs, active[m], n_terms, work, scale, y, out)
+                    for i in range(n_terms):
+                        coef[m, i] = out[i] if solved else 0.0
+                    ok[m] = solved
+                    _residuals(f_row, design_t, coef[m], n_terms, n_stars, buffer)
+                    s2 = _scatter_one(buffer, iv_t[k], noise_free, dof_factor, n_iter, total_variance[m], counts[m], r2, var)
+                    scatter_variance[m] = s2
+                    if s2 == s2_used[k]:
+                        continue  # converged: the next pass would be this one again
+                    s2_used[k] = s2
+                    pending[still] = k
+                    still += 1
+                    if p + 1 < n_passes:
+                        # branch-free loops (they vectorise): iv_t is 0 exactly where a star is unused, and
+                        # iv / (1 + iv s2) is then 0 as well
+                        iv_row = iv_t[k]
+                        if noise_free:
+                            weight = 1.0 / s2 if s2 > 0 else 1.0
+                            for n in range(n_stars):
+                                w_row[n] = weight if iv_row[n] > 0 else 0.0
+                        else:
+                            for n in range(n_stars):
+                                w_row[n] = iv_row[n] / (1.0 + iv_row[n] * s2)
+                n_pending = still
 
 
 def fit_fused(flux, ivar, star_mask, design, active, n_passes, dof_factor, n_iter=40, tile=None, star_chunk=None):
@@ -752,7 +756,7 @@ def fit_fused(flux, ivar, star_mask, design, active, n_passes, dof_factor, n_ite
     _fit_fused(flux_flat, flux_stride, ivar_flat, ivar_stride, mask_flat, mask_stride, star_mask is not None, noise_free,
                n_stars, n_pixels, np.ascontiguousarray(design.T), products_t, packed_map,
                np.ascontiguousarray(active, dtype=np.bool_), float(dof_factor), int(n_passes), int(n_iter),
-               int(tile), int(star_chunk), coef, ok, s2, counts, total_variance)
+               int(tile), int(star_chunk), coef, ok, s2, counts, total_variance, 4 * numba.get_num_threads())
     return coef, ok, s2, counts, total_variance
 
 
