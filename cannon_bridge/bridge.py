@@ -789,10 +789,8 @@ class BridgeModel(BaseEstimator):
         misfit = self._misfit_factor(result.mode, result.data_chi2, result.dof)
         if not np.any(misfit > 1):
             return result
-        covariance, _ = _tempered_covariance(result.likelihood_information, result.prior_information, misfit,
-                                             self.label_scales_)
-        factor = self.uncertainty_scale_[result.mode]
-        covariance = covariance * factor[None, :, None] * factor[None, None, :]
+        covariance, _ = self._label_covariance(result.likelihood_information, result.prior_information, misfit,
+                                               result.mode)
         flags = result.flags | np.where(misfit > 1, StarFlag.POOR_FIT, 0)
         return replace(result, covariance=covariance, misfit_factor=misfit, flags=flags)
 
@@ -877,10 +875,7 @@ class BridgeModel(BaseEstimator):
             prior_information = np.matmul(np.transpose(dz, (0, 2, 1)), dz)
         likelihood_information = hessian if prior_information is None else hessian - prior_information
         misfit = self._misfit_factor(mode, data_chi2, dof)
-        covariance, singular = _tempered_covariance(likelihood_information, prior_information, misfit,
-                                                    self.label_scales_)
-        factor = self.uncertainty_scale_[mode]
-        covariance = covariance * factor[None, :, None] * factor[None, None, :]
+        covariance, singular = self._label_covariance(likelihood_information, prior_information, misfit, mode)
         flags = np.zeros(n_stars, dtype=np.int64)
         flags[misfit > 1] |= StarFlag.POOR_FIT
         flags[~converged] |= StarFlag.NOT_CONVERGED
@@ -895,6 +890,13 @@ class BridgeModel(BaseEstimator):
                                      misfit_factor=misfit, data_chi2=data_chi2, dof=dof.astype(float),
                                      likelihood_information=likelihood_information if keep else None,
                                      prior_information=prior_information if keep and prior is not None else None)
+
+    def _label_covariance(self, likelihood_information, prior_information, misfit, mode):
+        """(covariance in label units, singular): tempered by ``misfit``, scaled by the mode's calibration."""
+        covariance, singular = _tempered_covariance(likelihood_information, prior_information, misfit,
+                                                    self.label_scales_)
+        factor = self.uncertainty_scale_[mode]
+        return covariance * factor[None, :, None] * factor[None, None, :], singular
 
     def _misfit_factor(self, mode, data_chi2, dof):
         """Per star, 1 + (chi^2 above the held-out training stars' range) / D (1 where the fit is normal).

@@ -118,25 +118,22 @@ class CrossMatch:
         the block size.
         """
         rng = np.random.default_rng(seed)
-        surveys = {}
+        # one generator stream: all APOGEE noise, then all GALAH noise, as one draw of each shape would give
+        noisy = {}
         for survey, snr in (("apogee", snr_apogee), ("galah", snr_galah)):
             flux = getattr(self, f"{survey}_flux")
-            surveys[survey] = (flux, np.empty(flux.shape, dtype=dtype), np.full(flux.shape, float(snr) ** 2, dtype=dtype))
-        # one generator stream: all APOGEE noise, then all GALAH noise, as one draw of each shape would give
-        for survey, snr in (("apogee", snr_apogee), ("galah", snr_galah)):
-            flux, noisy, _ = surveys[survey]
+            out = np.empty(flux.shape, dtype=dtype)
             rows = max(1, (1 << 22) // max(flux.shape[1], 1))
             for start in range(0, flux.shape[0], rows):
                 block = slice(start, start + rows)
-                noisy[block] = flux[block] + rng.normal(0, 1.0 / snr, noisy[block].shape)
-        apogee_ivar, galah_ivar = surveys["apogee"][2], surveys["galah"][2]
-        apogee_ivar[self.apogee_ivar == 0] = 0.0
-        galah_ivar[self.galah_ivar == 0] = 0.0
+                out[block] = flux[block] + rng.normal(0, 1.0 / snr, out[block].shape)
+            ivar = np.full(flux.shape, float(snr) ** 2, dtype=dtype)
+            ivar[getattr(self, f"{survey}_ivar") == 0] = 0.0
+            noisy[f"{survey}_flux"], noisy[f"{survey}_ivar"] = out, ivar
         if mask_apogee_gaps and self.apogee_wavelength.size == 8575:
-            apogee_ivar[:, apogee_gap_mask()] = 0.0
+            noisy["apogee_ivar"][:, apogee_gap_mask()] = 0.0
         meta = dict(self.meta, snr_apogee=float(snr_apogee), snr_galah=float(snr_galah))
-        return replace(self, apogee_flux=surveys["apogee"][1], apogee_ivar=apogee_ivar, galah_flux=surveys["galah"][1],
-                       galah_ivar=galah_ivar, meta=meta)
+        return replace(self, meta=meta, **noisy)
 
     def blank_labels(self, names: Sequence[str], fraction: float, seed=0) -> "CrossMatch":
         """A copy with each named label set to NaN independently in ``fraction`` of the stars."""

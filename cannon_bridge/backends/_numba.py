@@ -549,44 +549,22 @@ def _scatter_one(residual, ivar_row, noise_free, dof_factor, n_iter, total_var, 
 
 
 @numba.njit(cache=True, fastmath=_REDUCE, error_model="numpy")
-def _normal_group(w0, w1, w2, w3, products_t, n0, n1, out, k0, width):
-    # adds stars n0:n1 to the normal matrices of up to 4 pixels (rows k0.. of out), sharing every read
-    # of Z; the loops run over slices from 0 (a loop from n0 keeps numba's negative-index checks)
-    n_products = products_t.shape[0]
+def _normal_one(w, products_t, n0, n1, out, k):
+    # adds stars n0:n1 to the normal matrix of one pixel (row k of out); the loops run over slices
+    # from 0 (a loop from n0 keeps numba's negative-index checks)
     count = n1 - n0
-    a0 = w0[n0:n1]
-    a1 = w1[n0:n1]
-    a2 = w2[n0:n1]
-    a3 = w3[n0:n1]
-    for j in range(n_products):
+    a = w[n0:n1]
+    for j in range(products_t.shape[0]):
         z = products_t[j, n0:n1]
-        if width == 4:
-            s0 = 0.0
-            s1 = 0.0
-            s2 = 0.0
-            s3 = 0.0
-            for n in range(count):
-                zn = z[n]
-                s0 += a0[n] * zn
-                s1 += a1[n] * zn
-                s2 += a2[n] * zn
-                s3 += a3[n] * zn
-            out[k0, j] += s0
-            out[k0 + 1, j] += s1
-            out[k0 + 2, j] += s2
-            out[k0 + 3, j] += s3
-        else:
-            for k in range(width):
-                a = a0 if k == 0 else (a1 if k == 1 else a2)
-                total = 0.0
-                for n in range(count):
-                    total += a[n] * z[n]
-                out[k0 + k, j] += total
+        total = 0.0
+        for n in range(count):
+            total += a[n] * z[n]
+        out[k, j] += total
 
 
 @numba.njit(cache=True, fastmath=_REDUCE, error_model="numpy")
 def _normal_group4(w0, w1, w2, w3, products_t, n0, n1, out, k0, k1, k2, k3):
-    # _normal_group for 4 pixels whose normal matrices are rows k0..k3 of out (not necessarily adjacent)
+    # _normal_one for 4 pixels at once (rows k0..k3 of out, not necessarily adjacent), sharing every read of Z
     n_products = products_t.shape[0]
     count = n1 - n0
     a0 = w0[n0:n1]
@@ -687,7 +665,7 @@ def _fit_fused(flux, flux_stride, ivar, ivar_stride, mask, mask_stride, use_mask
                         else:
                             for q in range(group):
                                 k = pending[g0 + q]
-                                _normal_group(w_t[k], w_t[k], w_t[k], w_t[k], products_t, n0, n1, normal, k, 1)
+                                _normal_one(w_t[k], products_t, n0, n1, normal, k)
                 still = 0
                 for q in range(n_pending):
                     k = pending[q]
