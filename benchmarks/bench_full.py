@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_full.py                      # 30,000 stars (needs ~20 GB, ~10-20 min here)
     .venv/bin/python benchmarks/bench_full.py --n-stars 5000       # a smaller run of the same recipe
     .venv/bin/python benchmarks/bench_full.py --calibrate          # include the 4-fold calibration in the fit
+    .venv/bin/python benchmarks/bench_full.py --abundances 8       # K = 20: 8 more [X/Fe] labels (13 core + 7 heavy)
 
 Steps, each timed (wall clock) with the peak RSS after it:
 1. ``mock.make_crossmatch(n, dtype=float32)`` on the real APOGEE (8,575 px) and GALAH (4 x 4,096 px) grids;
@@ -11,8 +12,12 @@ Steps, each timed (wall clock) with the peak RSS after it:
 3. ``infer(apogee_flux=...)`` for every star (labels from APOGEE alone);
 4. ``predict_galah(..., return_variance=True)`` for every star, in chunks of 2,000 so that the regenerated
    spectra are not all held at once.
-The DGEMM rate is measured in the same process; the JSON (``results/bench_full_N.json``) records it with the
-load average, so the seconds can be read against the machine's state.
+The DGEMM rate is measured in the same process; the JSON (``results/bench_full_N[_kK].json``) records it with the
+load average, so the seconds can be read against the machine's state. The training of the two surveys' models
+(``BridgeModel._fit_models``, timed apart from the choice of the L1 strength by CV) is compared with the DGEMM
+bound of its passes: every pixel's normal matrix is a GEMM of N_pixel x P_pixel(P_pixel + 1) flop (P_pixel: the
+terms the pixel's censoring leaves, N_pixel: the stars with every label it needs), ``scatter_iterations + 1``
+times.
 """
 from __future__ import annotations
 
@@ -31,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cannon_bridge import BridgeModel  # noqa: E402
-from cannon_bridge.mock import make_crossmatch  # noqa: E402
+from cannon_bridge.bridge import _pixel_groups  # noqa: E402
+from cannon_bridge.mock import ABUNDANCE_LABELS, CORE_LABELS, HEAVY_LABELS, make_crossmatch  # noqa: E402
 
 
 def peak_rss_gb() -> float:
@@ -48,14 +54,31 @@ def dgemm_gflops(n: int = 2048) -> float:
     return 2.0 * n * 2 * n * n / best / 1e9
 
 
+def training_flop(bridge, crossmatch) -> float:
+    """GEMM flop of one training pass: sum over pixels of N_pixel * P_pixel * (P_pixel + 1)."""
+    labels = crossmatch.labels_for(bridge.label_names_)
+    total = 0.0
+    for survey in ("apogee", "galah"):
+        model = getattr(bridge, f"{survey}_model_")
+        used = np.asarray(getattr(bridge, f"{survey}_label_index_"))
+        finite = np.isfinite(labels[:, used])
+        for pixels, terms, local in _pixel_groups(model.censors_, model.term_exponents_):
+            n_used = int(np.all(finite[:, local], axis=1).sum())
+            total += float(pixels.size) * n_used * terms.size * (terms.size + 1)
+    return total
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-stars", type=int, default=30000)
     parser.add_argument("--calibrate", action="store_true", help="include the 4-fold CV calibration in the fit")
+    parser.add_argument("--abundances", type=int, default=0,
+                        help="extra [X/Fe] core labels of the mock (8 gives K = 20 labels)")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
 
-    record = {"n_stars": args.n_stars, "calibrate": args.calibrate, "load_average": os.getloadavg(),
+    record = {"n_stars": args.n_stars, "calibrate": args.calibrate, "n_labels": 12 + args.abundances,
+              "load_average": os.getloadavg(),
               "dgemm_gflops": dgemm_gflops(), "python": platform.python_version(), "steps": {}}
 
     def step(name, function, *a, **k):
@@ -66,13 +89,35 @@ def main(argv=None) -> int:
               flush=True)
         return value
 
-    crossmatch = step("mock cross-match", make_crossmatch, args.n_stars, seed=0, dtype=np.float32)
+    crossmatch = step("mock cross-match", make_crossmatch, args.n_stars, seed=0, dtype=np.float32,
+                      n_abundances=args.abundances)
     input_bytes = sum(getattr(crossmatch, name).nbytes for name in
                       ("apogee_flux", "apogee_ivar", "galah_flux", "galah_ivar"))
     record["input_gb"] = round(input_bytes / 1024**3, 2)
     print(f"input flux + ivar: {record['input_gb']} GB ({crossmatch.apogee_flux.dtype})", flush=True)
-    bridge = BridgeModel(apogee_order=2, galah_order=2, calibrate=args.calibrate, backend="numba")
+    bridge = BridgeModel(CORE_LABELS + ABUNDANCE_LABELS[:args.abundances], HEAVY_LABELS, apogee_order=2,
+                         galah_order=2, calibrate=args.calibrate, backend="numba")
+    timers = {}
+    for name in ("_select_regularization", "_fit_models"):
+        original = getattr(BridgeModel, name)
+
+        def timed(self, *a, _original=original, _name=name, **k):
+            start = time.perf_counter()
+            try:
+                return _original(self, *a, **k)
+            finally:
+                timers[_name] = timers.get(_name, 0.0) + time.perf_counter() - start
+        setattr(BridgeModel, name, timed)
     step("fit", bridge.fit, crossmatch)
+    flop = training_flop(bridge, crossmatch)
+    passes = bridge.scatter_iterations + 1
+    bound = passes * flop / (record["dgemm_gflops"] * 1e9)
+    record["training"] = {
+        "choose_l1_by_cv_s": round(timers.get("_select_regularization", 0.0), 2),
+        "fit_models_s": round(timers.get("_fit_models", 0.0), 2),
+        "passes": passes, "flop_per_pass": flop, "dgemm_bound_s": round(bound, 2),
+        "fit_models_over_bound": round(timers.get("_fit_models", 0.0) / bound, 2)}
+    print(f"training: {record['training']}", flush=True)
     result = step("infer from APOGEE", bridge.infer, apogee_flux=crossmatch.apogee_flux,
                   apogee_ivar=crossmatch.apogee_ivar)
     truth = crossmatch.labels_for(bridge.label_names_)
@@ -95,7 +140,8 @@ def main(argv=None) -> int:
     record["train_and_transfer_seconds"] = round(total, 1)
     record["peak_rss_over_input"] = round(peak_rss_gb() / record["input_gb"], 2)
     print(json.dumps(record, indent=1))
-    out = Path(args.output) / f"bench_full_{args.n_stars}{'_calibrated' if args.calibrate else ''}.json"
+    suffix = ("_calibrated" if args.calibrate else "") + (f"_k{12 + args.abundances}" if args.abundances else "")
+    out = Path(args.output) / f"bench_full_{args.n_stars}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {out}")

@@ -20,6 +20,7 @@ import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.linear_model import RidgeCV
 
+from ._blocks import SpectraBlocks
 from ._fitsio import read_model_file, write_model_file
 from ._validation import check_labels, check_spectra
 from .backends import get_backend
@@ -27,9 +28,9 @@ from .backends._inference import LikelihoodBlock
 from .backends._polynomial import monomial_jacobian, monomials
 from .errors import InvalidInputError, NotFittedError
 from .lines import element_masks, element_of_label, line_windows, window_mask
-from .preprocess import band_limit
+from .preprocess import band_limit_plan
 from .model import (INFER_BATCH, CannonModel, InferenceResult, StarFlag, _batches, concatenate_results, fit_pixels,
-                    packed_coefficients, run_test_step, scaled_covariance, typical_noise_variance)
+                    run_test_step, scaled_covariance, typical_noise_variance)
 from .vectorizer import PolynomialVectorizer, polynomial_exponents
 
 __all__ = ["BridgeModel", "BridgeInferenceResult", "BUILTIN_GALAH_LINES"]
@@ -396,11 +397,12 @@ class BridgeModel(BaseEstimator):
         self.galah_allowed_ = self._allowed(galah_wavelength, galah_flux.shape[1], "galah")
         self.apogee_wavelength_ = None if apogee_wavelength is None else np.asarray(apogee_wavelength, float)
         self.galah_wavelength_ = None if galah_wavelength is None else np.asarray(galah_wavelength, float)
-        prepared = {"apogee": self._band_limited("apogee", apogee_flux, apogee_ivar),
-                    "galah": self._band_limited("galah", galah_flux, galah_ivar)}
+        # the caller's arrays stay as they are: every fit below reads blocks of pixels (of a fold's
+        # stars, band-limited on the fly), so no copy of a whole survey is ever made
+        sources = {"apogee": SpectraBlocks(apogee_flux, apogee_ivar), "galah": SpectraBlocks(galah_flux, galah_ivar)}
+        prepared = {survey: self._band_limited(survey, source) for survey, source in sources.items()}
         self._select_regularization(prepared, labels, self._folds(labels.shape[0]))
-        self._fit_models(apogee_flux, apogee_ivar, galah_flux, galah_ivar, labels, prepared=prepared)
-        del prepared
+        self._fit_models(sources, labels, prepared=prepared)
         scaled = (labels - self.label_pivots_) / self.label_scales_
         self.prior_ = _PopulationPrior.fit(scaled, np.arange(self.n_core_), np.arange(self.n_core_, len(names)))
         self.uncertainty_scale_ = {mode: np.ones(len(names)) for mode in MODES}
@@ -410,24 +412,26 @@ class BridgeModel(BaseEstimator):
         self.fusion_methods_ = np.full(len(names), FUSION_CORRELATED, dtype=np.int64)
         self.misfit_reference_ = {}  # set by the calibration (no tempering without it)
         if self.calibrate:
-            self._calibrate(apogee_flux, apogee_ivar, galah_flux, galah_ivar, labels)
+            self._calibrate(apogee_flux, apogee_ivar, galah_flux, galah_ivar, labels, sources)
         return self
 
-    def _fit_models(self, apogee_flux, apogee_ivar, galah_flux, galah_ivar, labels, prepared=None):
-        """Fit both surveys' models; ``prepared`` maps a survey to its already band-limited (flux, ivar)."""
+    def _fit_models(self, sources, labels, prepared=None):
+        """Fit both surveys' models on ``sources`` (survey -> SpectraBlocks of the training stars);
+        ``prepared`` maps a survey to its band-limited SpectraBlocks when the caller already made it."""
         names = self.label_names_
         models = {}
-        for survey, flux, ivar in (("apogee", apogee_flux, apogee_ivar), ("galah", galah_flux, galah_ivar)):
-            noise_variance = typical_noise_variance(ivar, flux.shape[1])  # of the spectra as observed
+        for survey in ("apogee", "galah"):
+            source = sources[survey]
+            noise_variance = typical_noise_variance(source, source.shape[1])  # of the spectra as observed
             if prepared is not None and survey in prepared:
-                flux, ivar = prepared[survey]
+                source = prepared[survey]
             else:
-                flux, ivar = self._band_limited(survey, flux, ivar)
+                source = self._band_limited(survey, source)
             strengths = getattr(self, f"{survey}_regularization_", None)
             if strengths is None:
-                strengths = np.full(flux.shape[1], self._regularization_candidates(survey)[0])
+                strengths = np.full(source.shape[1], self._regularization_candidates(survey)[0])
             used, vectorizer, coef, scatter_variance, flags, sub_allowed = self._fit_survey(
-                survey, flux, ivar, labels, strengths)
+                survey, source, labels, strengths)
             model = CannonModel.from_theta(coef, np.sqrt(scatter_variance), [names[k] for k in used],
                                            vectorizer.pivots, vectorizer.scales, vectorizer.term_exponents,
                                            wavelength=getattr(self, f"{survey}_wavelength_"),
@@ -445,11 +449,12 @@ class BridgeModel(BaseEstimator):
         self.apogee_labels_ = [names[k] for k in self.apogee_label_index_]
         self.galah_labels_ = [names[k] for k in self.galah_label_index_]
 
-    def _band_limited(self, survey, flux, ivar):
+    def _band_limited(self, survey, source):
+        """``source`` band-limited (:func:`cannon_bridge.preprocess.band_limit`, block by block when read)."""
         wavelength = getattr(self, f"{survey}_wavelength_")
-        if self.band_limit_training and wavelength is not None and ivar is not None:
-            return band_limit(flux, ivar, wavelength, float(getattr(self, f"{survey}_resolution")))
-        return flux, ivar
+        if self.band_limit_training and wavelength is not None and source.has_ivar:
+            return source.band_limited(band_limit_plan(wavelength, float(getattr(self, f"{survey}_resolution"))))
+        return source
 
     def _survey_vectorizer(self, survey):
         """(labels the survey's model uses anywhere, its PolynomialVectorizer)."""
@@ -462,11 +467,12 @@ class BridgeModel(BaseEstimator):
                                                                           order, self.order))
         return used, vectorizer
 
-    def _fit_survey(self, survey, flux, ivar, labels, strengths, pixel_subset=None):
+    def _fit_survey(self, survey, source, labels, strengths, pixel_subset=None):
         """Per-pixel fits of one survey: (used, vectorizer, coef, scatter variance, flags, censors).
 
-        ``strengths`` gives each pixel's L1 strength; with ``pixel_subset`` only those pixels
-        (columns of ``flux``, indices into the survey's pixels for the censoring) are fitted.
+        ``source`` is a SpectraBlocks of the training stars; ``strengths`` gives each pixel's L1
+        strength; with ``pixel_subset`` only those pixels (the columns of ``source``, indices into
+        the survey's pixels for the censoring) are fitted.
         """
         backend = get_backend(self.backend)
         finite = np.isfinite(labels)
@@ -477,7 +483,7 @@ class BridgeModel(BaseEstimator):
         sub_labels = np.where(finite[:, used], labels[:, used], self.label_pivots_[used])
         design = vectorizer.design_matrix(sub_labels)
         sub_allowed = allowed[:, used].copy()
-        n_pixels = flux.shape[1]
+        n_pixels = source.shape[1]
         coef = np.zeros((n_pixels, vectorizer.n_terms))
         scatter_variance = np.zeros(n_pixels)
         flags = np.zeros(n_pixels, dtype=np.int64)
@@ -499,9 +505,9 @@ class BridgeModel(BaseEstimator):
                 has_all = np.all(finite[:, used[local]], axis=1)
             for strength in np.unique(strengths[pixels]):
                 part = pixels[strengths[pixels] == strength]
-                star_mask = np.broadcast_to(has_all[:, None], (flux.shape[0], part.size))
+                star_mask = np.broadcast_to(has_all[:, None], (source.shape[0], part.size))
                 part_coef, part_s2, part_flags = fit_pixels(
-                    design[:, terms], flux[:, part], None if ivar is None else ivar[:, part],
+                    design[:, terms], source.take_columns(part), None,
                     np.ones((part.size, terms.size), dtype=bool), backend, self.scatter_iterations,
                     float(strength), 1024, self.progress, star_mask=star_mask)
                 coef[np.ix_(part, terms)] = part_coef
@@ -517,18 +523,23 @@ class BridgeModel(BaseEstimator):
                                     f"(candidates chosen by cross-validation); got {value!r}")
         return values
 
-    def _select_regularization(self, prepared, labels, folds, max_pixels=2000):
+    def _select_regularization(self, prepared, labels, folds, max_pixels=None):
         """Choose each survey's L1 strength by K-fold CV, separately for core-only and heavy-line pixels.
 
         For every candidate, the models are refitted on each fold's training stars (on an evenly
         spaced subset of at most ``max_pixels`` pixels per class) and scored by the chi^2 of the
         held-out stars' (band-limited) spectra at their true labels: the regularisation that
-        generalises best, not the one that fits the training stars best.
+        generalises best, not the one that fits the training stars best. By default
+        ``max_pixels`` = 2,000 for up to 2,000 stars, then 4 million / stars, never below 400
+        (from 10,000 stars on): the score sums millions of held-out residuals per class,
+        plenty to rank a few candidates, and the choice no longer grows as stars x 2,000 pixels.
         """
+        if max_pixels is None:
+            max_pixels = int(np.clip(4e6 / max(labels.shape[0], 1), 400, 2000))
         self.regularization_scores_ = {}
-        for survey, (flux, ivar) in prepared.items():
+        for survey, source in prepared.items():
             candidates = self._regularization_candidates(survey)
-            n_pixels = flux.shape[1]
+            n_pixels = source.shape[1]
             strengths = np.full(n_pixels, candidates[0])
             if candidates.size == 1:
                 setattr(self, f"{survey}_regularization_", strengths)
@@ -543,20 +554,22 @@ class BridgeModel(BaseEstimator):
                 subset = members[np.unique(np.linspace(0, members.size - 1, min(max_pixels, members.size)).astype(int))]
                 chi2 = np.zeros(candidates.size)
                 for train, test in folds:
-                    f_train = np.asarray(flux[train][:, subset], dtype=float)
-                    i_train = None if ivar is None else np.asarray(ivar[train][:, subset], dtype=float)
-                    f_test = np.asarray(flux[test][:, subset], dtype=float)
-                    weight = np.ones_like(f_test) if ivar is None else np.asarray(ivar[test][:, subset], dtype=float)
+                    # read once per fold (band-limited, in the input's dtype), then fitted once per candidate
+                    train_source = SpectraBlocks(*source.take_rows(train).read(subset))
+                    f_test, w_test = source.take_rows(test).read(subset)  # the input's dtype
                     known = np.isfinite(labels[test])
+                    design = vectorizer.design_matrix(np.where(known[:, used], labels[test][:, used],
+                                                               self.label_pivots_[used]))
                     for c, strength in enumerate(candidates):
                         _, _, coef, _, _, sub_allowed = self._fit_survey(
-                            survey, f_train, i_train, labels[train], np.full(subset.size, strength), subset)
+                            survey, train_source, labels[train], np.full(subset.size, strength), subset)
                         # held-out stars count only on pixels whose labels they all have
                         usable = ((~known[:, used]).astype(np.int32) @ sub_allowed.T.astype(np.int32)) == 0
-                        design = vectorizer.design_matrix(np.where(known[:, used], labels[test][:, used],
-                                                                   self.label_pivots_[used]))
-                        residual = f_test - design @ coef.T
-                        chi2[c] += np.sum(np.where(usable, weight * residual**2, 0.0))
+                        for start in range(0, len(test), 1024):  # float64 residuals of 1,024 stars at a time
+                            rows = slice(start, start + 1024)
+                            residual = f_test[rows] - design[rows] @ coef.T
+                            weight = 1.0 if w_test is None else w_test[rows]
+                            chi2[c] += np.sum(np.where(usable[rows], weight * residual**2, 0.0))
                 best = candidates[int(np.argmin(chi2))]
                 strengths[members] = best
                 scores[name] = dict(zip(map(float, candidates), map(float, chi2)))
@@ -580,7 +593,7 @@ class BridgeModel(BaseEstimator):
             return []
         return list(KFold(self.cv_folds, shuffle=True, random_state=self.random_state).split(np.arange(n_stars)))
 
-    def _calibrate(self, apogee_flux, apogee_ivar, galah_flux, galah_ivar, labels):
+    def _calibrate(self, apogee_flux, apogee_ivar, galah_flux, galah_ivar, labels, sources):
         """K-fold CV on the training stars: out-of-sample scatter per pixel, then z-score scaling per label/mode."""
         folds = self._folds(labels.shape[0])
         fold_models = []
@@ -594,27 +607,32 @@ class BridgeModel(BaseEstimator):
             sub.apogee_wavelength_, sub.galah_wavelength_ = self.apogee_wavelength_, self.galah_wavelength_
             sub.apogee_regularization_ = self.apogee_regularization_
             sub.galah_regularization_ = self.galah_regularization_
-            sub._fit_models(apogee_flux[train], apogee_ivar[train] if apogee_ivar is not None else None,
-                            galah_flux[train], galah_ivar[train] if galah_ivar is not None else None, labels[train])
+            sub._fit_models({survey: source.take_rows(train) for survey, source in sources.items()}, labels[train])
             scaled = (labels[train] - self.label_pivots_) / self.label_scales_
             sub.prior_ = _PopulationPrior.fit(scaled, np.arange(self.n_core_), np.arange(self.n_core_, len(self.label_names_)))
             sub.uncertainty_scale_ = {mode: np.ones(len(self.label_names_)) for mode in MODES}
             sub.galah_variance_scale_ = 1.0
             fold_models.append(sub)
             # out-of-sample residuals at the true labels, where every label the pixel needs is known
+            # (1,024 held-out stars at a time: no float64 array of a fold's size)
             for survey, flux, ivar in (("apogee", apogee_flux, apogee_ivar), ("galah", galah_flux, galah_ivar)):
                 model = getattr(sub, f"{survey}_model_")
                 index = getattr(sub, f"{survey}_label_index_")
-                truth = labels[test][:, index]
-                finite = np.isfinite(truth)
-                allowed = model.censors_
-                usable = ((~finite).astype(np.int32) @ allowed.T.astype(np.int32)) == 0
-                model_flux = model.generate(np.where(finite, truth, model.label_pivots_))
-                variance = 0.0 if ivar is None else np.where(ivar[test] > 0, 1.0 / np.where(ivar[test] > 0, ivar[test], 1), np.nan)
-                observed = usable & (np.ones_like(model_flux, bool) if ivar is None else ivar[test] > 0)
-                r2 = np.where(observed, (flux[test] - model_flux) ** 2 - np.nan_to_num(variance), 0.0)
-                excess[survey] += r2.sum(axis=0)
-                counts[survey] += observed.sum(axis=0)
+                allowed = model.censors_.T.astype(np.int32)
+                for rows in _row_chunks(test, 1024):
+                    truth = labels[rows][:, index]
+                    finite = np.isfinite(truth)
+                    usable = ((~finite).astype(np.int32) @ allowed) == 0
+                    model_flux = model.generate(np.where(finite, truth, model.label_pivots_))
+                    if ivar is None:
+                        observed, variance = usable, 0.0
+                    else:
+                        chunk_ivar = np.asarray(ivar[rows], dtype=np.float64)
+                        observed = usable & (chunk_ivar > 0)
+                        variance = np.divide(1.0, chunk_ivar, out=np.zeros_like(chunk_ivar), where=chunk_ivar > 0)
+                    r2 = np.where(observed, (flux[rows] - model_flux) ** 2 - variance, 0.0)
+                    excess[survey] += r2.sum(axis=0)
+                    counts[survey] += observed.sum(axis=0)
         # Out-of-sample scatter: the mean excess of squared residuals over the noise, smoothed
         # over a resolution element before clipping at 0 (clipping noisy per-pixel estimates
         # one by one would bias s^2 high wherever the noise dominates).
@@ -633,14 +651,17 @@ class BridgeModel(BaseEstimator):
         def held_out(mode):
             results = []
             for (train, test), sub in zip(folds, fold_models):
-                kwargs = {}
-                if mode in ("apogee", "both"):
-                    kwargs.update(apogee_flux=apogee_flux[test],
-                                  apogee_ivar=None if apogee_ivar is None else apogee_ivar[test])
-                if mode in ("galah", "both"):
-                    kwargs.update(galah_flux=galah_flux[test],
-                                  galah_ivar=None if galah_ivar is None else galah_ivar[test])
-                results.append((test, sub, sub.infer(**kwargs)))
+                parts = []
+                for rows in _row_chunks(test, INFER_BATCH):  # copies of one batch of stars at a time
+                    kwargs = {}
+                    if mode in ("apogee", "both"):
+                        kwargs.update(apogee_flux=apogee_flux[rows],
+                                      apogee_ivar=None if apogee_ivar is None else apogee_ivar[rows])
+                    if mode in ("galah", "both"):
+                        kwargs.update(galah_flux=galah_flux[rows],
+                                      galah_ivar=None if galah_ivar is None else galah_ivar[rows])
+                    parts.append(sub.infer(**kwargs))
+                results.append((test, sub, concatenate_results(parts)))
             return results
 
         def z_spread(results):
@@ -679,18 +700,24 @@ class BridgeModel(BaseEstimator):
             excess, propagated = np.zeros(n_groups), np.zeros(n_groups)
             factor = self.uncertainty_scale_["apogee"]
             for test, sub, result in results:
-                covariance = result.covariance * factor[None, :, None] * factor[None, None, :]
-                flux, variance = sub._generate("galah", result.labels, covariance, propagation_scale=1.0)
                 s2 = sub.galah_model_.scatter_**2
-                noise = 0.0 if galah_ivar is None else np.where(galah_ivar[test] > 0, 1.0 / np.where(
-                    galah_ivar[test] > 0, galah_ivar[test], 1.0), 0.0)
-                observed = np.ones_like(flux, bool) if galah_ivar is None else galah_ivar[test] > 0
-                if result.misfit_factor is not None:  # poorly fitted stars (inflated) do not set the scale
-                    observed = observed & (result.misfit_factor <= 1)[:, None]
-                pixel_excess = np.sum(np.where(observed, (galah_flux[test] - flux) ** 2 - s2 - noise, 0.0), axis=0)
-                pixel_propagated = np.sum(np.where(observed, variance - s2, 0.0), axis=0)
-                excess += np.bincount(group_of_pixel, pixel_excess, n_groups)
-                propagated += np.bincount(group_of_pixel, pixel_propagated, n_groups)
+                for start in range(0, len(test), 1024):
+                    within = slice(start, start + 1024)
+                    rows = test[within]
+                    covariance = result.covariance[within] * factor[None, :, None] * factor[None, None, :]
+                    flux, variance = sub._generate("galah", result.labels[within], covariance, propagation_scale=1.0)
+                    if galah_ivar is None:
+                        noise, observed = 0.0, np.ones_like(flux, bool)
+                    else:
+                        chunk_ivar = np.asarray(galah_ivar[rows], dtype=np.float64)
+                        noise = np.divide(1.0, chunk_ivar, out=np.zeros_like(chunk_ivar), where=chunk_ivar > 0)
+                        observed = chunk_ivar > 0
+                    if result.misfit_factor is not None:  # poorly fitted stars (inflated) do not set the scale
+                        observed = observed & (result.misfit_factor[within] <= 1)[:, None]
+                    pixel_excess = np.sum(np.where(observed, (galah_flux[rows] - flux) ** 2 - s2 - noise, 0.0), axis=0)
+                    pixel_propagated = np.sum(np.where(observed, variance - s2, 0.0), axis=0)
+                    excess += np.bincount(group_of_pixel, pixel_excess, n_groups)
+                    propagated += np.bincount(group_of_pixel, pixel_propagated, n_groups)
             with np.errstate(divide="ignore", invalid="ignore"):
                 scale = np.where(propagated > 0, np.clip(excess / propagated, 0.0, 10.0), 1.0)
             self.galah_variance_scale_ = scale[group_of_pixel]
@@ -1088,41 +1115,37 @@ class BridgeModel(BaseEstimator):
         variance = np.empty_like(flux)
         n_samples = int(self.label_samples)
         draws = _standard_draws(n_samples, len(index)) if n_samples > 0 else None
-        # flux is linear in the monomials v(x): its variance is c^T Cov(v) c, i.e. packed Cov(v) times the
-        # packed products c_i c_j of every pixel (Cov(v) from the draws, or J C J^T when linearised)
-        n_terms = model.term_exponents_.shape[0]
-        rows_i, cols_j = np.triu_indices(n_terms)
-        doubled = np.where(rows_i == cols_j, 1.0, 2.0)
-        packed_coef = packed_coefficients(model.coef_)
+        # flux is linear in the monomials v(x): its variance at a pixel is the mean square of
+        # (v_d - mean v) . c over the draws d (or, linearised, the sum over k of ((J L)_k . c)^2 with
+        # L L^T the label covariance): GEMMs with the coefficients, never a pixels x terms^2 array
+        coef_t = np.ascontiguousarray(model.coef_.T)
         low = (np.asarray(model.training_label_min_, float) - model.label_pivots_) / model.label_scales_
         high = (np.asarray(model.training_label_max_, float) - model.label_pivots_) / model.label_scales_
         step = self.chunk_size * 8
         for start in range(0, len(labels), step):
             rows = slice(start, start + step)
             cov = covariance[rows][:, index[:, None], index[None, :]] / np.outer(model.label_scales_, model.label_scales_)
-            sampled = np.zeros(len(cov), bool)
-            if draws is not None:
-                root, sampled = _covariance_roots(cov)
-                if sampled.any():
-                    picked = np.flatnonzero(sampled)
-                    points = x[rows][picked][:, None, :] + np.einsum("skl,dl->sdk", root[picked], draws)
-                    # the model holds within the training labels' range only: a wide posterior (a star the
-                    # model fits poorly, see _misfit_factor) must not evaluate the polynomial far outside it
-                    points = np.clip(points, low, high)
-                    v = monomials(points.reshape(-1, len(index)), model.term_exponents_).reshape(
-                        len(picked), len(draws), n_terms)
-                    mean_v = v.mean(axis=1)
-                    deviation = v - mean_v[:, None, :]
-                    cov_v = np.einsum("sdp,sdq->spq", deviation, deviation) / len(draws)
-                    chunk_flux, chunk_variance = flux[rows], variance[rows]
-                    chunk_flux[picked] = mean_v @ model.coef_.T
-                    chunk_variance[picked] = np.maximum((cov_v[:, rows_i, cols_j] * doubled) @ packed_coef.T, 0.0)
-            linear = np.flatnonzero(~sampled)
+            root, finite = _covariance_roots(cov)
+            if draws is not None and finite.any():
+                picked = np.flatnonzero(finite)
+                points = x[rows][picked][:, None, :] + np.einsum("skl,dl->sdk", root[picked], draws)
+                # the model holds within the training labels' range only: a wide posterior (a star the
+                # model fits poorly, see _misfit_factor) must not evaluate the polynomial far outside it
+                points = np.clip(points, low, high)
+                v = monomials(points.reshape(-1, len(index)), model.term_exponents_).reshape(
+                    len(picked), len(draws), -1)
+                mean_v = v.mean(axis=1)
+                flux[start + picked] = mean_v @ coef_t
+                variance[start + picked] = _squared_projection(v - mean_v[:, None, :], coef_t) / len(draws)
+                linear = np.flatnonzero(~finite)
+            else:
+                linear = np.arange(len(cov))
             if linear.size:  # linearised propagation (label_samples=0, or a covariance that is not finite)
                 d_design = monomial_jacobian(x[rows][linear], model.term_exponents_)  # (S, P, Kb), scaled units
-                cov_v = d_design @ cov[linear] @ np.transpose(d_design, (0, 2, 1))  # (S, P, P)
-                with np.errstate(invalid="ignore"):  # a non-finite covariance gives a non-finite variance
-                    variance[start + linear] = (cov_v[:, rows_i, cols_j] * doubled) @ packed_coef.T
+                spread = np.transpose(d_design @ root[linear], (0, 2, 1))  # (S, Kb, P): J L
+                chunk_variance = _squared_projection(spread, coef_t)
+                chunk_variance[~finite[linear]] = np.nan  # a non-finite covariance gives a non-finite variance
+                variance[start + linear] = chunk_variance
         if propagation_scale is None:
             propagation_scale = self.galah_variance_scale_ if survey == "galah" else 1.0
         return flux, propagation_scale * variance + model.scatter_**2
@@ -1279,6 +1302,23 @@ def _standard_draws(n_samples: int, n_labels: int) -> np.ndarray:
     return np.vstack([half, -half])
 
 
+def _squared_projection(vectors, coef_t, max_bytes=64 * 1024**2):
+    """sum_d (vectors[s, d] . coef_t[:, m])^2 for every s and m: (S, D, P) x (P, M) -> (S, M).
+
+    One GEMM per slice of stars, sized so that the (stars x D x M) products stay under ``max_bytes``.
+    """
+    n_stars, depth, n_terms = vectors.shape
+    n_pixels = coef_t.shape[1]
+    out = np.empty((n_stars, n_pixels))
+    size = max(1, max_bytes // (8 * max(depth, 1) * max(n_pixels, 1)))
+    for start in range(0, n_stars, size):
+        part = vectors[start:start + size]
+        projected = part.reshape(-1, n_terms) @ coef_t
+        np.square(projected, out=projected)
+        out[start:start + size] = projected.reshape(len(part), depth, n_pixels).sum(axis=1)
+    return out
+
+
 def _covariance_roots(covariance):
     """Square roots L (L L^T = C) of a batch of covariances; ``ok`` False where C is not finite."""
     ok = np.all(np.isfinite(covariance.reshape(len(covariance), -1)), axis=1)
@@ -1315,6 +1355,11 @@ def _pixel_groups(allowed, term_exponents, usable=None):
         terms = np.flatnonzero(~np.any(involves[:, ~pattern], axis=1))
         groups.append((pixels, terms, labels))
     return groups
+
+
+def _row_chunks(rows, size):
+    """Consecutive pieces of an index array, at most ``size`` long."""
+    return [rows[start:start + size] for start in range(0, len(rows), size)]
 
 
 def _robust_std(values):

@@ -15,10 +15,12 @@ import numpy as np
 from .bridge import BUILTIN_GALAH_LINES
 from .data import CrossMatch, apogee_gap_mask
 
-__all__ = ["make_crossmatch", "apogee_grid", "galah_grid", "CORE_LABELS", "HEAVY_LABELS"]
+__all__ = ["make_crossmatch", "apogee_grid", "galah_grid", "CORE_LABELS", "HEAVY_LABELS", "ABUNDANCE_LABELS"]
 
 CORE_LABELS = ["teff", "logg", "fe_h", "alpha_fe", "vmic"]
 HEAVY_LABELS = ["ba_fe", "y_fe", "eu_fe", "ce_fe", "nd_fe", "la_fe", "zr_fe"]
+#: optional APOGEE-style [X/Fe] labels (``make_crossmatch(n_abundances=...)``), each deepening its own lines
+ABUNDANCE_LABELS = ["c_fe", "n_fe", "o_fe", "na_fe", "al_fe", "si_fe", "ca_fe", "mn_fe"]
 GALAH_CCD_RANGES = ((4713.0, 4903.0), (5648.0, 5873.0), (6478.0, 6737.0), (7585.0, 7887.0))
 
 
@@ -94,18 +96,32 @@ def _features(labels):
     return np.column_stack(columns + [labels[:, 5 + h] for h in range(len(HEAVY_LABELS))])
 
 
-def _spectra(features, centres, response, wavelength, resolution, dtype):
+def _spectra(features, centres, response, wavelength, resolution, dtype, snr, rng, noise_free):
+    """exp(-tau) of every star, noisy unless ``noise_free``, built 1,024 stars at a time into one array
+    (no temporary of the whole set's size: a 30,000-star mock holds its flux and ivar and little else)."""
     sigma = centres / resolution / 2.3548
-    # (lines x pixels) Gaussian profiles, sparse in practice; tau = depths @ profiles (one GEMM)
+    # (lines x pixels) Gaussian profiles, sparse in practice; tau = depths @ profiles (one GEMM per block)
     profiles = np.exp(-0.5 * ((wavelength[None, :] - centres[:, None]) / sigma[:, None]) ** 2)
     profiles[profiles < 1e-6] = 0.0
-    depth = np.exp(np.clip(features @ response.T, -20, 3))  # (stars x lines)
-    tau = (depth.astype(dtype) @ profiles.astype(dtype))
-    return np.exp(-tau)
+    profiles = profiles.astype(dtype)
+    out = np.empty((features.shape[0], wavelength.size), dtype=dtype)
+    for start in range(0, features.shape[0], 1024):
+        rows = slice(start, start + 1024)
+        depth = np.exp(np.clip(features[rows] @ response.T, -20, 3))  # (stars x lines)
+        block = out[rows]
+        np.matmul(depth.astype(dtype), profiles, out=block)
+        np.negative(block, out=block)
+        np.exp(block, out=block)
+    if not noise_free:  # drawn after every star's flux, block by block: the same stream as one draw
+        for start in range(0, out.shape[0], 1024):
+            block = out[start:start + 1024]
+            block += rng.standard_normal(block.shape, dtype=np.float32).astype(dtype) / dtype(snr)
+    return out
 
 
 def make_crossmatch(n_stars: int, seed: int = 0, snr_apogee: float = 100.0, snr_galah: float = 40.0,
-                    missing_fraction: float = 0.2, dtype=np.float32, noise_free: bool = False) -> CrossMatch:
+                    missing_fraction: float = 0.2, dtype=np.float32, noise_free: bool = False,
+                    n_abundances: int = 0) -> CrossMatch:
     """A mock cross-match with known labels.
 
     Parameters
@@ -123,6 +139,12 @@ def make_crossmatch(n_stars: int, seed: int = 0, snr_apogee: float = 100.0, snr_
         Of the flux and ivar arrays (float32 halves the memory at 30,000 stars).
     noise_free : bool
         Skip the noise (ivar is still S/N^2).
+    n_abundances : int, default 0
+        Add the first ``n_abundances`` of :data:`ABUNDANCE_LABELS` (up to 8, e.g. for a
+        20-label workload), placed after the core labels: each is drawn around
+        -0.1 [Fe/H] with 0.1 dex spread and deepens a quarter of the core lines of both
+        surveys, one label per line. The other labels, the lines and the noise are those
+        of the mock without them.
 
     Returns
     -------
@@ -139,19 +161,37 @@ def make_crossmatch(n_stars: int, seed: int = 0, snr_apogee: float = 100.0, snr_
                                    catalogue_rng)
     galah_lines = _line_catalogue(GALAH_CCD_RANGES, 480, BUILTIN_GALAH_LINES, catalogue_rng)
     features = _features(labels)
-    apogee_flux = _spectra(features, apogee_lines[0], apogee_lines[1], apogee_wave, 22500.0, dtype)
-    galah_flux = _spectra(features, galah_lines[0], galah_lines[1], galah_wave, 28000.0, dtype)
+    if not 0 <= int(n_abundances) <= len(ABUNDANCE_LABELS):
+        raise ValueError(f"n_abundances must be between 0 and {len(ABUNDANCE_LABELS)}; got {n_abundances!r}")
+    extra_names = ABUNDANCE_LABELS[:int(n_abundances)]
+    if extra_names:
+        # separate generators: the labels, lines and noise of the mock without them are unchanged
+        extra_rng = np.random.default_rng([int(seed), 20251203])
+        extra = np.clip(-0.1 * labels[:, 2:3] + extra_rng.normal(0, 0.1, (n_stars, len(extra_names))), -0.6, 0.6)
+        features = np.hstack([features, extra])
+        line_rng = np.random.default_rng(20251203)
+        catalogues = []
+        for centres, response, element in (apogee_lines, galah_lines):
+            columns = np.zeros((centres.size, len(extra_names)))
+            sensitive = np.flatnonzero((element != "Mg") & (line_rng.random(centres.size) < 0.25)
+                                       & (response[:, 6:].sum(axis=1) == 0))  # core lines only
+            columns[sensitive, line_rng.integers(0, len(extra_names), sensitive.size)] = line_rng.uniform(
+                1.0, 2.0, sensitive.size)
+            catalogues.append((centres, np.hstack([response, columns]), element))
+        apogee_lines, galah_lines = catalogues
+        labels = np.hstack([labels[:, :5], extra, labels[:, 5:]])
+    apogee_flux = _spectra(features, apogee_lines[0], apogee_lines[1], apogee_wave, 22500.0, dtype, snr_apogee,
+                           rng, noise_free)
+    galah_flux = _spectra(features, galah_lines[0], galah_lines[1], galah_wave, 28000.0, dtype, snr_galah,
+                          rng, noise_free)
     apogee_ivar = np.full(apogee_flux.shape, snr_apogee**2, dtype=dtype)
     apogee_ivar[:, apogee_gap_mask(apogee_wave.size)] = 0.0
     galah_ivar = np.full(galah_flux.shape, snr_galah**2, dtype=dtype)
-    if not noise_free:
-        apogee_flux += rng.standard_normal(apogee_flux.shape, dtype=np.float32).astype(dtype) / dtype(snr_apogee)
-        galah_flux += rng.standard_normal(galah_flux.shape, dtype=np.float32).astype(dtype) / dtype(snr_galah)
-    names = CORE_LABELS + HEAVY_LABELS
+    names = CORE_LABELS + extra_names + HEAVY_LABELS
     observed = labels.copy()
     if missing_fraction > 0:
         for h in range(len(HEAVY_LABELS)):
-            observed[rng.random(n_stars) < missing_fraction, 5 + h] = np.nan
+            observed[rng.random(n_stars) < missing_fraction, 5 + len(extra_names) + h] = np.nan
     return CrossMatch(
         label_names=names, labels=observed, apogee_wavelength=apogee_wave, apogee_flux=apogee_flux,
         apogee_ivar=apogee_ivar, galah_wavelength=galah_wave, galah_flux=galah_flux, galah_ivar=galah_ivar,

@@ -21,6 +21,7 @@ import numpy as np
 from scipy import stats
 from sklearn.base import BaseEstimator, RegressorMixin
 
+from ._blocks import SpectraBlocks
 from ._fitsio import read_model_file, write_model_file
 from ._validation import check_labels, check_spectra
 from .backends import get_backend
@@ -108,13 +109,22 @@ class InferenceResult:
 
 
 def typical_noise_variance(ivar, n_pixels):
-    """Mean 1/ivar over the observed stars at each pixel (0 without ivar), in float64, one row block at a time."""
-    if ivar is None:
+    """Mean 1/ivar over the observed stars at each pixel (0 without ivar), in float64, one row block at a time.
+
+    ``ivar`` may be a :class:`SpectraBlocks`. Blocks of ~4 MB (float64) whatever the number of stars."""
+    rows = max(1, (1 << 19) // max(int(n_pixels), 1))
+    if isinstance(ivar, SpectraBlocks):
+        blocks = (block_ivar for _, block_ivar in ivar.row_blocks(rows)) if ivar.has_ivar else None
+    elif ivar is not None:
+        blocks = (ivar[start:start + rows] for start in range(0, ivar.shape[0], rows))
+    else:
+        blocks = None
+    if blocks is None:
         return np.zeros(n_pixels)
     total = np.zeros(n_pixels)
     count = np.zeros(n_pixels, dtype=np.int64)
-    for start in range(0, ivar.shape[0], 256):
-        block = np.asarray(ivar[start:start + 256], dtype=np.float64)
+    for block in blocks:
+        block = np.asarray(block, dtype=np.float64)
         observed = block > 0
         total += np.divide(1.0, block, out=np.zeros_like(block), where=observed).sum(axis=0)
         count += observed.sum(axis=0)
@@ -557,15 +567,18 @@ def fit_pixels(design, flux, ivar, active, backend, scatter_iterations=2, regula
     """
     from tqdm import tqdm  # plain: tqdm.auto warns in notebooks without ipywidgets
 
-    n_stars, n_pixels = flux.shape
+    # ``flux`` may be a SpectraBlocks (a fold's stars, a censoring group's pixels, band-limited):
+    # it is then read one block at a time and ``ivar`` is ignored
+    source = flux if isinstance(flux, SpectraBlocks) else SpectraBlocks(flux, ivar)
+    n_stars, n_pixels = source.shape
     n_terms = design.shape[1]
-    if getattr(backend, "fit_fused", None) is not None and regularization <= 0 and n_terms <= backend.fused_max_terms:
-        return _fit_pixels_fused(design, flux, ivar, active, backend, scatter_iterations, block_size, progress,
-                                 star_mask, return_noise_variance)
+    if getattr(backend, "fit_fused", None) is not None and n_terms <= backend.fused_max_terms:
+        return _fit_pixels_fused(design, source, active, backend, scatter_iterations, block_size, progress,
+                                 star_mask, return_noise_variance, regularization)
     coef = np.zeros((n_pixels, n_terms))
     scatter_variance = np.zeros(n_pixels)
     flags = np.zeros(n_pixels, dtype=np.int64)
-    starts = range(0, n_pixels, block_size)
+    starts = range(0, n_pixels, source.block_columns(block_size))
     # every block is moved to the backend's array module (a GPU for cupy) and only the
     # coefficients and scatter come back; for numpy and numba both moves are no-ops
     xp, to_device, to_host = backend.xp, backend.to_device, backend.to_host
@@ -576,17 +589,17 @@ def fit_pixels(design, flux, ivar, active, backend, scatter_iterations=2, regula
     dof_factor = n_stars / max(n_stars - n_terms, 1)
     fused = getattr(backend, "prepare_block", None)  # numba: the elementwise work in one pass per block
     for start in tqdm(starts, desc="training pixels", disable=not progress, unit="block"):
-        block = slice(start, min(start + block_size, n_pixels))
+        block = slice(start, min(start + starts.step, n_pixels))
         act = to_device(active[block])
         n_free = act.sum(axis=1)
+        block_flux, iv = source.read(block)
         if fused is not None:
-            iv = ivar[:, block] if ivar is not None else None
             f, weights, observed, flux_t, variance_t, observed_t, counts = fused(
-                flux[:, block], iv, None if star_mask is None else star_mask[:, block])
+                block_flux, iv, None if star_mask is None else star_mask[:, block])
             no_data = counts < np.maximum(n_free, 1)
         else:
-            f = to_device(flux[:, block])
-            iv = to_device(ivar[:, block]) if ivar is not None else None
+            f = to_device(block_flux)
+            iv = to_device(iv) if iv is not None else None
             observed = (iv > 0) if iv is not None else xp.ones(f.shape, dtype=bool)
             if star_mask is not None:
                 observed = observed & to_device(star_mask[:, block])
@@ -631,17 +644,17 @@ def fit_pixels(design, flux, ivar, active, backend, scatter_iterations=2, regula
         no_data, ok = to_host(no_data), to_host(ok)
         flags[block] = np.where(no_data, PixelFlag.NO_DATA, np.where(~ok, PixelFlag.SOLVE_FAILED, 0))
     if return_noise_variance:
-        return coef, scatter_variance, flags, typical_noise_variance(ivar, n_pixels)
+        return coef, scatter_variance, flags, typical_noise_variance(source, n_pixels)
     return coef, scatter_variance, flags
 
 
-def _fit_pixels_fused(design, flux, ivar, active, backend, scatter_iterations, block_size, progress, star_mask,
-                      return_noise_variance):
-    """``fit_pixels`` for few terms on the numba backend, without regularisation: one kernel call per
+def _fit_pixels_fused(design, source, active, backend, scatter_iterations, block_size, progress, star_mask,
+                      return_noise_variance, regularization=0.0):
+    """``fit_pixels`` for few terms on the numba backend (reweighted L1 included): one kernel call per
     block runs every pass (see ``backends._numba.fit_fused``); no Python and no GEMM per pass."""
     from tqdm import tqdm  # plain: tqdm.auto warns in notebooks without ipywidgets
 
-    n_stars, n_pixels = flux.shape
+    n_stars, n_pixels = source.shape
     n_terms = design.shape[1]
     design = np.ascontiguousarray(design, dtype=np.float64)
     dof_factor = n_stars / max(n_stars - n_terms, 1)
@@ -649,15 +662,18 @@ def _fit_pixels_fused(design, flux, ivar, active, backend, scatter_iterations, b
     scatter_variance = np.zeros(n_pixels)
     flags = np.zeros(n_pixels, dtype=np.int64)
     noise_variance = np.zeros(n_pixels)
-    noise_free = ivar is None
-    # blocks only bound the progress bar's granularity: the kernel's memory is per tile of pixels
-    block_size = max(block_size, 8192)
+    noise_free = not source.has_ivar
+    # blocks of views only bound the progress bar's granularity (the kernel's memory is per tile of
+    # pixels); blocks that are read (gathered, band-limited) bound the memory too
+    block_size = source.block_columns(max(block_size, 8192))
     for start in tqdm(range(0, n_pixels, block_size), desc="training pixels", disable=not progress, unit="block"):
         block = slice(start, min(start + block_size, n_pixels))
         act = np.ascontiguousarray(active[block], dtype=bool)
+        block_flux, block_ivar = source.read(block)
         theta, ok, s2, counts, total_variance = backend.fit_fused(
-            flux[:, block], None if noise_free else ivar[:, block], None if star_mask is None else star_mask[:, block],
-            design, act, scatter_iterations + 1, dof_factor)
+            block_flux, block_ivar, None if star_mask is None else star_mask[:, block],
+            design, act, scatter_iterations + 1, dof_factor, regularization=regularization)
+        del block_flux, block_ivar
         if not noise_free:
             noise_variance[block] = np.where(counts > 0, total_variance / np.maximum(counts, 1), 0.0)
         no_data = counts < np.maximum(act.sum(axis=1), 1)
@@ -666,8 +682,9 @@ def _fit_pixels_fused(design, flux, ivar, active, backend, scatter_iterations, b
         s2[bad] = 0.0
         if bool(bad.any()):
             columns = np.flatnonzero(bad) + start
-            observed = _observed(ivar, star_mask, n_stars, columns)
-            flux_bad = np.asarray(flux[:, columns], dtype=np.float64)
+            flux_bad, ivar_bad = source.read(columns)
+            observed = _observed(ivar_bad, star_mask, n_stars, columns)
+            flux_bad = np.asarray(flux_bad, dtype=np.float64)
             _fill_unfittable(theta, s2, bad, np.where(observed, flux_bad, 0.0).T, observed.T, design)
         coef[block] = theta
         scatter_variance[block] = s2
@@ -675,13 +692,13 @@ def _fit_pixels_fused(design, flux, ivar, active, backend, scatter_iterations, b
     if not return_noise_variance:
         return coef, scatter_variance, flags
     if star_mask is not None:  # the noise variance counts every star with ivar > 0, masked or not
-        noise_variance = typical_noise_variance(ivar, n_pixels)
+        noise_variance = typical_noise_variance(source, n_pixels)
     return coef, scatter_variance, flags, noise_variance
 
 
 def _observed(ivar, star_mask, n_stars, columns):
-    """Stars used at the given pixels (ivar > 0 and allowed by ``star_mask``), (n_stars, len(columns))."""
-    observed = np.asarray(ivar[:, columns]) > 0 if ivar is not None else np.ones((n_stars, len(columns)), bool)
+    """Stars used at the given pixels (``ivar`` of those pixels > 0 and allowed by ``star_mask``)."""
+    observed = np.asarray(ivar) > 0 if ivar is not None else np.ones((n_stars, len(columns)), bool)
     if star_mask is not None:
         observed = observed & np.asarray(star_mask[:, columns], dtype=bool)
     return observed

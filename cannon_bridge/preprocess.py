@@ -50,6 +50,7 @@ __all__ = [
     "segment_index",
     "chip_gap_mask",
     "band_limit",
+    "band_limit_plan",
 ]
 
 logger = logging.getLogger(__name__)
@@ -701,6 +702,45 @@ def band_limit_filter(sigma_pixels: float, cutoff: float = 0.5, n_taps: int = 21
     return firwin(int(n_taps), frequency, window=("kaiser", 6.0), fs=1.0)
 
 
+def _segment_filters(values, resolution, cutoff, n_taps) -> list[tuple[int, int, np.ndarray]]:
+    """(start, stop, taps) of every piece of the grid long and well-sampled enough to be filtered."""
+    if not (isinstance(resolution, Real) and resolution > 0):
+        raise InvalidInputError(f"resolution must be a positive resolving power; got {resolution!r}")
+    if int(n_taps) < 3 or int(n_taps) % 2 == 0:
+        raise InvalidInputError(f"n_taps must be an odd integer >= 3; got {n_taps!r}")
+    out = []
+    for start, stop in _grid_segments(values):
+        if stop - start < int(n_taps):
+            continue
+        piece = values[start:stop]
+        sigma = np.median(piece[1:] / resolution / (2.0 * np.sqrt(2.0 * np.log(2.0))) / np.diff(piece))
+        taps = band_limit_filter(sigma, cutoff, n_taps)
+        if taps is not None:
+            out.append((start, stop, taps))
+    return out
+
+
+def band_limit_plan(wavelength, resolution: float, cutoff: float = 0.5,
+                    n_taps: int = 21) -> tuple[np.ndarray, np.ndarray]:
+    """Which filter :func:`band_limit` applies at each pixel: ``(filter_index, taps)``.
+
+    ``filter_index`` (n_pixels,) int64 is the row of ``taps`` (n_filters, n_taps)
+    used at that pixel, or -1 where the pixel is never filtered (the filter would
+    reach past its piece of the grid, the piece is shorter than the filter, or it
+    is undersampled). With it, any block of pixels can be band-limited on its own
+    (``backends._numba.band_limited_block``), so a training set is never copied whole.
+    """
+    values, _ = _wavelength_values(wavelength)
+    half = int(n_taps) // 2
+    filter_index = np.full(values.size, -1, dtype=np.int64)
+    filters = []
+    for start, stop, taps in _segment_filters(values, resolution, cutoff, n_taps):
+        filter_index[start + half:stop - half] = len(filters)
+        filters.append(taps)
+    taps = np.array(filters, dtype=np.float64).reshape(len(filters), int(n_taps))
+    return filter_index, taps
+
+
 def band_limit(flux, ivar, wavelength, resolution: float, cutoff: float = 0.5, n_taps: int = 21,
                chunk_stars: int = 1024):
     """Remove the noise above a spectrograph's band limit: (filtered flux, its inverse variance).
@@ -746,21 +786,11 @@ def band_limit(flux, ivar, wavelength, resolution: float, cutoff: float = 0.5, n
     if flux.ndim != 2 or ivar.shape != flux.shape or values.shape != (flux.shape[1],):
         raise InvalidInputError(f"band_limit needs flux and ivar of one shape (n_stars, n_pixels) and one "
                                 f"wavelength per pixel; got {flux.shape}, {ivar.shape} and {values.shape}")
-    if not (isinstance(resolution, Real) and resolution > 0):
-        raise InvalidInputError(f"resolution must be a positive resolving power; got {resolution!r}")
-    if int(n_taps) < 3 or int(n_taps) % 2 == 0:
-        raise InvalidInputError(f"n_taps must be an odd integer >= 3; got {n_taps!r}")
+    filters = _segment_filters(values, resolution, cutoff, n_taps)
     dtype = flux.dtype if np.issubdtype(flux.dtype, np.floating) else np.float64
     out_flux = np.array(flux, dtype=dtype, copy=True)
     out_ivar = np.array(ivar, dtype=dtype, copy=True)
-    for start, stop in _grid_segments(values):
-        if stop - start < int(n_taps):
-            continue
-        piece = values[start:stop]
-        sigma = np.median(piece[1:] / resolution / (2.0 * np.sqrt(2.0 * np.log(2.0))) / np.diff(piece))
-        taps = band_limit_filter(sigma, cutoff, n_taps)
-        if taps is None:
-            continue
+    for start, stop, taps in filters:
         window = np.ones(taps.size)
         for first in range(0, flux.shape[0], int(chunk_stars)):
             rows = slice(first, first + int(chunk_stars))

@@ -248,16 +248,17 @@ def test_fit_pixels_with_star_mask_agrees_between_backends(toy_survey, rng, with
     np.testing.assert_array_equal(results[0][2], results[1][2])
 
 
-# ------------------------------- numba fused training kernel (few terms, no L1)
+# ------------------------------- numba fused training kernel (few terms, with or without L1)
 @pytest.mark.parametrize("with_ivar", [True, False])
 @pytest.mark.parametrize("with_star_mask", [False, True])
 @pytest.mark.parametrize("censored", [False, True])
+@pytest.mark.parametrize("regularization", [0.0, 20.0])
 def test_fused_numba_training_equals_numpy_reference(toy_survey, rng, monkeypatch, with_ivar, with_star_mask,
-                                                     censored):
+                                                     censored, regularization):
     """backend='numba' trains few-term models with one fused kernel per block (``_numba.fit_fused``):
-    every pass (normal matrices, Cholesky, residuals, scatter, reweighting) per tile of pixels. It
-    equals the numpy reference with censoring, star masks, missing ivar, ivar == 0 stars, pixels
-    without data or with too few stars, float32 inputs and pixel counts that leave partial tiles."""
+    every pass (normal matrices, Cholesky or reweighted-L1 solves, residuals, scatter, reweighting) per
+    tile of pixels. It equals the numpy reference with censoring, star masks, missing ivar, ivar == 0
+    stars, pixels without data or with too few stars, float32 inputs and partial tiles."""
     import cannon_bridge.model as model_module
     from cannon_bridge.backends import _numba
     from cannon_bridge.model import PixelFlag, fit_pixels, typical_noise_variance
@@ -294,7 +295,8 @@ def test_fused_numba_training_equals_numpy_reference(toy_survey, rng, monkeypatc
     iv = ivar.astype(np.float32) if with_ivar else None
     flux32 = np.where(np.isnan(flux), 0.0, flux).astype(np.float32) if not with_ivar else flux.astype(np.float32)
     results = [fit_pixels(design, flux32, iv, active, b, block_size=16, star_mask=star_mask,
-                          return_noise_variance=True) for b in (get_backend("numpy"), backend)]
+                          regularization=regularization, return_noise_variance=True)
+               for b in (get_backend("numpy"), backend)]
     assert calls, "the fused kernel was not used"
     coef, s2, flags, noise = results[1]
     assert relative_difference(results[0][0], coef) < 1e-8
@@ -307,12 +309,13 @@ def test_fused_numba_training_equals_numpy_reference(toy_survey, rng, monkeypatc
     assert np.sum(s2 > 0) > 20
     if censored:
         assert np.all(coef[5, 1:] == 0.0) and np.all(coef[::3][:, data["exponents"][:, 2] > 0] == 0.0)
-    # the whole model takes the same path (and L1 falls back to the generic one)
+    # the whole model takes the same path, with L1 too
     monkeypatch.setattr(model_module, "get_backend", lambda name="auto": backend if name == "numba"
                         else get_backend(name))
     calls.clear()
-    CannonModel(["a", "b", "c"], backend="numba", regularization=5.0).fit(data["flux"], data["labels"], ivar)
-    assert not calls
+    CannonModel(["a", "b", "c"], backend="numba", regularization=regularization).fit(data["flux"], data["labels"],
+                                                                                    ivar)
+    assert calls
 
 
 def test_fused_numba_kernel_flags_singular_pixels(rng):

@@ -98,3 +98,28 @@ def test_with_noise_is_one_draw_in_any_dtype():
     assert lean.galah_flux.dtype == lean.galah_ivar.dtype == np.float32
     np.testing.assert_array_equal(lean.galah_flux, noisy.galah_flux.astype(np.float32))
     np.testing.assert_array_equal(lean.apogee_ivar, noisy.apogee_ivar.astype(np.float32))
+
+
+def test_mock_abundance_labels_are_extra_and_leave_the_rest_unchanged():
+    """n_abundances adds [X/Fe] labels after the core ones, each deepening its own lines;
+    the other labels, which labels are missing, and the spectra without those lines stay the same."""
+    from cannon_bridge.mock import ABUNDANCE_LABELS
+
+    base = make_crossmatch(40, seed=2, dtype=np.float64)
+    more = make_crossmatch(40, seed=2, dtype=np.float64, n_abundances=3)
+    assert more.label_names == base.label_names[:5] + ABUNDANCE_LABELS[:3] + base.label_names[5:]
+    keep = [more.label_names.index(name) for name in base.label_names]
+    np.testing.assert_array_equal(more.labels[:, keep], base.labels)  # NaN where missing, in both
+    assert np.all(np.isfinite(more.labels[:, 5:8]))
+    # the extra labels change some pixels of both surveys, and only some
+    for survey in ("apogee", "galah"):
+        changed = np.any(np.abs(getattr(more, f"{survey}_flux") - getattr(base, f"{survey}_flux")) > 1e-6, axis=0)
+        assert 0.02 < changed.mean() < 0.6, (survey, changed.mean())
+    # a deeper line where the extra label is higher: correlation of flux with the label is negative somewhere
+    clean = make_crossmatch(200, seed=3, dtype=np.float64, n_abundances=1, noise_free=True)
+    reference = make_crossmatch(200, seed=3, dtype=np.float64, noise_free=True)
+    difference = clean.galah_flux - reference.galah_flux
+    pixel = np.argmax(np.abs(difference).mean(axis=0))
+    assert np.corrcoef(difference[:, pixel], clean.labels[:, 5])[0, 1] < -0.5
+    with pytest.raises(ValueError, match="n_abundances"):
+        make_crossmatch(4, n_abundances=9)

@@ -6,6 +6,9 @@ the packed upper triangles, so no (n_pixels, n_terms, n_terms) array is built.
 """
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
+
 import numba
 import numpy as np
 
@@ -591,8 +594,8 @@ def _normal_group4(w0, w1, w2, w3, products_t, n0, n1, out, k0, k1, k2, k3):
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def _fit_fused(flux, flux_stride, ivar, ivar_stride, mask, mask_stride, use_mask, noise_free, n_stars, n_pixels,
-               design_t, products_t, packed_map, active, dof_factor, n_passes, n_iter, tile, star_chunk, coef, ok,
-               scatter_variance, counts, total_variance, n_workers):
+               design_t, products_t, packed_map, lower_map, active, dof_factor, n_passes, n_iter, tile, star_chunk,
+               regularization, n_reweight, coef, ok, scatter_variance, counts, total_variance, n_workers):
     # flux, ivar and mask are flat views: element (n, m) at [n * stride + m]
     n_terms = design_t.shape[0]
     n_packed = products_t.shape[0]
@@ -614,6 +617,12 @@ def _fit_fused(flux, flux_stride, ivar, ivar_stride, mask, mask_stride, use_mask
         buffer = np.empty(n_stars)
         r2 = np.empty(n_stars)
         var = np.empty(n_stars)
+        # reweighted L1 (regularization > 0): the solves of _solve_reweighted
+        base = np.empty((n_terms, n_terms))
+        inv = np.empty(n_terms)
+        inv_diag = np.empty(n_terms)
+        b = np.empty(n_terms)
+        diag = np.zeros(n_terms)
         for t in range(g, n_tiles, n_groups):
             m0 = t * tile
             width = min(m0 + tile, n_pixels) - m0
@@ -676,7 +685,19 @@ def _fit_fused(flux, flux_stride, ivar, ivar_stride, mask, mask_stride, use_mask
                         buffer[n] = w_row[n] * f_row[n]
                     for i in range(n_terms):
                         rhs[i] = _dot(buffer, design_t[i], n_stars)
-                    solved = _cholesky_solve(normal[k], packed_map, rhs, active[m], n_terms, work, scale, y, out)
+                    if regularization > 0:
+                        act = active[m]
+                        _gather_lower(normal[k], lower_map, act, n_terms, base, rhs, b)
+                        for i in range(n_terms):
+                            diag[i] = 0.0
+                        solved = _solve_lower(base, b, diag, act, n_terms, work, scale, inv, inv_diag, y, out)
+                        for _ in range(n_reweight):
+                            for i in range(1, n_terms):
+                                diag[i] = regularization / (2.0 * max(abs(out[i]), 1e-6))
+                            solved = _solve_lower(base, b, diag, act, n_terms, work, scale, inv, inv_diag, y, out)
+                    else:
+                        solved = _cholesky_solve(normal[k], packed_map, rhs, active[m], n_terms, work, scale, y,
+                                                 out)
                     for i in range(n_terms):
                         coef[m, i] = out[i] if solved else 0.0
                     ok[m] = solved
@@ -702,13 +723,16 @@ def _fit_fused(flux, flux_stride, ivar, ivar_stride, mask, mask_stride, use_mask
                 n_pending = still
 
 
-def fit_fused(flux, ivar, star_mask, design, active, n_passes, dof_factor, n_iter=40, tile=None, star_chunk=None):
+def fit_fused(flux, ivar, star_mask, design, active, n_passes, dof_factor, n_iter=40, tile=None, star_chunk=None,
+              regularization=0.0, n_reweight=6):
     """Every training pass of a block of pixels in one kernel, parallel over tiles of pixels: each
     tile is transposed once into pixel-major buffers that stay in cache, then every pass computes
     per pixel the packed normal matrix (4 pixels share each read of Z), the right-hand side, the
     Cholesky solve, residuals, the marginal-likelihood scatter and the next pass's weights. The
     maths of ``solve_normal_equations`` + ``fit_scatter`` + ``reweight``; for few terms only
-    (``FUSED_MAX_TERMS``), where the per-pixel dot products beat small BLAS calls.
+    (``FUSED_MAX_TERMS``), where the per-pixel dot products beat small BLAS calls. With
+    ``regularization`` > 0 each solve is that of ``solve_reweighted`` (reweighted L1, ``n_reweight``
+    re-solves of the pixel's normal matrix while it is in cache).
 
     ``flux``, ``ivar`` (None: noise-free) and ``star_mask`` (None: all) are (n_stars, n_pixels) views
     of any float dtype. Returns coef, ok, scatter variance, observed counts and the sum of 1/ivar
@@ -717,7 +741,7 @@ def fit_fused(flux, ivar, star_mask, design, active, n_passes, dof_factor, n_ite
     n_stars, n_pixels = flux.shape
     design = np.ascontiguousarray(design, dtype=np.float64)
     n_terms = design.shape[1]
-    products_t, packed_map = distinct_products(design)
+    products_t, packed_map, lower_map = _fused_products(design)
     if star_chunk is None:  # 4 pixels' weights and a row of Z for 1,024 stars (40 kB) stay in L1
         star_chunk = 1024
     if tile is None:  # 16 pixels (a float32 row segment is one cache line); smaller for very many stars
@@ -733,9 +757,32 @@ def fit_fused(flux, ivar, star_mask, design, active, n_passes, dof_factor, n_ite
     mask_flat, mask_stride = (flux_flat, flux_stride) if star_mask is None else _flat_rows(star_mask)
     _fit_fused(flux_flat, flux_stride, ivar_flat, ivar_stride, mask_flat, mask_stride, star_mask is not None, noise_free,
                n_stars, n_pixels, np.ascontiguousarray(design.T), products_t, packed_map,
-               np.ascontiguousarray(active, dtype=np.bool_), float(dof_factor), int(n_passes), int(n_iter),
-               int(tile), int(star_chunk), coef, ok, s2, counts, total_variance, 4 * numba.get_num_threads())
+               lower_map, np.ascontiguousarray(active, dtype=np.bool_), float(dof_factor),
+               int(n_passes), int(n_iter), int(tile), int(star_chunk), float(regularization),
+               int(n_reweight) if regularization > 0 else 0, coef, ok, s2, counts, total_variance,
+               4 * numba.get_num_threads())
     return coef, ok, s2, counts, total_variance
+
+
+# The distinct products of a design, kept for the few most recent designs: a fit calls fit_fused once
+# per block of pixels, the bridge once per censoring group and L1 candidate, all on the same design
+# (building them costs as much as a pass over the pixels of a small group).
+_PRODUCTS_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+
+
+def _fused_products(design):
+    """(distinct products Z^T, packed map, lower map) of a C-contiguous float64 design, cached by content."""
+    key = (design.shape, hashlib.blake2b(design.view(np.uint8).ravel(), digest_size=16).hexdigest())
+    entry = _PRODUCTS_CACHE.get(key)
+    if entry is None:
+        products_t, packed_map = distinct_products(design)
+        entry = (products_t, packed_map, _lower_map(design.shape[1], packed_map))
+        _PRODUCTS_CACHE[key] = entry
+        while len(_PRODUCTS_CACHE) > 8:
+            _PRODUCTS_CACHE.popitem(last=False)
+    else:
+        _PRODUCTS_CACHE.move_to_end(key)
+    return entry
 
 
 def _flat_rows(array):
@@ -761,22 +808,36 @@ def distinct_products(design, rtol=1e-13):
     K = 3, quadratic, 55 products are 35 monomials), so each pixel's normal matrix needs only the
     distinct ones. Columns equal to ``rtol`` of their largest value (rounding of the products) count
     as one: the normal matrices then differ from W^T Z by less than the GEMM's own rounding spread.
-    Returns (n_distinct, n_stars) float64 and (n_packed,) int64.
+    Returns (n_distinct, n_stars) float64 and (n_packed,) int64. Only the distinct products are
+    built in full: candidates are found on a few probe stars, then checked on every star.
     """
-    products = packed_products(np.asarray(design, dtype=np.float64))
-    n_stars, n_packed = products.shape
-    probe = products[np.linspace(0, n_stars - 1, min(n_stars, 16)).astype(np.int64)]
-    scale = np.maximum(np.abs(products).max(axis=0), 1e-300)
+    design = np.asarray(design, dtype=np.float64)
+    n_stars, n_terms = design.shape
+    rows, cols = np.triu_indices(n_terms)
+    n_packed = rows.size
+    columns = np.ascontiguousarray(design.T)  # (n_terms, n_stars): each monomial's values contiguous
+    scale = np.empty(n_packed)
+    offset = 0
+    for i in range(n_terms):  # max |a_i a_j| over the stars, one row of the triangle at a time
+        width = n_terms - i
+        scale[offset:offset + width] = np.abs(columns[i:] * columns[i]).max(axis=1) if n_stars else 0.0
+        offset += width
+    scale = np.maximum(scale, 1e-300)
+    probe_rows = design[np.linspace(0, n_stars - 1, min(n_stars, 16)).astype(np.int64)] if n_stars else design
+    probe = probe_rows[:, rows] * probe_rows[:, cols]
+    # a coarse signature finds the candidates, the full comparison decides
+    signature = np.round(probe / scale, 8)
+    magnitude = np.round(np.log2(scale), 3)
     groups = {}
     keep = []
     packed_map = np.empty(n_packed, dtype=np.int64)
     for j in range(n_packed):
-        # a coarse signature finds the candidates, the full comparison decides
-        key = tuple(np.round(probe[:, j] / scale[j], 8)) + (np.round(np.log2(scale[j]), 3),)
+        key = signature[:, j].tobytes() + magnitude[j].tobytes()
         match = -1
         for candidate in groups.get(key, ()):
-            column = products[:, keep[candidate]]
-            if np.max(np.abs(column - products[:, j])) <= rtol * max(scale[j], scale[keep[candidate]]):
+            k = keep[candidate]
+            difference = columns[rows[k]] * columns[cols[k]] - columns[rows[j]] * columns[cols[j]]
+            if n_stars == 0 or np.max(np.abs(difference)) <= rtol * max(scale[j], scale[k]):
                 match = candidate
                 break
         if match < 0:
@@ -784,7 +845,8 @@ def distinct_products(design, rtol=1e-13):
             keep.append(j)
             groups.setdefault(key, []).append(match)
         packed_map[j] = match
-    return np.ascontiguousarray(products[:, keep].T), packed_map
+    keep = np.asarray(keep, dtype=np.int64)
+    return columns[rows[keep]] * columns[cols[keep]], packed_map
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -862,3 +924,85 @@ def spectra_summary(flux, ivar=None) -> np.ndarray:
     summary[SUMMARY_MAX_ABS_USED_FLUX:SUMMARY_MAX_IVAR + 1] = rows[:, SUMMARY_MAX_ABS_USED_FLUX:SUMMARY_MAX_IVAR + 1].max(axis=0)
     summary[SUMMARY_MIN_POSITIVE_IVAR] = rows[:, SUMMARY_MIN_POSITIVE_IVAR].min()
     return summary
+
+
+# ----------------------------------------------------------------------------- band-limited blocks
+# The requested columns are split into runs (sorted, at most one filter length apart). For each star and
+# run, every pixel the run's filters reach is read once: its flux (0 where unused), its variance 1/ivar
+# (one division per pixel, not one per tap) and a running count of unused pixels, so a pixel's window
+# is complete when the count does not change across it. Stars run in parallel in chunks sharing buffers.
+_BAND_ROW_CHUNK = 64
+
+
+@numba.njit(parallel=True, cache=True, fastmath=_REDUCE, error_model="numpy")
+def _band_limited_block(flux, ivar, rows, columns, filter_index, taps, run_starts, max_span, out_flux, out_ivar):
+    n_taps = taps.shape[1]
+    half = n_taps // 2
+    squared = taps * taps
+    n_runs = run_starts.size - 1
+    n_chunks = (rows.size + _BAND_ROW_CHUNK - 1) // _BAND_ROW_CHUNK
+    for chunk in numba.prange(n_chunks):
+        values = np.empty(max_span)
+        variances = np.empty(max_span)
+        unused = np.empty(max_span + 1, dtype=np.int64)
+        for i in range(chunk * _BAND_ROW_CHUNK, min(rows.size, (chunk + 1) * _BAND_ROW_CHUNK)):
+            r = rows[i]
+            for run in range(n_runs):
+                j0 = run_starts[run]
+                j1 = run_starts[run + 1]
+                lo = max(columns[j0] - half, 0)
+                hi = min(columns[j1 - 1] + half + 1, flux.shape[1])
+                unused[0] = 0
+                for x in range(lo, hi):
+                    fv = float(flux[r, x])
+                    wv = float(ivar[r, x])
+                    used = wv > 0.0 and wv < np.inf and fv - fv == 0.0
+                    values[x - lo] = fv if used else 0.0
+                    variances[x - lo] = 1.0 / wv if used else 0.0
+                    unused[x - lo + 1] = unused[x - lo] + (0 if used else 1)
+                for j in range(j0, j1):
+                    c = columns[j]
+                    k = filter_index[c]
+                    if k >= 0:  # the plan guarantees c - half and c + half lie in the same piece of the grid
+                        a = c - half - lo
+                        if unused[a + n_taps] == unused[a]:
+                            tap_row = taps[k]
+                            squared_row = squared[k]
+                            window = values[a:a + n_taps]
+                            window_variance = variances[a:a + n_taps]
+                            total = 0.0
+                            variance = 0.0
+                            for t in range(n_taps):
+                                total += tap_row[t] * window[t]
+                            for t in range(n_taps):
+                                variance += squared_row[t] * window_variance[t]
+                            out_flux[i, j] = total
+                            out_ivar[i, j] = 1.0 / variance
+                            continue
+                    out_flux[i, j] = flux[r, c]
+                    out_ivar[i, j] = ivar[r, c]
+
+
+def band_limited_block(flux, ivar, rows, columns, filter_index, taps, dtype):
+    """Band-limited ``(flux, ivar)`` of the given rows and columns, (len(rows), len(columns)) in ``dtype``.
+
+    The block-by-block equivalent of ``preprocess.band_limit`` with the plan of
+    ``preprocess.band_limit_plan`` (``filter_index``, ``taps``; the taps are
+    symmetric, so correlation and convolution agree): a pixel is filtered where
+    every pixel the filter reaches is used, and keeps its value elsewhere.
+    ``flux`` and ``ivar`` are read in place (any float dtype, any row stride).
+    """
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    columns = np.ascontiguousarray(columns, dtype=np.int64)
+    taps = np.ascontiguousarray(taps, dtype=np.float64)
+    n_taps = taps.shape[1] if taps.ndim == 2 and taps.shape[1] else 1
+    taps = taps.reshape(-1, n_taps)
+    out_flux = np.empty((rows.size, columns.size), dtype=dtype)
+    out_ivar = np.empty((rows.size, columns.size), dtype=dtype)
+    if rows.size and columns.size:
+        step = np.diff(columns)
+        run_starts = np.r_[0, np.flatnonzero((step < 0) | (step > n_taps)) + 1, columns.size].astype(np.int64)
+        max_span = int(np.max(columns[run_starts[1:] - 1] - columns[run_starts[:-1]])) + n_taps
+        _band_limited_block(flux, ivar, rows, columns, np.ascontiguousarray(filter_index, dtype=np.int64), taps,
+                            run_starts, max_span, out_flux, out_ivar)
+    return out_flux, out_ivar
