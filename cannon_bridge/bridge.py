@@ -25,6 +25,7 @@ from ._fitsio import read_model_file, write_model_file
 from ._validation import check_labels, check_spectra
 from .backends import get_backend
 from .backends._inference import LikelihoodBlock
+from .backends._packed import packed_products
 from .backends._polynomial import monomial_jacobian, monomials
 from .errors import InvalidInputError, NotFittedError
 from .lines import element_masks, element_of_label, line_windows, window_mask
@@ -1115,37 +1116,36 @@ class BridgeModel(BaseEstimator):
         variance = np.empty_like(flux)
         n_samples = int(self.label_samples)
         draws = _standard_draws(n_samples, len(index)) if n_samples > 0 else None
-        # flux is linear in the monomials v(x): its variance at a pixel is the mean square of
-        # (v_d - mean v) . c over the draws d (or, linearised, the sum over k of ((J L)_k . c)^2 with
-        # L L^T the label covariance): GEMMs with the coefficients, never a pixels x terms^2 array
-        coef_t = np.ascontiguousarray(model.coef_.T)
+        # flux is linear in the monomials v(x): its variance is c^T Cov(v) c, i.e. packed Cov(v) times the
+        # packed products c_i c_j of every pixel (Cov(v) from the draws, or J C J^T when linearised)
         low = (np.asarray(model.training_label_min_, float) - model.label_pivots_) / model.label_scales_
         high = (np.asarray(model.training_label_max_, float) - model.label_pivots_) / model.label_scales_
         step = self.chunk_size * 8
         for start in range(0, len(labels), step):
             rows = slice(start, start + step)
             cov = covariance[rows][:, index[:, None], index[None, :]] / np.outer(model.label_scales_, model.label_scales_)
-            root, finite = _covariance_roots(cov)
-            if draws is not None and finite.any():
-                picked = np.flatnonzero(finite)
-                points = x[rows][picked][:, None, :] + np.einsum("skl,dl->sdk", root[picked], draws)
-                # the model holds within the training labels' range only: a wide posterior (a star the
-                # model fits poorly, see _misfit_factor) must not evaluate the polynomial far outside it
-                points = np.clip(points, low, high)
-                v = monomials(points.reshape(-1, len(index)), model.term_exponents_).reshape(
-                    len(picked), len(draws), -1)
-                mean_v = v.mean(axis=1)
-                flux[start + picked] = mean_v @ coef_t
-                variance[start + picked] = _squared_projection(v - mean_v[:, None, :], coef_t) / len(draws)
-                linear = np.flatnonzero(~finite)
-            else:
-                linear = np.arange(len(cov))
+            sampled = np.zeros(len(cov), bool)
+            if draws is not None:
+                root, sampled = _covariance_roots(cov)
+                if sampled.any():
+                    picked = np.flatnonzero(sampled)
+                    points = x[rows][picked][:, None, :] + np.einsum("skl,dl->sdk", root[picked], draws)
+                    # the model holds within the training labels' range only: a wide posterior (a star the
+                    # model fits poorly, see _misfit_factor) must not evaluate the polynomial far outside it
+                    points = np.clip(points, low, high)
+                    v = monomials(points.reshape(-1, len(index)), model.term_exponents_).reshape(
+                        len(picked), len(draws), -1)
+                    mean_v = v.mean(axis=1)
+                    deviation = v - mean_v[:, None, :]
+                    cov_v = np.einsum("sdp,sdq->spq", deviation, deviation) / len(draws)
+                    flux[start + picked] = mean_v @ model.coef_.T
+                    variance[start + picked] = np.maximum(_quadratic_forms(cov_v, model.coef_), 0.0)
+            linear = np.flatnonzero(~sampled)
             if linear.size:  # linearised propagation (label_samples=0, or a covariance that is not finite)
                 d_design = monomial_jacobian(x[rows][linear], model.term_exponents_)  # (S, P, Kb), scaled units
-                spread = np.transpose(d_design @ root[linear], (0, 2, 1))  # (S, Kb, P): J L
-                chunk_variance = _squared_projection(spread, coef_t)
-                chunk_variance[~finite[linear]] = np.nan  # a non-finite covariance gives a non-finite variance
-                variance[start + linear] = chunk_variance
+                cov_v = d_design @ cov[linear] @ np.transpose(d_design, (0, 2, 1))  # (S, P, P)
+                with np.errstate(invalid="ignore"):  # a non-finite covariance gives a non-finite variance
+                    variance[start + linear] = _quadratic_forms(cov_v, model.coef_)
         if propagation_scale is None:
             propagation_scale = self.galah_variance_scale_ if survey == "galah" else 1.0
         return flux, propagation_scale * variance + model.scatter_**2
@@ -1302,20 +1302,19 @@ def _standard_draws(n_samples: int, n_labels: int) -> np.ndarray:
     return np.vstack([half, -half])
 
 
-def _squared_projection(vectors, coef_t, max_bytes=64 * 1024**2):
-    """sum_d (vectors[s, d] . coef_t[:, m])^2 for every s and m: (S, D, P) x (P, M) -> (S, M).
+def _quadratic_forms(cov_v, coef, block=2048):
+    """c_m^T cov_v[s] c_m for every star s and pixel m: (S, P, P) and (M, P) -> (S, M).
 
-    One GEMM per slice of stars, sized so that the (stars x D x M) products stay under ``max_bytes``.
+    The packed upper triangle of each Cov(v) times the packed products c_i c_j of the coefficients,
+    one GEMM per block of ``block`` pixels, whose products are built on the way (a few ms), so no
+    pixels x P(P+1)/2 array of the whole model is ever held (0.55 GB for GALAH at 12 labels).
     """
-    n_stars, depth, n_terms = vectors.shape
-    n_pixels = coef_t.shape[1]
-    out = np.empty((n_stars, n_pixels))
-    size = max(1, max_bytes // (8 * max(depth, 1) * max(n_pixels, 1)))
-    for start in range(0, n_stars, size):
-        part = vectors[start:start + size]
-        projected = part.reshape(-1, n_terms) @ coef_t
-        np.square(projected, out=projected)
-        out[start:start + size] = projected.reshape(len(part), depth, n_pixels).sum(axis=1)
+    n_terms = cov_v.shape[1]
+    rows_i, cols_j = np.triu_indices(n_terms)
+    packed_cov = cov_v[:, rows_i, cols_j] * np.where(rows_i == cols_j, 1.0, 2.0)
+    out = np.empty((len(cov_v), coef.shape[0]))
+    for start in range(0, coef.shape[0], block):
+        out[:, start:start + block] = packed_cov @ packed_products(coef[start:start + block]).T
     return out
 
 
