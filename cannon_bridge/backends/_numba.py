@@ -11,6 +11,9 @@ from collections import OrderedDict
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic
 
 from ._packed import packed_products
 
@@ -19,6 +22,33 @@ xp = np
 # reassociation lets LLVM vectorise the dot products and sums; no 'nnan'/'ninf' (the scatter fit
 # relies on inf), no reciprocal approximations
 _REDUCE = {"reassoc", "contract", "nsz"}
+
+
+@intrinsic
+def _prefetch(typingctx, array, index):
+    """Hint the CPU to bring ``array[index]`` (1-D) into cache (``llvm.prefetch``: read, high locality).
+
+    For strided reads the hardware prefetchers do not follow (one cache line per row of a C-ordered
+    array): the fused training kernel asks for the rows a few stars ahead while it copies the current one.
+    """
+    sig = types.void(array, types.intp)
+
+    def codegen(context, builder, signature, args):
+        array_type = signature.args[0]
+        view = context.make_array(array_type)(context, builder, args[0])
+        pointer = cgutils.get_item_pointer(context, builder, array_type, view, [args[1]], wraparound=False)
+        byte_pointer = builder.bitcast(pointer, ir.IntType(8).as_pointer())
+        function_type = ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer()] + [ir.IntType(32)] * 3)
+        function = cgutils.get_or_insert_function(builder.module, function_type, "llvm.prefetch.p0i8")
+        builder.call(function, [byte_pointer] + [ir.Constant(ir.IntType(32), value) for value in (0, 3, 1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+#: rows (stars) ahead that the fused kernel prefetches while transposing a tile (measured: 4 rows
+#: took the strided read of a 10,000 x 8,000 float64 flux + ivar pair from 0.60 to 0.37 s)
+_PREFETCH_ROWS = 4
 
 
 # Per-pixel solves (generic path and reweighted L1): the packed normal matrix of a pixel is gathered once
@@ -630,6 +660,14 @@ def _fit_fused(flux, flux_stride, ivar, ivar_stride, mask, mask_stride, use_mask
             base_i = m0
             base_m = m0
             for n in range(n_stars):
+                if n + _PREFETCH_ROWS < n_stars:  # the rows of a star a few ahead: 2 lines of 16 float64
+                    ahead_f = base_f + _PREFETCH_ROWS * flux_stride
+                    _prefetch(flux, ahead_f)
+                    _prefetch(flux, ahead_f + width - 1)
+                    if not noise_free:
+                        ahead_i = base_i + _PREFETCH_ROWS * ivar_stride
+                        _prefetch(ivar, ahead_i)
+                        _prefetch(ivar, ahead_i + width - 1)
                 for k in range(width):
                     w = 1.0 if noise_free else float(ivar[base_i + k])
                     seen = w > 0 and (not use_mask or mask[base_m + k])
