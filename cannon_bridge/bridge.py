@@ -23,7 +23,7 @@ from sklearn.linear_model import RidgeCV
 from ._blocks import SpectraBlocks
 from ._fitsio import read_model_file, write_model_file
 from ._validation import check_labels, check_spectra
-from .backends import get_backend
+from .backends import clear_caches, get_backend
 from .backends._inference import LikelihoodBlock
 from .backends._packed import packed_products
 from .backends._polynomial import monomial_jacobian, monomials
@@ -402,8 +402,11 @@ class BridgeModel(BaseEstimator):
         # stars, band-limited on the fly), so no copy of a whole survey is ever made
         sources = {"apogee": SpectraBlocks(apogee_flux, apogee_ivar), "galah": SpectraBlocks(galah_flux, galah_ivar)}
         prepared = {survey: self._band_limited(survey, source) for survey, source in sources.items()}
-        self._select_regularization(prepared, labels, self._folds(labels.shape[0]))
-        self._fit_models(sources, labels, prepared=prepared)
+        try:
+            self._select_regularization(prepared, labels, self._folds(labels.shape[0]))
+            self._fit_models(sources, labels, prepared=prepared)
+        finally:
+            clear_caches()  # the design products kept between the groups' fits
         scaled = (labels - self.label_pivots_) / self.label_scales_
         self.prior_ = _PopulationPrior.fit(scaled, np.arange(self.n_core_), np.arange(self.n_core_, len(names)))
         self.uncertainty_scale_ = {mode: np.ones(len(names)) for mode in MODES}
@@ -413,7 +416,10 @@ class BridgeModel(BaseEstimator):
         self.fusion_methods_ = np.full(len(names), FUSION_CORRELATED, dtype=np.int64)
         self.misfit_reference_ = {}  # set by the calibration (no tempering without it)
         if self.calibrate:
-            self._calibrate(apogee_flux, apogee_ivar, galah_flux, galah_ivar, labels, sources)
+            try:
+                self._calibrate(apogee_flux, apogee_ivar, galah_flux, galah_ivar, labels, sources)
+            finally:
+                clear_caches()
         return self
 
     def _fit_models(self, sources, labels, prepared=None):
@@ -555,15 +561,21 @@ class BridgeModel(BaseEstimator):
                 subset = members[np.unique(np.linspace(0, members.size - 1, min(max_pixels, members.size)).astype(int))]
                 chi2 = np.zeros(candidates.size)
                 for train, test in folds:
-                    # read once per fold (band-limited, in the input's dtype), then fitted once per candidate
+                    # read once per fold (band-limited, in the input's dtype)
                     train_source = SpectraBlocks(*source.take_rows(train).read(subset))
                     f_test, w_test = source.take_rows(test).read(subset)  # the input's dtype
                     known = np.isfinite(labels[test])
                     design = vectorizer.design_matrix(np.where(known[:, used], labels[test][:, used],
                                                                self.label_pivots_[used]))
-                    for c, strength in enumerate(candidates):
-                        _, _, coef, _, _, sub_allowed = self._fit_survey(
-                            survey, train_source, labels[train], np.full(subset.size, strength), subset)
+                    # every candidate in one call: each censoring group is then fitted with every strength
+                    # in turn on the same design, whose products the backend builds once
+                    n_sub = subset.size
+                    _, _, coef_all, _, _, allowed_all = self._fit_survey(
+                        survey, train_source.take_columns(np.tile(np.arange(n_sub), candidates.size)),
+                        labels[train], np.repeat(candidates, n_sub), np.tile(subset, candidates.size))
+                    for c in range(candidates.size):
+                        coef = coef_all[c * n_sub:(c + 1) * n_sub]
+                        sub_allowed = allowed_all[c * n_sub:(c + 1) * n_sub]
                         # held-out stars count only on pixels whose labels they all have
                         usable = ((~known[:, used]).astype(np.int32) @ sub_allowed.T.astype(np.int32)) == 0
                         for start in range(0, len(test), 1024):  # float64 residuals of 1,024 stars at a time

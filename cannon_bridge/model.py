@@ -24,7 +24,7 @@ from sklearn.base import BaseEstimator, RegressorMixin
 from ._blocks import SpectraBlocks
 from ._fitsio import read_model_file, write_model_file
 from ._validation import check_labels, check_spectra
-from .backends import get_backend
+from .backends import clear_caches, get_backend
 from .backends._inference import LikelihoodBlock, levenberg_marquardt
 from .backends._numpy import _to_numpy
 from .backends._packed import packed_products, unpack
@@ -295,9 +295,12 @@ class CannonModel(RegressorMixin, BaseEstimator):
         active = self._active_terms(vectorizer.term_exponents, allowed)
         backend = get_backend(self.backend)
         design = vectorizer.design_matrix(labels)
-        coef, scatter_variance, flags, noise_variance = fit_pixels(
-            design, flux, ivar, active, backend, self.scatter_iterations, self.regularization,
-            self.block_size, self.progress, return_noise_variance=True)
+        try:
+            coef, scatter_variance, flags, noise_variance = fit_pixels(
+                design, flux, ivar, active, backend, self.scatter_iterations, self.regularization,
+                self.block_size, self.progress, return_noise_variance=True)
+        finally:
+            clear_caches()  # the design products the kernels kept for this fit
         self.coef_ = coef
         self.scatter_ = np.sqrt(scatter_variance)
         self.pixel_flags_ = flags

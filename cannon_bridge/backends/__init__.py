@@ -113,6 +113,15 @@ def get_backend(name: str = "auto") -> SimpleNamespace:
     return namespace
 
 
+def clear_caches() -> None:
+    """Drop what the kernels keep between calls of one fit (the numba backend's design products)."""
+    import sys
+
+    module = sys.modules.get(f"{__name__}._numba")
+    if module is not None:
+        module.clear_products_cache()
+
+
 def _identity(array):
     return array
 

@@ -234,12 +234,12 @@ def solve_normal_equations(design, weights, flux, active=None, diagonal=None, pr
 
 
 def training_products(design):
-    """What ``solve_reweighted`` needs of the design, built once per fit: Z^T with repeated monomials
-    dropped (``distinct_products``; cubic in 5 labels: 462 of 1,596 packed columns, so the per-pass
-    GEMM is 3.5x smaller) and the (n_terms, n_terms) map from a normal-matrix entry to its column."""
-    design = np.ascontiguousarray(design, dtype=np.float64)
-    products_t, packed_map = distinct_products(design)
-    return products_t, _lower_map(design.shape[1], packed_map)
+    """What ``solve_reweighted`` needs of the design, built once per design (cached, see
+    ``_fused_products``): Z^T with repeated monomials dropped (``distinct_products``; cubic in 5 labels:
+    462 of 1,596 packed columns, so the per-pass GEMM is 3.5x smaller) and the (n_terms, n_terms) map
+    from a normal-matrix entry to its column."""
+    products_t, _, lower_map = _fused_products(np.ascontiguousarray(design, dtype=np.float64))
+    return products_t, lower_map
 
 
 def solve_reweighted(design, weights, flux, active, regularization=0.0, n_reweight=6, products=None):
@@ -802,10 +802,13 @@ def fit_fused(flux, ivar, star_mask, design, active, n_passes, dof_factor, n_ite
     return coef, ok, s2, counts, total_variance
 
 
-# The distinct products of a design, kept for the few most recent designs: a fit calls fit_fused once
-# per block of pixels, the bridge once per censoring group and L1 candidate, all on the same design
-# (building them costs as much as a pass over the pixels of a small group).
+# The distinct products of a design, kept for the most recent designs: a fit calls fit_fused once per
+# block of pixels, the bridge fit_pixels once per censoring group and L1 strength, on the same designs
+# (building them costs as much as a pass over the pixels of a small group, seconds at 20 labels).
+# At most PRODUCTS_CACHE_BYTES are kept besides the newest entry; fits empty the cache when they end
+# (``clear_products_cache``), so it never outlives the training it serves.
 _PRODUCTS_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+PRODUCTS_CACHE_BYTES = 512 * 1024**2
 
 
 def _fused_products(design):
@@ -816,11 +819,16 @@ def _fused_products(design):
         products_t, packed_map = distinct_products(design)
         entry = (products_t, packed_map, _lower_map(design.shape[1], packed_map))
         _PRODUCTS_CACHE[key] = entry
-        while len(_PRODUCTS_CACHE) > 8:
+        while len(_PRODUCTS_CACHE) > 1 and sum(e[0].nbytes for e in _PRODUCTS_CACHE.values()) > PRODUCTS_CACHE_BYTES:
             _PRODUCTS_CACHE.popitem(last=False)
     else:
         _PRODUCTS_CACHE.move_to_end(key)
     return entry
+
+
+def clear_products_cache() -> None:
+    """Forget every cached design's products (called when a fit ends)."""
+    _PRODUCTS_CACHE.clear()
 
 
 def _flat_rows(array):
