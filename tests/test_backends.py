@@ -433,3 +433,27 @@ def test_cubic_five_label_model_agrees_between_backends(rng, regularization):
     assert relative_difference(models[0].coef_, models[1].coef_) < 1e-8
     assert relative_difference(models[0].scatter_, models[1].scatter_) < 1e-8
     np.testing.assert_array_equal(models[0].pixel_flags_, models[1].pixel_flags_)
+
+
+def test_distinct_products_keep_one_column_per_monomial(rng):
+    """numba's training products: every packed product a_i a_j maps to a kept row equal to it, and the
+    kept rows are the distinct monomials (degree <= 4 in 4 labels: C(8, 4) = 70 of 120 products)."""
+    from math import comb
+
+    from cannon_bridge.backends._numba import distinct_products
+    from cannon_bridge.backends._packed import packed_products
+
+    labels = rng.normal(size=(500, 4))
+    design = np.prod(labels[:, None, :] ** polynomial_exponents(4, 2)[None], axis=2)
+    products_t, packed_map = distinct_products(design)
+    packed = packed_products(design)
+    assert products_t.shape == (comb(8, 4), 500) and packed_map.shape == (packed.shape[1],)
+    np.testing.assert_allclose(products_t[packed_map].T, packed, rtol=1e-12, atol=1e-12)
+    # the kept rows differ from one another on every pair
+    gram = np.corrcoef(products_t[1:])  # row 0 is the constant
+    assert np.all(np.abs(gram[np.triu_indices(len(gram), 1)]) < 1 - 1e-9)
+    # a design with a repeated column: the repeats collapse onto one row
+    twice = np.column_stack([design, design[:, 3]])
+    products_twice, map_twice = distinct_products(twice)
+    assert products_twice.shape[0] == products_t.shape[0]
+    np.testing.assert_allclose(products_twice[map_twice].T, packed_products(twice), rtol=1e-12, atol=1e-12)

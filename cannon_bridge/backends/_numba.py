@@ -847,6 +847,45 @@ def _flat_rows(array):
     return flat, row // item
 
 
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def _product_scales(columns, rows, cols):
+    # max over stars of |a_i a_j| for every packed entry (i, j) = (rows[p], cols[p])
+    out = np.empty(rows.size)
+    for p in numba.prange(rows.size):
+        a = columns[rows[p]]
+        b = columns[cols[p]]
+        high = 0.0
+        for n in range(a.size):
+            value = abs(a[n] * b[n])
+            if value > high:
+                high = value
+        out[p] = high
+    return out
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _same_product(columns, i0, j0, i1, j1, tolerance):
+    # True when a_i0 a_j0 and a_i1 a_j1 differ by at most ``tolerance`` for every star
+    a0 = columns[i0]
+    b0 = columns[j0]
+    a1 = columns[i1]
+    b1 = columns[j1]
+    for n in range(a0.size):
+        if abs(a0[n] * b0[n] - a1[n] * b1[n]) > tolerance:
+            return False
+    return True
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def _products_of(columns, rows, cols, out):
+    for p in numba.prange(rows.size):
+        a = columns[rows[p]]
+        b = columns[cols[p]]
+        row = out[p]
+        for n in range(a.size):
+            row[n] = a[n] * b[n]
+
+
 def distinct_products(design, rtol=1e-13):
     """Z^T with repeated columns dropped, and for every packed entry the row that holds it.
 
@@ -860,15 +899,10 @@ def distinct_products(design, rtol=1e-13):
     design = np.asarray(design, dtype=np.float64)
     n_stars, n_terms = design.shape
     rows, cols = np.triu_indices(n_terms)
+    rows, cols = rows.astype(np.int64), cols.astype(np.int64)
     n_packed = rows.size
     columns = np.ascontiguousarray(design.T)  # (n_terms, n_stars): each monomial's values contiguous
-    scale = np.empty(n_packed)
-    offset = 0
-    for i in range(n_terms):  # max |a_i a_j| over the stars, one row of the triangle at a time
-        width = n_terms - i
-        scale[offset:offset + width] = np.abs(columns[i:] * columns[i]).max(axis=1) if n_stars else 0.0
-        offset += width
-    scale = np.maximum(scale, 1e-300)
+    scale = np.maximum(_product_scales(columns, rows, cols), 1e-300)
     probe_rows = design[np.linspace(0, n_stars - 1, min(n_stars, 16)).astype(np.int64)] if n_stars else design
     probe = probe_rows[:, rows] * probe_rows[:, cols]
     # a coarse signature finds the candidates, the full comparison decides
@@ -882,8 +916,7 @@ def distinct_products(design, rtol=1e-13):
         match = -1
         for candidate in groups.get(key, ()):
             k = keep[candidate]
-            difference = columns[rows[k]] * columns[cols[k]] - columns[rows[j]] * columns[cols[j]]
-            if n_stars == 0 or np.max(np.abs(difference)) <= rtol * max(scale[j], scale[k]):
+            if _same_product(columns, rows[k], cols[k], rows[j], cols[j], rtol * max(scale[j], scale[k])):
                 match = candidate
                 break
         if match < 0:
@@ -892,7 +925,9 @@ def distinct_products(design, rtol=1e-13):
             groups.setdefault(key, []).append(match)
         packed_map[j] = match
     keep = np.asarray(keep, dtype=np.int64)
-    return columns[rows[keep]] * columns[cols[keep]], packed_map
+    out = np.empty((keep.size, n_stars))
+    _products_of(columns, rows[keep], cols[keep], out)
+    return out, packed_map
 
 
 # ----------------------------------------------------------------------------- input checks
