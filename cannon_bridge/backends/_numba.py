@@ -444,7 +444,6 @@ def reweight(ivar, observed, scatter_variance, out):
 FUSED_MAX_TERMS = 36  # K <= 7 at order 2
 
 
-
 @numba.njit(cache=True, fastmath=_REDUCE, error_model="numpy")
 def _dot(a, b, n):
     total = 0.0
@@ -502,18 +501,6 @@ def _cholesky_solve(packed_row, packed_map, rhs, active_row, n_terms, work, scal
 
 
 @numba.njit(cache=True, fastmath=_REDUCE, error_model="numpy")
-def _residuals(flux_row, design_t, theta, n_terms, n_stars, out):
-    for n in range(n_stars):
-        out[n] = flux_row[n]
-    for i in range(n_terms):
-        c = theta[i]
-        if c != 0.0:
-            row = design_t[i]
-            for n in range(n_stars):
-                out[n] -= c * row[n]
-
-
-@numba.njit(cache=True, fastmath=_REDUCE, error_model="numpy")
 def _newton_sums(r2, var, n_obs, v):
     g = 0.0
     h = 0.0
@@ -541,16 +528,21 @@ def _ivar_newton_sums(r2, ivar_row, n_stars, v):
 
 @numba.njit(cache=True, fastmath=_REDUCE, error_model="numpy")
 def _ivar_start(residual, ivar_row, dof_factor, n_stars, r2):
+    # the largest r^2 (the upper bracket) only where the gradient at v = 0 is positive, in its own loop:
+    # a max reduction keeps LLVM from vectorising the sums (no 'nnan'), and most pixels never need it
     g0 = 0.0
-    high = 0.0
     total_r2 = 0.0
     for n in range(n_stars):
         iv = ivar_row[n]
         r = residual[n] * residual[n] * dof_factor if iv > 0 else 0.0
         r2[n] = r
         g0 += 0.5 * (r * iv * iv - iv)
-        high = max(high, r)
         total_r2 += r
+    high = 0.0
+    if g0 > 0:
+        for n in range(n_stars):
+            if r2[n] > high:
+                high = r2[n]
     return g0, high, total_r2
 
 
@@ -603,30 +595,67 @@ def _scatter_one(residual, ivar_row, noise_free, dof_factor, n_iter, total_var, 
 
 
 @numba.njit(cache=True, fastmath=_REDUCE, error_model="numpy")
-def _normal_one(w, products_t, n0, n1, out, k):
-    # adds stars n0:n1 to the normal matrix of one pixel (row k of out); the loops run over slices
-    # from 0 (a loop from n0 keeps numba's negative-index checks)
-    count = n1 - n0
-    a = w[n0:n1]
-    for j in range(products_t.shape[0]):
-        z = products_t[j, n0:n1]
-        total = 0.0
-        for n in range(count):
-            total += a[n] * z[n]
-        out[k, j] += total
-
-
-@numba.njit(cache=True, fastmath=_REDUCE, error_model="numpy")
-def _normal_group4(w0, w1, w2, w3, products_t, n0, n1, out, k0, k1, k2, k3):
-    # _normal_one for 4 pixels at once (rows k0..k3 of out, not necessarily adjacent), sharing every read of Z
-    n_products = products_t.shape[0]
+def _gram4(w0, w1, w2, w3, rows, n0, n1, out, k0, k1, k2, k3):
+    # out[k_q, j] += sum over stars n0:n1 of w_q[n] * rows[j, n], for 4 weight vectors at once and the rows
+    # 3 at a time: 12 accumulators, 7 loads per 12 multiply-adds (the loads, not the arithmetic, set the pace)
     count = n1 - n0
     a0 = w0[n0:n1]
     a1 = w1[n0:n1]
     a2 = w2[n0:n1]
     a3 = w3[n0:n1]
-    for j in range(n_products):
-        z = products_t[j, n0:n1]
+    n_rows = rows.shape[0]
+    j = 0
+    while j + 3 <= n_rows:
+        z = rows[j, n0:n1]
+        y = rows[j + 1, n0:n1]
+        x = rows[j + 2, n0:n1]
+        s0 = 0.0
+        s1 = 0.0
+        s2 = 0.0
+        s3 = 0.0
+        t0 = 0.0
+        t1 = 0.0
+        t2 = 0.0
+        t3 = 0.0
+        u0 = 0.0
+        u1 = 0.0
+        u2 = 0.0
+        u3 = 0.0
+        for n in range(count):
+            zn = z[n]
+            yn = y[n]
+            xn = x[n]
+            b0 = a0[n]
+            b1 = a1[n]
+            b2 = a2[n]
+            b3 = a3[n]
+            s0 += b0 * zn
+            s1 += b1 * zn
+            s2 += b2 * zn
+            s3 += b3 * zn
+            t0 += b0 * yn
+            t1 += b1 * yn
+            t2 += b2 * yn
+            t3 += b3 * yn
+            u0 += b0 * xn
+            u1 += b1 * xn
+            u2 += b2 * xn
+            u3 += b3 * xn
+        out[k0, j] += s0
+        out[k1, j] += s1
+        out[k2, j] += s2
+        out[k3, j] += s3
+        out[k0, j + 1] += t0
+        out[k1, j + 1] += t1
+        out[k2, j + 1] += t2
+        out[k3, j + 1] += t3
+        out[k0, j + 2] += u0
+        out[k1, j + 2] += u1
+        out[k2, j + 2] += u2
+        out[k3, j + 2] += u3
+        j += 3
+    while j < n_rows:
+        z = rows[j, n0:n1]
         s0 = 0.0
         s1 = 0.0
         s2 = 0.0
@@ -641,6 +670,39 @@ def _normal_group4(w0, w1, w2, w3, products_t, n0, n1, out, k0, k1, k2, k3):
         out[k1, j] += s1
         out[k2, j] += s2
         out[k3, j] += s3
+        j += 1
+
+
+@numba.njit(cache=True, fastmath=_REDUCE, error_model="numpy")
+def _residuals4(f0, f1, f2, f3, design_t, c0, c1, c2, c3, n0, n1, r0, r1, r2, r3):
+    # r_q[n] = f_q[n] - sum_i c_q[i] design_t[i, n] for stars n0:n1 and 4 pixels: each design row is read once
+    # for the 4 pixels, and the 4 residual slices (the caller's star chunk) stay in L1 across the terms
+    count = n1 - n0
+    o0 = r0[n0:n1]
+    o1 = r1[n0:n1]
+    o2 = r2[n0:n1]
+    o3 = r3[n0:n1]
+    g0 = f0[n0:n1]
+    g1 = f1[n0:n1]
+    g2 = f2[n0:n1]
+    g3 = f3[n0:n1]
+    for n in range(count):
+        o0[n] = g0[n]
+        o1[n] = g1[n]
+        o2[n] = g2[n]
+        o3[n] = g3[n]
+    for i in range(design_t.shape[0]):
+        d = design_t[i, n0:n1]
+        e0 = c0[i]
+        e1 = c1[i]
+        e2 = c2[i]
+        e3 = c3[i]
+        for n in range(count):
+            dn = d[n]
+            o0[n] -= e0 * dn
+            o1[n] -= e1 * dn
+            o2[n] -= e2 * dn
+            o3[n] -= e3 * dn
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -655,19 +717,25 @@ def _fit_fused(flux, flux_stride, ivar, ivar_stride, mask, mask_stride, use_mask
     # buffers per tile cost as much in page faults as a pass of arithmetic)
     n_groups = max(1, min(n_tiles, n_workers))
     for g in numba.prange(n_groups):
-        # a tile of pixels, pixel-major, stays in cache through every pass
+        # a tile of pixels, pixel-major, stays in cache through every pass; 3 spare rows pad the last
+        # group of 4 pixels (their sums land in rows tile..tile+2 and are never read)
         f_t = np.empty((tile, n_stars))
         iv_t = np.empty((tile, n_stars))
         w_t = np.empty((tile, n_stars))
-        normal = np.empty((tile, n_packed))
+        u_t = np.empty((tile, n_stars))  # w * f: the right-hand sides' weights
+        res = np.empty((4, n_stars))
+        normal = np.empty((tile + 3, n_packed))
+        rhs_t = np.empty((tile + 3, n_terms))
         work = np.empty((n_terms, n_terms))
         scale = np.empty(n_terms)
         y = np.empty(n_terms)
         out = np.empty(n_terms)
-        rhs = np.empty(n_terms)
-        buffer = np.empty(n_stars)
         r2 = np.empty(n_stars)
         var = np.empty(n_stars)
+        slot = np.empty(4, dtype=np.int64)
+        count_t = np.empty(tile)
+        total_t = np.empty(tile)
+        row = np.empty(4, dtype=np.int64)
         # reweighted L1 (regularization > 0): the solves of _solve_reweighted
         base = np.empty((n_terms, n_terms))
         inv = np.empty(n_terms)
@@ -680,6 +748,9 @@ def _fit_fused(flux, flux_stride, ivar, ivar_stride, mask, mask_stride, use_mask
             base_f = m0
             base_i = m0
             base_m = m0
+            for k in range(width):
+                count_t[k] = 0.0
+                total_t[k] = 0.0
             for n in range(n_stars):
                 if n + _PREFETCH_ROWS < n_stars:  # the rows of a star a few ahead: 2 lines of 16 float64
                     ahead_f = base_f + _PREFETCH_ROWS * flux_stride
@@ -694,100 +765,112 @@ def _fit_fused(flux, flux_stride, ivar, ivar_stride, mask, mask_stride, use_mask
                     seen = w > 0 and (not use_mask or mask[base_m + k])
                     f_t[k, n] = float(flux[base_f + k]) if seen else 0.0
                     iv_t[k, n] = w if seen else 0.0
+                    # counts and summed variances while the row is read (the divisions hide behind the loads)
+                    count_t[k] += 1.0 if seen else 0.0
+                    total_t[k] += (1.0 / w if seen else 0.0) if not noise_free else 0.0
                 base_f += flux_stride
                 base_i += ivar_stride
                 base_m += mask_stride
             for k in range(width):
-                count = 0
-                total = 0.0
-                row = iv_t[k]
-                for n in range(n_stars):
-                    w = row[n]
-                    w_t[k, n] = w
-                    if w > 0:
-                        count += 1
-                        if not noise_free:
-                            total += 1.0 / w
-                counts[m0 + k] = count
-                total_variance[m0 + k] = total
+                counts[m0 + k] = int(count_t[k])
+                total_variance[m0 + k] = total_t[k]
             # A pixel whose new scatter equals the one its weights were built with has reached the fixed
             # point: every further pass would repeat the same arithmetic and give the same coefficients
             # and scatter bit for bit, so it drops out of the later passes (e.g. pixels with s^2 = 0).
-            s2_used = np.zeros(tile)  # the first pass weighs with s^2 = 0
+            s2_used = np.zeros(tile)  # the first pass weighs with s^2 = 0: the weights are iv_t itself
             pending = np.arange(tile)
             n_pending = width
             for p in range(n_passes):
                 if n_pending == 0:
                     break
+                weights = iv_t if p == 0 else w_t
                 normal[:] = 0.0
+                rhs_t[:] = 0.0
                 # stars in chunks whose rows of Z stay in L1 while every group of the tile reads them;
                 # groups of 4 pending pixels (row k of normal belongs to pixel k of the tile)
                 for n0 in range(0, n_stars, star_chunk):
                     n1 = min(n0 + star_chunk, n_stars)
                     for g0 in range(0, n_pending, 4):
-                        group = min(4, n_pending - g0)
-                        if group == 4:
-                            _normal_group4(w_t[pending[g0]], w_t[pending[g0 + 1]], w_t[pending[g0 + 2]],
-                                           w_t[pending[g0 + 3]], products_t, n0, n1, normal, pending[g0],
-                                           pending[g0 + 1], pending[g0 + 2], pending[g0 + 3])
-                        else:
-                            for q in range(group):
+                        for q in range(4):
+                            if g0 + q < n_pending:
                                 k = pending[g0 + q]
-                                _normal_one(w_t[k], products_t, n0, n1, normal, k)
+                                slot[q] = k
+                                row[q] = k
+                                w_part = weights[k, n0:n1]
+                                f_part = f_t[k, n0:n1]
+                                u_part = u_t[k, n0:n1]
+                                for n in range(n1 - n0):
+                                    u_part[n] = w_part[n] * f_part[n]
+                            else:  # padding: the last pixel again, summed into a spare row
+                                slot[q] = slot[q - 1]
+                                row[q] = tile + q - 1
+                        _gram4(weights[slot[0]], weights[slot[1]], weights[slot[2]], weights[slot[3]], products_t,
+                               n0, n1, normal, row[0], row[1], row[2], row[3])
+                        _gram4(u_t[slot[0]], u_t[slot[1]], u_t[slot[2]], u_t[slot[3]], design_t,
+                               n0, n1, rhs_t, row[0], row[1], row[2], row[3])
                 still = 0
-                for q in range(n_pending):
-                    k = pending[q]
-                    m = m0 + k
-                    w_row = w_t[k]
-                    f_row = f_t[k]
-                    for n in range(n_stars):
-                        buffer[n] = w_row[n] * f_row[n]
-                    for i in range(n_terms):
-                        rhs[i] = _dot(buffer, design_t[i], n_stars)
-                    if regularization > 0:
-                        act = active[m]
-                        _gather_lower(normal[k], lower_map, act, n_terms, base, rhs, b)
-                        for i in range(n_terms):
-                            diag[i] = 0.0
-                        solved = _solve_lower(base, b, diag, act, n_terms, work, scale, inv, inv_diag, y, out)
-                        for _ in range(n_reweight):
-                            for i in range(1, n_terms):
-                                diag[i] = regularization / (2.0 * max(abs(out[i]), 1e-6))
+                for g0 in range(0, n_pending, 4):
+                    for q in range(4):
+                        slot[q] = pending[min(g0 + q, n_pending - 1)]
+                    for q in range(min(4, n_pending - g0)):
+                        k = slot[q]
+                        m = m0 + k
+                        if regularization > 0:
+                            act = active[m]
+                            _gather_lower(normal[k], lower_map, act, n_terms, base, rhs_t[k], b)
+                            for i in range(n_terms):
+                                diag[i] = 0.0
                             solved = _solve_lower(base, b, diag, act, n_terms, work, scale, inv, inv_diag, y, out)
-                    else:
-                        solved = _cholesky_solve(normal[k], packed_map, rhs, active[m], n_terms, work, scale, y,
-                                                 out)
-                    for i in range(n_terms):
-                        coef[m, i] = out[i] if solved else 0.0
-                    ok[m] = solved
-                    _residuals(f_row, design_t, coef[m], n_terms, n_stars, buffer)
-                    s2 = _scatter_one(buffer, iv_t[k], noise_free, dof_factor, n_iter, total_variance[m], counts[m], r2, var)
-                    scatter_variance[m] = s2
-                    if s2 == s2_used[k]:
-                        continue  # converged: the next pass would be this one again
-                    s2_used[k] = s2
-                    pending[still] = k
-                    still += 1
-                    if p + 1 < n_passes:
-                        # branch-free loops (they vectorise): iv_t is 0 exactly where a star is unused, and
-                        # iv / (1 + iv s2) is then 0 as well
-                        iv_row = iv_t[k]
-                        if noise_free:
-                            weight = 1.0 / s2 if s2 > 0 else 1.0
-                            for n in range(n_stars):
-                                w_row[n] = weight if iv_row[n] > 0 else 0.0
+                            for _ in range(n_reweight):
+                                for i in range(1, n_terms):
+                                    diag[i] = regularization / (2.0 * max(abs(out[i]), 1e-6))
+                                solved = _solve_lower(base, b, diag, act, n_terms, work, scale, inv, inv_diag, y,
+                                                      out)
                         else:
-                            for n in range(n_stars):
-                                w_row[n] = iv_row[n] / (1.0 + iv_row[n] * s2)
+                            solved = _cholesky_solve(normal[k], packed_map, rhs_t[k], active[m], n_terms, work, scale,
+                                                     y, out)
+                        for i in range(n_terms):
+                            coef[m, i] = out[i] if solved else 0.0
+                        ok[m] = solved
+                    for n0 in range(0, n_stars, star_chunk):
+                        n1 = min(n0 + star_chunk, n_stars)
+                        _residuals4(f_t[slot[0]], f_t[slot[1]], f_t[slot[2]], f_t[slot[3]], design_t,
+                                    coef[m0 + slot[0]], coef[m0 + slot[1]], coef[m0 + slot[2]], coef[m0 + slot[3]],
+                                    n0, n1, res[0], res[1], res[2], res[3])
+                    for q in range(min(4, n_pending - g0)):
+                        k = slot[q]
+                        m = m0 + k
+                        s2 = _scatter_one(res[q], iv_t[k], noise_free, dof_factor, n_iter, total_variance[m],
+                                          counts[m], r2, var)
+                        scatter_variance[m] = s2
+                        if s2 == s2_used[k]:
+                            continue  # converged: the next pass would be this one again
+                        s2_used[k] = s2
+                        pending[still] = k  # still <= g0 + q: only pixels already visited are overwritten
+                        still += 1
+                        if p + 1 < n_passes:
+                            # branch-free loops (they vectorise): iv_t is 0 exactly where a star is unused, and
+                            # iv / (1 + iv s2) is then 0 as well
+                            iv_row = iv_t[k]
+                            w_row = w_t[k]
+                            if noise_free:
+                                weight = 1.0 / s2 if s2 > 0 else 1.0
+                                for n in range(n_stars):
+                                    w_row[n] = weight if iv_row[n] > 0 else 0.0
+                            else:
+                                for n in range(n_stars):
+                                    w_row[n] = iv_row[n] / (1.0 + iv_row[n] * s2)
                 n_pending = still
 
 
 def fit_fused(flux, ivar, star_mask, design, active, n_passes, dof_factor, n_iter=40, tile=None, star_chunk=None,
               regularization=0.0, n_reweight=6):
     """Every training pass of a block of pixels in one kernel, parallel over tiles of pixels: each
-    tile is transposed once into pixel-major buffers that stay in cache, then every pass computes
-    per pixel the packed normal matrix (4 pixels share each read of Z), the right-hand side, the
-    Cholesky solve, residuals, the marginal-likelihood scatter and the next pass's weights. The
+    tile is transposed once into pixel-major buffers that stay in cache (counting each pixel's
+    observed stars and summed variances on the way), then every pass computes the packed normal
+    matrices and right-hand sides of 4 pixels at a time (``_gram4``: each read of Z or of the design
+    serves 4 pixels and 3 rows), the Cholesky solves, the residuals of the same 4 pixels in star chunks
+    (``_residuals4``), the marginal-likelihood scatter and the next pass's weights. The
     maths of ``solve_normal_equations`` + ``fit_scatter`` + ``reweight``; for few terms only
     (``FUSED_MAX_TERMS``), where the per-pixel dot products beat small BLAS calls. With
     ``regularization`` > 0 each solve is that of ``solve_reweighted`` (reweighted L1, ``n_reweight``
