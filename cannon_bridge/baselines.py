@@ -94,6 +94,23 @@ def fit_heavy_regressors(core, heavy, method: str = "ridge", min_stars: int = 5,
     return regressors
 
 
+def _observed_mean(flux, ivar, chunk: int = 2048) -> np.ndarray:
+    """Mean flux per pixel over the stars observed there (ivar > 0; all stars without ivar), 0 where none
+    is; float64 sums over ``chunk`` stars at a time, so no full-size temporary is made."""
+    total = np.zeros(flux.shape[1])
+    count = np.zeros(flux.shape[1])
+    for start in range(0, flux.shape[0], chunk):
+        part = np.asarray(flux[start:start + chunk], dtype=np.float64)
+        if ivar is None:
+            total += part.sum(axis=0)
+            count += part.shape[0]
+        else:
+            observed = ivar[start:start + chunk] > 0
+            total += np.where(observed, part, 0.0).sum(axis=0)
+            count += observed.sum(axis=0)
+    return total / np.maximum(count, 1.0)
+
+
 def _unpack(first, galah_flux, labels, apogee_ivar, galah_ivar, names):
     """Accept a CrossMatch as the first argument, as BridgeModel.fit does."""
     from .data import CrossMatch
@@ -107,8 +124,10 @@ def _check_training(self, apogee_flux, galah_flux, labels, apogee_ivar, galah_iv
     names = list(self.core_labels) + list(self.heavy_labels)
     if not self.core_labels:
         raise InvalidInputError("core_labels must name at least one label")
-    apogee_flux, apogee_ivar = check_spectra(apogee_flux, apogee_ivar, name="apogee_flux")
-    galah_flux, galah_ivar = check_spectra(galah_flux, galah_ivar, name="galah_flux")
+    # read-only views in the caller's dtype, as BridgeModel.fit takes them: a float64 copy of a 30,000-star
+    # training set is 9 GB
+    apogee_flux, apogee_ivar = check_spectra(apogee_flux, apogee_ivar, name="apogee_flux", copy=False)
+    galah_flux, galah_ivar = check_spectra(galah_flux, galah_ivar, name="galah_flux", copy=False)
     if apogee_flux.shape[0] != galah_flux.shape[0]:
         raise InvalidInputError(
             f"apogee_flux has {apogee_flux.shape[0]} stars but galah_flux has {galah_flux.shape[0]}: "
@@ -157,14 +176,17 @@ class _TwoCannonBase(BaseEstimator):
         censors = None
         if self.galah_censors is not None:
             censors = {name: np.asarray(mask, dtype=bool) for name, mask in self.galah_censors.items()}
+        if not rows.all():  # every star (galah_training="impute") is the input itself, not a copy
+            galah_flux = galah_flux[rows]
+            galah_ivar = None if galah_ivar is None else galah_ivar[rows]
+            galah_labels = galah_labels[rows]
         self.galah_model_ = CannonModel(names, order=self.order, backend=self.backend, censors=censors).fit(
-            galah_flux[rows], galah_labels[rows], None if galah_ivar is None else galah_ivar[rows])
+            galah_flux, galah_labels, galah_ivar)
         bad = self.galah_model_.pixel_flags_ != 0
         if bad.any():
             logger.warning("%d of %d GALAH pixels could not be fitted with %d training stars: they get the mean "
                            "training flux", int(bad.sum()), galah_flux.shape[1], int(rows.sum()))
-        weights = np.ones_like(galah_flux[rows]) if galah_ivar is None else (galah_ivar[rows] > 0).astype(float)
-        self.galah_mean_flux_ = (weights * galah_flux[rows]).sum(axis=0) / np.maximum(weights.sum(axis=0), 1.0)
+        self.galah_mean_flux_ = _observed_mean(galah_flux, galah_ivar)
         self.heavy_mean_ = np.nanmean(labels[:, n_core:], axis=0)
         return labels
 
@@ -357,18 +379,27 @@ class SpectrumRegressionBaseline(BaseEstimator):
 
     @staticmethod
     def _fill_values(flux, ivar):
-        if ivar is None:
-            return flux.mean(axis=0), np.ones(flux.shape[1], dtype=bool)
-        observed = ivar > 0
-        count = observed.sum(axis=0)
-        total = np.where(observed, flux, 0.0).sum(axis=0)
-        return np.where(count > 0, total / np.maximum(count, 1), 0.0), count > 0
+        keep = np.ones(flux.shape[1], dtype=bool) if ivar is None else np.any(ivar > 0, axis=0)
+        return _observed_mean(flux, ivar), keep
 
     @staticmethod
     def _filled(flux, ivar, fill, keep):
+        """The kept pixels, unobserved values replaced by ``fill``; in the input's float dtype (one copy)."""
+        dtype = flux.dtype if flux.dtype in (np.float32, np.float64) else np.float64
+        out = np.asarray(flux[:, keep], dtype=dtype)
+        if not out.flags.writeable or np.shares_memory(out, flux):
+            out = out.copy()
         if ivar is not None:
-            flux = np.where(ivar > 0, flux, fill[None, :])
-        return flux[:, keep]
+            np.copyto(out, fill[keep].astype(dtype)[None, :], where=~(ivar[:, keep] > 0))
+        return out
+
+    @staticmethod
+    def _pca(n_components, data):
+        # the exact SVD while it is cheap; beyond ~20 million values (e.g. 30,000 stars x 16,384 pixels it
+        # would take minutes and ~10 GB) a randomized SVD with a fixed seed gives the same leading components
+        if data.size <= 20_000_000:
+            return PCA(n_components, svd_solver="full").fit(data)
+        return PCA(n_components, svd_solver="randomized", random_state=0).fit(data)
 
     def fit(self, apogee_flux, galah_flux=None, labels=None, apogee_ivar=None,
             galah_ivar=None) -> "SpectrumRegressionBaseline":
@@ -390,8 +421,8 @@ class SpectrumRegressionBaseline(BaseEstimator):
         n_galah = min(int(self.n_galah_components or self.n_components), n_stars - 1, g.shape[1])
         if n_apogee < 1:
             raise InvalidInputError(f"SpectrumRegressionBaseline needs at least 2 training stars; got {n_stars}")
-        self.apogee_pca_ = PCA(n_apogee, svd_solver="full").fit(a)
-        self.galah_pca_ = PCA(n_galah, svd_solver="full").fit(g)
+        self.apogee_pca_ = self._pca(n_apogee, a)
+        self.galah_pca_ = self._pca(n_galah, g)
         scores = self.apogee_pca_.transform(a)
         targets = self.galah_pca_.transform(g)
         # raw scores (no standardising): ridge on the scores = ridge on the flux within the PCA subspace
