@@ -1317,17 +1317,32 @@ def _standard_draws(n_samples: int, n_labels: int) -> np.ndarray:
 def _quadratic_forms(cov_v, coef, block=2048):
     """c_m^T cov_v[s] c_m for every star s and pixel m: (S, P, P) and (M, P) -> (S, M).
 
-    The packed upper triangle of each Cov(v) times the packed products c_i c_j of the coefficients,
-    one GEMM per block of ``block`` pixels, whose products are built on the way (a few ms), so no
-    pixels x P(P+1)/2 array of the whole model is ever held (0.55 GB for GALAH at 12 labels).
+    Pixels are grouped by the terms their coefficients use (censoring zeroes every term of a heavy
+    label outside its line windows, so most GALAH pixels use the 21 core terms of 91): per group the
+    packed upper triangle of Cov(v) over those terms times the packed products c_i c_j of the group's
+    coefficients, one GEMM per block of ``block`` pixels, the products built on the way. Terms whose
+    coefficient is exactly 0 add exactly 0, so this is the full quadratic form at a fraction of its
+    cost (18x fewer products for a core-only pixel at 12 labels), and no pixels x P(P+1)/2 array of
+    the whole model is ever held.
     """
-    n_terms = cov_v.shape[1]
-    rows_i, cols_j = np.triu_indices(n_terms)
-    packed_cov = cov_v[:, rows_i, cols_j] * np.where(rows_i == cols_j, 1.0, 2.0)
     out = np.empty((len(cov_v), coef.shape[0]))
-    for start in range(0, coef.shape[0], block):
-        out[:, start:start + block] = packed_cov @ packed_products(coef[start:start + block]).T
+    for terms, pixels in _term_groups(coef):
+        rows_i, cols_j = np.triu_indices(terms.size)
+        packed_cov = cov_v[:, terms[rows_i], terms[cols_j]] * np.where(rows_i == cols_j, 1.0, 2.0)
+        used = coef[:, terms]
+        for start in range(0, pixels.size, block):
+            part = pixels[start:start + block]
+            out[:, part] = packed_cov @ packed_products(used[part]).T
     return out
+
+
+def _term_groups(coef):
+    """[(terms, pixels)]: the pixels whose nonzero coefficients are exactly those terms, per distinct set."""
+    nonzero = coef != 0
+    keys = np.packbits(nonzero, axis=1)
+    _, first, group = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    group = group.ravel()
+    return [(np.flatnonzero(nonzero[row]), np.flatnonzero(group == g)) for g, row in enumerate(first)]
 
 
 def _covariance_roots(covariance):

@@ -276,3 +276,24 @@ def test_misfit_tempering_is_set_by_held_out_outliers(fitted):
     z = (shifted - truth) / sigma
     z[bad] /= np.sqrt(factor)[:, None]
     assert np.all(np.std(z, axis=0) <= MISFIT_TAIL * 1.1)
+
+
+def test_quadratic_forms_by_term_groups_equal_the_dense_form():
+    """The predictive variance's c_m^T Cov(v) c_m, computed per group of pixels that use the same terms
+    (censoring zeroes a heavy label's terms outside its windows), equals the dense form over all terms."""
+    from cannon_bridge.bridge import _quadratic_forms, _term_groups
+
+    rng = np.random.default_rng(3)
+    n_stars, n_terms, n_pixels = 40, 28, 300
+    roots = rng.normal(size=(n_stars, n_terms, 12))
+    cov_v = roots @ np.transpose(roots, (0, 2, 1)) / 12
+    coef = rng.normal(size=(n_pixels, n_terms))
+    coef[:, 15:] = 0.0  # core-only pixels
+    coef[:60, 15:20] = rng.normal(size=(60, 5))  # one element's windows
+    coef[50:110, 20:26] = rng.normal(size=(60, 6))  # another's, overlapping the first in 10 pixels
+    coef[7, 3] = 0.0  # a single term set to exactly 0
+    groups = _term_groups(coef)
+    assert len(groups) == 5
+    assert sorted(np.concatenate([pixels for _, pixels in groups]).tolist()) == list(range(n_pixels))
+    dense = np.einsum("mp,spq,mq->sm", coef, cov_v, coef)
+    np.testing.assert_allclose(_quadratic_forms(cov_v, coef, block=64), dense, rtol=1e-12, atol=1e-14)
