@@ -88,6 +88,10 @@ class BridgeInferenceResult(InferenceResult):
     # scaled-unit information matrices of the spectra and of the prior (kept during calibration only)
     likelihood_information: np.ndarray = None
     prior_information: np.ndarray = None
+    #: (n_stars, n_galah_pixels): the regenerated GALAH spectra and their predictive variance, filled by
+    #: :meth:`BridgeModel.transfer` (None from :meth:`BridgeModel.infer`)
+    galah_flux: np.ndarray = None
+    galah_variance: np.ndarray = None
 
 
 class _PopulationPrior:
@@ -1178,11 +1182,23 @@ class BridgeModel(BaseEstimator):
         per-pixel predictive variance: the spread of the model flux over the label
         posterior (or the covariance through the Jacobian) plus the model's intrinsic scatter
         (add the observation's own noise variance to compare with observed spectra).
+        :meth:`transfer` gives the labels with the spectra from one inference.
+        """
+        if not return_variance and not self.label_samples:
+            result = self.infer(apogee_flux=apogee_flux, apogee_ivar=apogee_ivar)
+            return self.generate_galah(result.labels)
+        result = self.transfer(apogee_flux, apogee_ivar)
+        return (result.galah_flux, result.galah_variance) if return_variance else result.galah_flux
+
+    def transfer(self, apogee_flux, apogee_ivar=None) -> BridgeInferenceResult:
+        """APOGEE spectra -> every label and the regenerated GALAH spectra, from one inference.
+
+        Returns the :meth:`infer` result from APOGEE alone (labels, covariance, flags, chi^2) with
+        ``galah_flux`` and ``galah_variance`` set as :meth:`predict_galah` computes them: what a
+        user labelling APOGEE stars wants, without inferring the labels twice.
         """
         result = self.infer(apogee_flux=apogee_flux, apogee_ivar=apogee_ivar)
-        if not return_variance and not self.label_samples:
-            return self.generate_galah(result.labels)
-        # the posterior-mean spectrum (see ``label_samples``), with or without its variance
+        # the posterior-mean spectrum (see ``label_samples``) and its variance
         flux, variance = self._generate("galah", result.labels, result.covariance)
         # a star the model fits poorly has a posterior too wide to average the model over (it would
         # average spectra from across the training range): its spectrum is the model at its labels,
@@ -1190,7 +1206,8 @@ class BridgeModel(BaseEstimator):
         poor = np.flatnonzero(result.misfit_factor > 1) if result.misfit_factor is not None else []
         if len(poor):
             flux[poor] = self.generate_galah(result.labels[poor])
-        return (flux, variance) if return_variance else flux
+        result.galah_flux, result.galah_variance = flux, variance
+        return result
 
     # ------------------------------------------------------------------ I/O
     def save(self, path, overwrite: bool = False):

@@ -297,3 +297,21 @@ def test_quadratic_forms_by_term_groups_equal_the_dense_form():
     assert sorted(np.concatenate([pixels for _, pixels in groups]).tolist()) == list(range(n_pixels))
     dense = np.einsum("mp,spq,mq->sm", coef, cov_v, coef)
     np.testing.assert_allclose(_quadratic_forms(cov_v, coef, block=64), dense, rtol=1e-12, atol=1e-14)
+
+
+def test_transfer_gives_the_labels_of_infer_and_the_spectra_of_predict_galah(fitted, mock_pair):
+    """transfer(): one inference from APOGEE, its labels and covariance, with the regenerated GALAH flux
+    and predictive variance that predict_galah returns."""
+    model = fitted
+    test = mock_pair[0].subset(np.arange(200, 212))
+    flux, ivar = test.apogee_flux, test.apogee_ivar
+    result = model.transfer(flux, ivar)
+    inferred = model.infer(apogee_flux=flux, apogee_ivar=ivar)
+    np.testing.assert_allclose(result.labels, inferred.labels, rtol=1e-12)
+    np.testing.assert_allclose(result.covariance, inferred.covariance, rtol=1e-12)
+    regenerated, variance = model.predict_galah(flux, ivar, return_variance=True)
+    np.testing.assert_allclose(result.galah_flux, regenerated, rtol=1e-12)
+    np.testing.assert_allclose(result.galah_variance, variance, rtol=1e-12)
+    assert result.galah_flux.shape == (12, model.galah_model_.coef_.shape[0])
+    assert np.all(np.isfinite(result.galah_variance)) and np.all(result.galah_variance >= 0)
+    assert model.infer(apogee_flux=flux, apogee_ivar=ivar).galah_flux is None
