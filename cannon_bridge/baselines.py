@@ -386,9 +386,7 @@ class SpectrumRegressionBaseline(BaseEstimator):
     def _filled(flux, ivar, fill, keep):
         """The kept pixels, unobserved values replaced by ``fill``; in the input's float dtype (one copy)."""
         dtype = flux.dtype if flux.dtype in (np.float32, np.float64) else np.float64
-        out = np.asarray(flux[:, keep], dtype=dtype)
-        if not out.flags.writeable or np.shares_memory(out, flux):
-            out = out.copy()
+        out = flux[:, keep].astype(dtype, copy=False)  # boolean indexing already copies
         if ivar is not None:
             np.copyto(out, fill[keep].astype(dtype)[None, :], where=~(ivar[:, keep] > 0))
         return out

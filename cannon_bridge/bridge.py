@@ -1137,6 +1137,7 @@ class BridgeModel(BaseEstimator):
         low = (np.asarray(model.training_label_min_, float) - model.label_pivots_) / model.label_scales_
         high = (np.asarray(model.training_label_max_, float) - model.label_pivots_) / model.label_scales_
         step = self.chunk_size * 8
+        groups = _term_groups(model.coef_)  # the same for every chunk of stars
         for start in range(0, len(labels), step):
             rows = slice(start, start + step)
             cov = covariance[rows][:, index[:, None], index[None, :]] / np.outer(model.label_scales_, model.label_scales_)
@@ -1158,16 +1159,16 @@ class BridgeModel(BaseEstimator):
                     flux[start + picked] = mean_v @ model.coef_.T
                     if picked.size == len(cov):  # every star of the chunk: write in place
                         target = variance[start:start + picked.size]
-                        _quadratic_forms(cov_v, model.coef_, out=target)
+                        _quadratic_forms(cov_v, model.coef_, out=target, groups=groups)
                         np.maximum(target, 0.0, out=target)
                     else:
-                        variance[start + picked] = np.maximum(_quadratic_forms(cov_v, model.coef_), 0.0)
+                        variance[start + picked] = np.maximum(_quadratic_forms(cov_v, model.coef_, groups=groups), 0.0)
             linear = np.flatnonzero(~sampled)
             if linear.size:  # linearised propagation (label_samples=0, or a covariance that is not finite)
                 d_design = monomial_jacobian(x[rows][linear], model.term_exponents_)  # (S, P, Kb), scaled units
                 cov_v = d_design @ cov[linear] @ np.transpose(d_design, (0, 2, 1))  # (S, P, P)
                 with np.errstate(invalid="ignore"):  # a non-finite covariance gives a non-finite variance
-                    variance[start + linear] = _quadratic_forms(cov_v, model.coef_)
+                    variance[start + linear] = _quadratic_forms(cov_v, model.coef_, groups=groups)
         if propagation_scale is None:
             propagation_scale = self.galah_variance_scale_ if survey == "galah" else 1.0
         variance *= propagation_scale  # in place: at 16,384 pixels each temporary is 128 MB per 1,000 stars
@@ -1339,7 +1340,7 @@ def _standard_draws(n_samples: int, n_labels: int) -> np.ndarray:
     return np.vstack([half, -half])
 
 
-def _quadratic_forms(cov_v, coef, block=2048, out=None):
+def _quadratic_forms(cov_v, coef, block=2048, out=None, groups=None):
     """c_m^T cov_v[s] c_m for every star s and pixel m: (S, P, P) and (M, P) -> (S, M).
 
     Pixels are grouped by the terms their coefficients use (censoring zeroes every term of a heavy
@@ -1348,11 +1349,11 @@ def _quadratic_forms(cov_v, coef, block=2048, out=None):
     coefficients, one GEMM per block of ``block`` pixels, the products built on the way. Terms whose
     coefficient is exactly 0 add exactly 0, so this is the full quadratic form at a fraction of its
     cost (18x fewer products for a core-only pixel at 12 labels), and no pixels x P(P+1)/2 array of
-    the whole model is ever held.
+    the whole model is ever held. ``groups``: ``_term_groups(coef)``, when the caller already has it.
     """
     if out is None:
         out = np.empty((len(cov_v), coef.shape[0]))
-    for terms, pixels in _term_groups(coef):
+    for terms, pixels in (_term_groups(coef) if groups is None else groups):
         rows_i, cols_j = np.triu_indices(terms.size)
         packed_cov = cov_v[:, terms[rows_i], terms[cols_j]] * np.where(rows_i == cols_j, 1.0, 2.0)
         used = coef[:, terms]
