@@ -60,6 +60,7 @@ from cannon_bridge.baselines import (  # noqa: E402
     fit_heavy_regressors,
 )
 from cannon_bridge.bridge import BridgeModel  # noqa: E402
+from cannon_bridge.model import CannonModel  # noqa: E402
 from cannon_bridge.data import CrossMatch  # noqa: E402
 from cannon_bridge.lines import read_galah_mode_mask, read_turbospectrum_linelist, window_mask  # noqa: E402
 
@@ -173,6 +174,26 @@ def split(truth, snr_galah, quick, test_quarter=3):
         train_index = np.setdiff1d(np.arange(len(truth)), test_index)
     train = noisy.subset(train_index).blank_labels(HEAVY, BLANK_FRACTION, seed=BLANK_SEED)
     return train, noisy.subset(test_index), truth.subset(test_index)
+
+
+def unblanked_training_labels(truth, quick, test_quarter=3):
+    """The training stars' labels before any were blanked (what the issue's plain reference model trains on)."""
+    if quick:
+        truth = truth.subset(np.arange(min(QUICK_STARS, len(truth))))
+    n_train = int(round(TRAIN_FRACTION * len(truth)))
+    labels = truth.labels_for(LABELS)
+    if test_quarter == 3:
+        return labels[:n_train]
+    n_test = len(truth) - n_train
+    return np.delete(labels, np.arange(test_quarter * n_test, (test_quarter + 1) * n_test), axis=0)
+
+
+def fit_plain_reference(train, labels, windows):
+    """The issue's floor-setting model: one quadratic Cannon of the GALAH spectra in all 12 labels, each heavy
+    label's terms censored to its element's mode_DR3 windows, trained on complete (unblanked) labels."""
+    censors = {name: windows[element] for name, element in zip(HEAVY, HEAVY_ELEMENTS)}
+    return CannonModel(LABELS, order=2, censors=censors, backend="numba").fit(train.galah_flux, labels,
+                                                                               train.galah_ivar)
 
 
 def galah_windows(wavelength, mode_mask):
@@ -297,6 +318,13 @@ def run(truth_xm, snr, args, tag, linelist, mode_mask):
     }
     for name, model in baseline_models.items():
         timer(f"fit {name}", model.fit, train)
+    plain = None
+    if args.mock is None:  # the physset recipe: the issue's plain model sets the floor of the targets
+        plain = timer("fit plain censored quadratic (complete labels)", fit_plain_reference, train,
+                      unblanked_training_labels(truth_xm, args.quick, args.test_quarter), windows)
+        plain_apogee = timer("fit plain quadratic APOGEE Cannon (core labels)",
+                             CannonModel(CORE, order=2, backend="numba").fit, train.apogee_flux,
+                             train.labels_for(CORE), train.apogee_ivar)
     train_labels = train.labels_for(LABELS)
     reference = timer("fit ridge (true core -> heavy)", fit_heavy_regressors, train_labels[:, :5],
                       train_labels[:, 5:], "ridge")
@@ -315,6 +343,14 @@ def run(truth_xm, snr, args, tag, linelist, mode_mask):
         mode: label_metrics(r.labels, truth_labels, r.uncertainties) for mode, r in (
             ("apogee", bridge_complete.infer(apogee_flux=a_flux, apogee_ivar=a_ivar)),
             ("galah", bridge_complete.infer(galah_flux=test.galah_flux, galah_ivar=test.galah_ivar)))}
+    if plain is not None:
+        # no population prior and no calibration: its z-scores show what honest uncertainties add
+        plain_result = timer("infer plain (galah)", plain.infer, test.galah_flux, test.galah_ivar)
+        plain_core = timer("infer plain (apogee)", plain_apogee.infer, a_flux, a_ivar)
+        results["labels"]["plain_censored_quadratic"] = {
+            "galah": label_metrics(plain_result.labels, truth_labels, plain_result.uncertainties),
+            "apogee": label_metrics(plain_core.labels, truth_labels[:, :len(CORE)], plain_core.uncertainties,
+                                    names=CORE)}
     reference_heavy = np.column_stack([r.predict(truth_labels[:, :5]) for r in reference])
     results["labels"]["ridge_true_core"] = {"true_core": label_metrics(reference_heavy, truth_labels[:, 5:],
                                                                        names=HEAVY)}
@@ -333,6 +369,11 @@ def run(truth_xm, snr, args, tag, linelist, mode_mask):
     score_spectra("bridge_complete_only", *bridge_complete.predict_galah(a_flux, a_ivar, return_variance=True))
     oracle = bridge.generate_galah(truth_labels)
     score_spectra("oracle_true_labels", oracle, np.broadcast_to(bridge.galah_model_.scatter_**2, oracle.shape))
+    if plain is not None:
+        plain_oracle = plain.generate(truth_labels)
+        score_spectra("plain_censored_quadratic_true_labels", plain_oracle,
+                      np.broadcast_to(plain.scatter_**2, plain_oracle.shape))
+        del plain_oracle
     score_spectra("mean_training_spectrum", np.broadcast_to(train.galah_flux.mean(axis=0), oracle.shape))
     for name, model in baseline_models.items():
         score_spectra(name, model.predict_galah(a_flux, a_ivar))
@@ -474,6 +515,23 @@ def markdown_tables(results):
         x, y = bridge["galah"][name]["rms"], complete["galah"][name]["rms"]
         lines.append(f"| {name} | {fmt(x)} | {fmt(y)} | {y / x:.2f} |")
     lines.append("")
+
+    plain = results["labels"].get("plain_censored_quadratic")
+    if plain is not None:
+        lines += ["### Labels from GALAH alone: the bridge (missing labels) vs the issue's plain reference "
+                  "(quadratic, heavy terms censored to mode_DR3 windows, complete labels)", "",
+                  "| label | bridge RMS | z std | plain RMS | z std | bridge / plain |", "|---|---|---|---|---|---|"]
+        for name in LABELS:
+            x, y = bridge["galah"][name], plain["galah"][name]
+            lines.append(f"| {name} | {fmt(x['rms'], name)} | {x['z_std']:.2f} | {fmt(y['rms'], name)} | "
+                         f"{y['z_std']:.2f} | {x['rms'] / y['rms']:.2f} |")
+        lines += ["", "Core labels from APOGEE alone, the bridge vs a plain quadratic APOGEE Cannon in the core labels:", "",
+                  "| label | bridge RMS | z std | plain RMS | z std | bridge / plain |", "|---|---|---|---|---|---|"]
+        for name in CORE:
+            x, y = bridge["apogee"][name], plain["apogee"][name]
+            lines.append(f"| {name} | {fmt(x['rms'], name)} | {x['z_std']:.2f} | {fmt(y['rms'], name)} | "
+                         f"{y['z_std']:.2f} | {x['rms'] / y['rms']:.2f} |")
+        lines.append("")
 
     columns = ["overall", "Fe"] + HEAVY_ELEMENTS + ["heavy"]
     lines += ["### Regenerated GALAH spectra from APOGEE alone (RMS against the noise-free truth)", "",
