@@ -26,6 +26,7 @@ bench: $(STAMP)
 
 results: $(STAMP)
 	$(PY) benchmarks/bench_bridge.py --all-snr --output docs
+	$(PY) benchmarks/bench_learning_curve.py
 	$(PY) benchmarks/report_bridge.py
 
 clean:
