@@ -160,32 +160,30 @@ def split(truth, snr_galah, quick, test_quarter=3):
     The test set is quarter ``test_quarter`` of the stars by index (3: the last 25%, the recipe);
     the noise is drawn for the whole set first, so each star's noise is the same in every split.
     """
-    if quick:
-        truth = truth.subset(np.arange(min(QUICK_STARS, len(truth))))
+    truth, train_index, test_index = split_indices(truth, quick, test_quarter)
     # float32 noisy spectra when the truth is float32 (the mock): 30,000 stars then fit in memory
     noisy = truth.with_noise(snr_apogee=SNR_APOGEE, snr_galah=snr_galah, seed=NOISE_SEED,
                              dtype=np.result_type(truth.galah_flux.dtype, np.float32))
-    n_train = int(round(TRAIN_FRACTION * len(truth)))
-    if test_quarter == 3:
-        train_index, test_index = slice(0, n_train), slice(n_train, len(truth))  # views, not copies
-    else:
-        n_test = len(truth) - n_train
-        test_index = np.arange(test_quarter * n_test, (test_quarter + 1) * n_test)
-        train_index = np.setdiff1d(np.arange(len(truth)), test_index)
     train = noisy.subset(train_index).blank_labels(HEAVY, BLANK_FRACTION, seed=BLANK_SEED)
     return train, noisy.subset(test_index), truth.subset(test_index)
 
 
-def unblanked_training_labels(truth, quick, test_quarter=3):
-    """The training stars' labels before any were blanked (what the issue's plain reference model trains on)."""
+def split_indices(truth, quick, test_quarter=3):
+    """(truth, train_index, test_index) of :func:`split`: ``truth`` cut to the quick set if asked."""
     if quick:
         truth = truth.subset(np.arange(min(QUICK_STARS, len(truth))))
     n_train = int(round(TRAIN_FRACTION * len(truth)))
-    labels = truth.labels_for(LABELS)
     if test_quarter == 3:
-        return labels[:n_train]
+        return truth, slice(0, n_train), slice(n_train, len(truth))  # views, not copies
     n_test = len(truth) - n_train
-    return np.delete(labels, np.arange(test_quarter * n_test, (test_quarter + 1) * n_test), axis=0)
+    test_index = np.arange(test_quarter * n_test, (test_quarter + 1) * n_test)
+    return truth, np.setdiff1d(np.arange(len(truth)), test_index), test_index
+
+
+def unblanked_training_labels(truth, quick, test_quarter=3):
+    """The training stars' labels before any were blanked (what the issue's plain reference model trains on)."""
+    truth, train_index, _ = split_indices(truth, quick, test_quarter)
+    return truth.labels_for(LABELS)[train_index]
 
 
 def fit_plain_reference(train, labels, windows):
@@ -518,20 +516,18 @@ def markdown_tables(results):
 
     plain = results["labels"].get("plain_censored_quadratic")
     if plain is not None:
-        lines += ["### Labels from GALAH alone: the bridge (missing labels) vs the issue's plain reference "
-                  "(quadratic, heavy terms censored to mode_DR3 windows, complete labels)", "",
-                  "| label | bridge RMS | z std | plain RMS | z std | bridge / plain |", "|---|---|---|---|---|---|"]
-        for name in LABELS:
-            x, y = bridge["galah"][name], plain["galah"][name]
-            lines.append(f"| {name} | {fmt(x['rms'], name)} | {x['z_std']:.2f} | {fmt(y['rms'], name)} | "
-                         f"{y['z_std']:.2f} | {x['rms'] / y['rms']:.2f} |")
-        lines += ["", "Core labels from APOGEE alone, the bridge vs a plain quadratic APOGEE Cannon in the core labels:", "",
-                  "| label | bridge RMS | z std | plain RMS | z std | bridge / plain |", "|---|---|---|---|---|---|"]
-        for name in CORE:
-            x, y = bridge["apogee"][name], plain["apogee"][name]
-            lines.append(f"| {name} | {fmt(x['rms'], name)} | {x['z_std']:.2f} | {fmt(y['rms'], name)} | "
-                         f"{y['z_std']:.2f} | {x['rms'] / y['rms']:.2f} |")
-        lines.append("")
+        for mode, names, title in (
+                ("galah", LABELS, "### Labels from GALAH alone: the bridge (missing labels) vs the issue's plain "
+                                  "reference (quadratic, heavy terms censored to mode_DR3 windows, complete labels)"),
+                ("apogee", CORE, "Core labels from APOGEE alone, the bridge vs a plain quadratic APOGEE Cannon in "
+                                 "the core labels:")):
+            lines += [title, "", "| label | bridge RMS | z std | plain RMS | z std | bridge / plain |",
+                      "|---|---|---|---|---|---|"]
+            for name in names:
+                x, y = bridge[mode][name], plain[mode][name]
+                lines.append(f"| {name} | {fmt(x['rms'], name)} | {x['z_std']:.2f} | {fmt(y['rms'], name)} | "
+                             f"{y['z_std']:.2f} | {x['rms'] / y['rms']:.2f} |")
+            lines.append("")
 
     columns = ["overall", "Fe"] + HEAVY_ELEMENTS + ["heavy"]
     lines += ["### Regenerated GALAH spectra from APOGEE alone (RMS against the noise-free truth)", "",

@@ -179,8 +179,7 @@ def section_plain(quarters):
         bridge, plain = r["labels"]["bridge"]["apogee"], r["labels"]["plain_censored_quadratic"].get("apogee")
         if plain is None:
             continue
-        digits = lambda n: 1 if n == "teff" else 3
-        lines.append(f"| {q} | " + " | ".join(f"{fmt(bridge[n]['rms'], digits(n))} / {fmt(plain[n]['rms'], digits(n))}"
+        lines.append(f"| {q} | " + " | ".join(f"{fmt(bridge[n]['rms'], 3)} / {fmt(plain[n]['rms'], 3)}"
                                               for n in CORE) + " |")
     lines.append("")
     return lines
