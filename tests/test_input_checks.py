@@ -103,3 +103,39 @@ def test_fast_check_leaves_the_callers_arrays_alone(monkeypatch):
         assert checked[3, 5] == 0.0 and checked is not flux
         np.testing.assert_array_equal(flux, before, strict=True)
         np.testing.assert_array_equal(np.isnan(flux), np.isnan(before))
+
+
+def _brute_force_summary(flux, ivar=None):
+    """spectra_summary's nine numbers from plain numpy on float64 copies."""
+    flux = flux.astype(np.float64)
+    finite = np.isfinite(flux)
+    size = np.where(finite, np.abs(flux), 0.0)
+    if ivar is None:
+        return np.array([0, 0, 0, 0, (~finite).sum(), 0.0, size.max(), 0.0, np.inf])
+    ivar = ivar.astype(np.float64)
+    used = (ivar > 0) & np.isfinite(ivar)
+    return np.array([np.isnan(ivar).sum(), (ivar == np.inf).sum(), (ivar < 0).sum(), (used & ~finite).sum(),
+                     (~finite).sum(), np.where(used, size, 0.0).max(), size.max(),
+                     np.where(used, ivar, 0.0).max(), np.where(used, ivar, np.inf).min()])
+
+
+def test_spectra_summary_equals_a_brute_force_count():
+    # the kernel works on the values' bit patterns: every special value, both dtypes, mixed, strided
+    from cannon_bridge.backends import _numba
+
+    rng = np.random.default_rng(3)
+    flux = rng.normal(1.0, 0.1, (60, 257))
+    ivar = rng.uniform(1e2, 1e4, flux.shape)
+    specials = {"ivar": [0.0, -0.0, -2.0, -np.inf, np.inf, np.nan, np.copysign(np.nan, -1), 1e-200, 5e-324, 3e5],
+                "flux": [np.nan, np.inf, -np.inf, -3.5, 7.25, np.copysign(np.nan, -1)]}
+    for k, value in enumerate(specials["ivar"]):
+        ivar[k, 3 * k] = value
+        ivar[k + 20, -1 - k] = value
+    for k, value in enumerate(specials["flux"]):
+        flux[k + 30, 5 * k] = value  # used (ivar > 0)
+        flux[k, 3 * k] = value  # where the special ivar values are
+    for f, i in [(flux, ivar), (flux, None), (flux.astype(np.float32), ivar), (flux, ivar.astype(np.float32)),
+                 (flux.astype(np.float32), ivar.astype(np.float32)), (flux[:, 7:200], ivar[:, 7:200]),
+                 (flux[::2], ivar[::2])]:
+        got = _numba.spectra_summary(f, i)
+        np.testing.assert_array_equal(got, _brute_force_summary(f, i))

@@ -1044,57 +1044,75 @@ _N_SUMMARY = 9
  SUMMARY_MAX_ABS_USED_FLUX, SUMMARY_MAX_ABS_FLUX, SUMMARY_MAX_IVAR, SUMMARY_MIN_POSITIVE_IVAR) = range(_N_SUMMARY)
 
 
+# The summary is computed on the values' bit patterns (int64 for float64, int32 for float32): for IEEE
+# floats with the sign bit cleared, the integer order is the value order, NaN and inf are magnitudes
+# above/equal to the exponent mask, and every test and extreme becomes an integer compare-and-select.
+# Integer min/max reductions vectorise (float ones need 'nnan', which would fold the NaN tests away):
+# 0.16-0.18 s for a 10,000 x 8,000 float64 pair here, against 0.23-0.38 s for the branchy float loop.
+# flux and ivar may differ in dtype (each has its own mask and +inf pattern).
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def _spectra_summary(flux, flux_stride, ivar, ivar_stride, has_ivar, n_rows, n_cols):
-    rows = np.zeros((n_rows, _N_SUMMARY))
+def _bits_summary(flux_bits, flux_stride, flux_abs, flux_exp, ivar_bits, ivar_stride, ivar_abs, ivar_exp, has_ivar,
+                  n_rows, n_cols, counts, flux_extremes, ivar_extremes):
+    # counts (n_rows, 5): NaN ivar, +inf ivar, negative ivar, non-finite flux where ivar > 0, non-finite flux;
+    # as bit patterns, flux_extremes (n_rows, 2): max |flux| where ivar > 0, max |finite flux|; ivar_extremes
+    # (n_rows, 2): max positive finite ivar, min positive finite ivar (ivar_exp, i.e. +inf, when there is none)
+    flux_zero = flux_abs - flux_abs
+    ivar_zero = ivar_abs - ivar_abs
     for n in numba.prange(n_rows):
-        nan_ivar = 0.0
-        inf_ivar = 0.0
-        negative = 0.0
-        bad_used = 0.0
-        nonfinite = 0.0
-        max_used = 0.0
-        max_all = 0.0
-        max_ivar = 0.0
-        min_positive = np.inf
         f0 = n * flux_stride
         i0 = n * ivar_stride
-        for m in range(n_cols):
-            f = float(flux[f0 + m])
-            finite = f - f == 0.0  # False for NaN and +-inf
-            a = abs(f) if finite else 0.0
-            if not finite:
-                nonfinite += 1.0
-            if a > max_all:
-                max_all = a
-            if has_ivar:
-                w = float(ivar[i0 + m])
-                if w != w:
-                    nan_ivar += 1.0
-                elif w == np.inf:
-                    inf_ivar += 1.0
-                elif w < 0:
-                    negative += 1.0
-                elif w > 0:
-                    if not finite:
-                        bad_used += 1.0
-                    if a > max_used:
-                        max_used = a
-                    if w > max_ivar:
-                        max_ivar = w
-                    if w < min_positive:
-                        min_positive = w
-        out = rows[n]
-        out[0] = nan_ivar
-        out[1] = inf_ivar
-        out[2] = negative
-        out[3] = bad_used
-        out[4] = nonfinite
-        out[5] = max_used
-        out[6] = max_all
-        out[7] = max_ivar
-        out[8] = min_positive
-    return rows
+        nonfinite = 0
+        max_all = flux_zero
+        nan_ivar = 0
+        inf_ivar = 0
+        negative = 0
+        bad_used = 0
+        max_used = flux_zero
+        max_ivar = ivar_zero
+        min_positive = ivar_exp
+        if has_ivar:
+            for m in range(n_cols):
+                magnitude = flux_bits[f0 + m] & flux_abs
+                finite = magnitude < flux_exp
+                size = magnitude if finite else flux_zero
+                nonfinite += 0 if finite else 1
+                max_all = max(max_all, size)
+                w = ivar_bits[i0 + m]
+                w_magnitude = w & ivar_abs
+                nan_ivar += 1 if w_magnitude > ivar_exp else 0
+                inf_ivar += 1 if w == ivar_exp else 0
+                # sign bit set (a negative signed integer), not -0.0 and not a NaN: -inf counts here
+                negative += 1 if (w < ivar_zero and w_magnitude != ivar_zero and w_magnitude <= ivar_exp) else 0
+                used = w > ivar_zero and w < ivar_exp  # positive and finite
+                bad_used += 1 if (used and not finite) else 0
+                max_used = max(max_used, size if used else flux_zero)
+                max_ivar = max(max_ivar, w if used else ivar_zero)
+                min_positive = min(min_positive, w if used else ivar_exp)
+        else:
+            for m in range(n_cols):
+                magnitude = flux_bits[f0 + m] & flux_abs
+                finite = magnitude < flux_exp
+                nonfinite += 0 if finite else 1
+                max_all = max(max_all, magnitude if finite else flux_zero)
+        row = counts[n]
+        row[0] = nan_ivar
+        row[1] = inf_ivar
+        row[2] = negative
+        row[3] = bad_used
+        row[4] = nonfinite
+        flux_extremes[n, 0] = max_used
+        flux_extremes[n, 1] = max_all
+        ivar_extremes[n, 0] = max_ivar
+        ivar_extremes[n, 1] = min_positive
+
+
+def _bit_view(flat):
+    """(the same memory as signed integers, the mask of the magnitude bits, the bits of +inf)."""
+    if flat.dtype not in (np.float32, np.float64):
+        flat = flat.astype(np.float64)
+    int_type = np.int64 if flat.dtype == np.float64 else np.int32
+    return (flat.view(int_type), int_type(np.iinfo(int_type).max),
+            np.array([np.inf], dtype=flat.dtype).view(int_type)[0])
 
 
 def spectra_summary(flux, ivar=None) -> np.ndarray:
@@ -1104,10 +1122,25 @@ def spectra_summary(flux, ivar=None) -> np.ndarray:
     flux_flat, flux_stride = _flat_rows(flux)
     has_ivar = ivar is not None
     ivar_flat, ivar_stride = _flat_rows(ivar) if has_ivar else (flux_flat, flux_stride)
-    rows = _spectra_summary(flux_flat, flux_stride, ivar_flat, ivar_stride, has_ivar, flux.shape[0], flux.shape[1])
-    summary = rows.sum(axis=0)
-    summary[SUMMARY_MAX_ABS_USED_FLUX:SUMMARY_MAX_IVAR + 1] = rows[:, SUMMARY_MAX_ABS_USED_FLUX:SUMMARY_MAX_IVAR + 1].max(axis=0)
-    summary[SUMMARY_MIN_POSITIVE_IVAR] = rows[:, SUMMARY_MIN_POSITIVE_IVAR].min()
+    flux_bits, flux_abs, flux_exp = _bit_view(flux_flat)
+    ivar_bits, ivar_abs, ivar_exp = _bit_view(ivar_flat)
+    n_rows = flux.shape[0]
+    counts = np.zeros((n_rows, 5), dtype=np.int64)
+    flux_extremes = np.zeros((n_rows, 2), dtype=flux_bits.dtype)
+    ivar_extremes = np.zeros((n_rows, 2), dtype=ivar_bits.dtype)
+    _bits_summary(flux_bits, flux_stride, flux_abs, flux_exp, ivar_bits, ivar_stride, ivar_abs, ivar_exp, has_ivar,
+                  n_rows, flux.shape[1], counts, flux_extremes, ivar_extremes)
+    summary = np.empty(_N_SUMMARY)
+    summary[:SUMMARY_MAX_ABS_USED_FLUX] = counts.sum(axis=0)
+    if n_rows:
+        flux_largest = flux_extremes.max(axis=0).view(flux_flat.dtype)
+        ivar_largest = ivar_extremes[:, 0].max().view(ivar_flat.dtype)
+        ivar_smallest = ivar_extremes[:, 1].min().view(ivar_flat.dtype)
+    else:
+        flux_largest, ivar_largest, ivar_smallest = (0.0, 0.0), 0.0, np.inf
+    summary[SUMMARY_MAX_ABS_USED_FLUX:SUMMARY_MAX_ABS_FLUX + 1] = flux_largest
+    summary[SUMMARY_MAX_IVAR] = ivar_largest
+    summary[SUMMARY_MIN_POSITIVE_IVAR] = ivar_smallest
     return summary
 
 
