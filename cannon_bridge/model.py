@@ -131,6 +131,21 @@ def typical_noise_variance(ivar, n_pixels):
     return np.where(count > 0, total / np.maximum(count, 1), 0.0)
 
 
+def median_snr(flux, ivar, used) -> np.ndarray:
+    """Median S/N (|flux| sqrt(ivar)) of each star over its ``used`` pixels; 0 for a star with none."""
+    try:
+        from .backends import _numba as kernels
+    except ImportError:  # numba missing or broken: the numpy reference below
+        kernels = None
+    if kernels is not None:
+        return kernels.median_snr(flux, ivar, used)
+    snr = np.where(used, np.abs(flux) * np.sqrt(ivar), np.nan)
+    out = np.zeros(len(snr))
+    some = np.isfinite(snr).any(axis=1)  # nanmedian warns on all-NaN rows: those stars get S/N 0
+    out[some] = np.nanmedian(snr[some], axis=1)
+    return out
+
+
 def _effective_weights(ivar, scatter_variance):
     """1 / (sigma^2 + s^2) written so that ivar = 0 gives 0; ivar None means noise-free."""
     if ivar is None:
@@ -412,11 +427,7 @@ class CannonModel(RegressorMixin, BaseEstimator):
         distance2 = np.einsum("sk,kl,sl->s", delta, precision, delta)
         flags[distance2 > stats.chi2.ppf(0.999, labels.shape[1])] |= StarFlag.OUTSIDE_HULL
         if ivar is not None:
-            snr = np.where(weights > 0, np.abs(flux) * np.sqrt(ivar), np.nan)
-            median_snr = np.zeros(len(snr))
-            some = np.isfinite(snr).any(axis=1)  # nanmedian warns on all-NaN rows: those stars get S/N 0
-            median_snr[some] = np.nanmedian(snr[some], axis=1)
-            flags[median_snr < self.low_snr] |= StarFlag.LOW_SNR
+            flags[median_snr(flux, ivar, weights > 0) < self.low_snr] |= StarFlag.LOW_SNR
         flags[n_used < labels.shape[1]] |= StarFlag.FEW_PIXELS
         return flags
 

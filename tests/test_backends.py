@@ -457,3 +457,22 @@ def test_distinct_products_keep_one_column_per_monomial(rng):
     products_twice, map_twice = distinct_products(twice)
     assert products_twice.shape[0] == products_t.shape[0]
     np.testing.assert_allclose(products_twice[map_twice].T, packed_products(twice), rtol=1e-12, atol=1e-12)
+
+
+def test_median_snr_kernel_equals_nanmedian(rng):
+    """The test step's LOW_SNR flag reads a per-star median S/N: the numba kernel equals np.nanmedian of the
+    masked S/N array (odd and even counts of used pixels, a star with none gets 0)."""
+    from cannon_bridge.backends import _numba
+
+    flux = rng.normal(1.0, 0.3, (9, 41))
+    ivar = rng.uniform(10.0, 1e4, flux.shape)
+    used = rng.random(flux.shape) > 0.3
+    used[0] = False
+    used[1, :] = False
+    used[1, :4] = True  # an even count
+    used[2, :] = False
+    used[2, :5] = True  # an odd count
+    snr = np.where(used, np.abs(flux) * np.sqrt(ivar), np.nan)
+    expected = np.zeros(len(snr))
+    expected[1:] = np.nanmedian(snr[1:], axis=1)
+    np.testing.assert_array_equal(_numba.median_snr(flux, ivar, used), expected)
