@@ -14,8 +14,11 @@ subprocess:
 3. warms up (numba JIT compile; numba's on-disk cache is pointed at an empty
    temporary folder so this is a real compile) and reports that time apart,
 4. times ``fit`` (with cheap timers around the backend kernels for a
-   breakdown), then ``infer`` on the held-out stars,
-5. reports peak RSS (``ru_maxrss``) of that subprocess, label RMS on the
+   breakdown), then ``infer`` on the held-out stars, each up to ``--repeats``
+   times (3; while the repeats take under 40 s), keeping the best,
+5. measures the GEMM rates again and keeps the better of the two
+   measurements (a slow spell during one of them would flatter the ratios),
+6. reports peak RSS (``ru_maxrss``) of that subprocess, label RMS on the
    held-out stars, and the model-flux error against the noise-free truth.
 
 The DGEMM bound of one training pass is ``N*M*P*(P+1)`` flop divided by the
@@ -228,6 +231,21 @@ def install_timers(backend_name):
 # ---------------------------------------------------------------------------
 # one configuration (runs in its own subprocess)
 # ---------------------------------------------------------------------------
+#: the timed fit and test step are repeated (``--repeats``) while the repeats take less than this
+REPEAT_BUDGET_S = 40.0
+
+
+def set_ratios(result, flops, n, m):
+    """The bounds of one pass from the measured rates, and the fit's ratios to them."""
+    result["bound_gemm_s"] = flops / (result["gemm_gflops_repr"] * 1e9)
+    result["bound_gemm_peak_s"] = flops / (result["gemm_gflops_peak"] * 1e9)
+    result["bound_memory_s"] = 16.0 * n * m / (result["bandwidth_gbs"] * 1e9)
+    result["bound_s"] = max(result["bound_gemm_s"], result["bound_memory_s"])
+    result["ratio_per_pass_to_gemm_bound"] = result["fit_per_pass_s"] / result["bound_gemm_s"]
+    result["ratio_per_pass_to_peak_gemm_bound"] = result["fit_per_pass_s"] / result["bound_gemm_peak_s"]
+    result["ratio_per_pass_to_bound"] = result["fit_per_pass_s"] / result["bound_s"]
+
+
 def run_config(cfg):
     import threadpoolctl
 
@@ -257,10 +275,6 @@ def run_config(cfg):
     gc.collect()
     flops = float(n) * m * p * (p + 1)
     result["flops_per_pass"] = flops
-    result["bound_gemm_s"] = flops / (result["gemm_gflops_repr"] * 1e9)
-    result["bound_gemm_peak_s"] = flops / (result["gemm_gflops_peak"] * 1e9)
-    result["bound_memory_s"] = 16.0 * n * m / (result["bandwidth_gbs"] * 1e9)
-    result["bound_s"] = max(result["bound_gemm_s"], result["bound_memory_s"])
     result["rss_after_limits_gb"] = maxrss_gb()
 
     def new_model():
@@ -277,19 +291,25 @@ def run_config(cfg):
     del small
     gc.collect()
 
-    timers, undo = install_timers(cfg["backend"])
-    model = new_model()
-    t0 = time.perf_counter()
-    model.fit(data["train_flux"], data["train_labels"], ivar=data["train_ivar"])
-    result["fit_s"] = time.perf_counter() - t0
-    undo()
+    # the fit is timed up to cfg["repeats"] times (while the repeats take under REPEAT_BUDGET_S) and the best
+    # counts, with the timers of that run: on a shared machine one slow spell otherwise decides the ratio
+    fit_times, best_timers = [], None
+    while len(fit_times) < cfg["repeats"] and (not fit_times or sum(fit_times) < REPEAT_BUDGET_S):
+        timers, undo = install_timers(cfg["backend"])
+        model = new_model()
+        t0 = time.perf_counter()
+        model.fit(data["train_flux"], data["train_labels"], ivar=data["train_ivar"])
+        fit_times.append(time.perf_counter() - t0)
+        undo()
+        if fit_times[-1] == min(fit_times):
+            best_timers = timers
+    timers = best_timers
+    result["fit_s"] = min(fit_times)
+    result["fit_s_all"] = fit_times
     result["rss_after_fit_gb"] = maxrss_gb()
     passes = cfg["scatter_iterations"] + 1
     result["passes"] = passes
     result["fit_per_pass_s"] = result["fit_s"] / passes
-    result["ratio_per_pass_to_gemm_bound"] = result["fit_per_pass_s"] / result["bound_gemm_s"]
-    result["ratio_per_pass_to_peak_gemm_bound"] = result["fit_per_pass_s"] / result["bound_gemm_peak_s"]
-    result["ratio_per_pass_to_bound"] = result["fit_per_pass_s"] / result["bound_s"]
     result["kernel_seconds"] = timers.seconds
     result["kernel_calls"] = timers.calls
     result["fit_other_s"] = result["fit_s"] - timers.seconds.get("solve_normal_equations", 0.0) \
@@ -305,9 +325,13 @@ def run_config(cfg):
     del data["train_flux"], data["train_ivar"]
     gc.collect()
 
-    t0 = time.perf_counter()
-    inferred = model.infer(data["test_flux"], data["test_ivar"])
-    result["test_s"] = time.perf_counter() - t0
+    test_times = []
+    while len(test_times) < cfg["repeats"] and (not test_times or sum(test_times) < REPEAT_BUDGET_S):
+        t0 = time.perf_counter()
+        inferred = model.infer(data["test_flux"], data["test_ivar"])
+        test_times.append(time.perf_counter() - t0)
+    result["test_s"] = min(test_times)
+    result["test_s_all"] = test_times
     result["test_s_per_1000"] = result["test_s"] * 1000.0 / n_test
     result["stars_per_s"] = n_test / result["test_s"]
     result["rss_after_test_gb"] = maxrss_gb()
@@ -319,6 +343,15 @@ def run_config(cfg):
     result["test_not_converged"] = int(np.count_nonzero(inferred.flags & StarFlag.NOT_CONVERGED))
     result["test_median_n_iter"] = float(np.median(inferred.n_iter))
     result["peak_rss_gb"] = maxrss_gb()
+    # the limits again after the timed work: the bounds use the best rate seen (a slow spell during one
+    # measurement would otherwise flatter the ratios)
+    result["gemm_gflops_repr_before"] = result["gemm_gflops_repr"]
+    result["gemm_gflops_peak_before"] = result["gemm_gflops_peak"]
+    result["gemm_gflops_repr_after"] = measure_gemm(block, n, n_packed)
+    result["gemm_gflops_peak_after"] = measure_gemm(2048, 4096, 2048)
+    result["gemm_gflops_repr"] = max(result["gemm_gflops_repr_before"], result["gemm_gflops_repr_after"])
+    result["gemm_gflops_peak"] = max(result["gemm_gflops_peak_before"], result["gemm_gflops_peak_after"])
+    set_ratios(result, flops, n, m)
     result["loadavg_end"] = os.getloadavg()
     try:
         import numba
@@ -395,6 +428,9 @@ def main(argv=None):
     parser.add_argument("--scatter-iterations", type=int, default=2, help="CannonModel default: 2 (3 passes)")
     parser.add_argument("--block-size", type=int, default=1024, help="CannonModel default: 1024")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help=f"time fit and infer up to this many times (while under {REPEAT_BUDGET_S:.0f} s) and keep "
+                             "the best (default 3)")
     parser.add_argument("--output", type=Path, default=None,
                         help="JSON output (default benchmarks/results/bench_core.json; quick: bench_core_quick.json)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -421,7 +457,7 @@ def main(argv=None):
             for backend in args.backends:
                 cfg = dict(backend=backend, n_labels=k, n_train=n_train, n_pixels=n_pixels, n_test=n_test,
                            scatter_iterations=args.scatter_iterations, block_size=args.block_size, seed=args.seed,
-                           result_path=os.path.join(tmp, f"{backend}_{k}.json"))
+                           repeats=args.repeats, result_path=os.path.join(tmp, f"{backend}_{k}.json"))
                 env = dict(os.environ)
                 env["NUMBA_CACHE_DIR"] = tempfile.mkdtemp(dir=tmp, prefix="numba_cache_")  # cold compile
                 print(f"[bench_core] backend={backend} K={k} N={n_train} M={n_pixels} ...", flush=True)
