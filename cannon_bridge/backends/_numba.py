@@ -705,6 +705,18 @@ def _residuals4(f0, f1, f2, f3, design_t, c0, c1, c2, c3, n0, n1, r0, r1, r2, r3
             o3[n] -= e3 * dn
 
 
+@numba.njit(cache=True, fastmath=_REDUCE, error_model="numpy")
+def _count_and_variance(iv_row, noise_free):
+    # (stars with ivar > 0, sum of their 1/ivar); unused stars hold 0 (noise-free: 1 where used, sum 0)
+    count = 0
+    total = 0.0
+    for n in range(iv_row.size):
+        w = iv_row[n]
+        count += 1 if w > 0 else 0
+        total += 1.0 / w if w > 0 else 0.0
+    return count, (0.0 if noise_free else total)
+
+
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def _fit_fused(flux, flux_stride, ivar, ivar_stride, mask, mask_stride, use_mask, noise_free, n_stars, n_pixels,
                design_t, products_t, packed_map, lower_map, active, dof_factor, n_passes, n_iter, tile, star_chunk,
@@ -733,8 +745,6 @@ def _fit_fused(flux, flux_stride, ivar, ivar_stride, mask, mask_stride, use_mask
         r2 = np.empty(n_stars)
         var = np.empty(n_stars)
         slot = np.empty(4, dtype=np.int64)
-        count_t = np.empty(tile)
-        total_t = np.empty(tile)
         row = np.empty(4, dtype=np.int64)
         # reweighted L1 (regularization > 0): the solves of _solve_reweighted
         base = np.empty((n_terms, n_terms))
@@ -745,9 +755,6 @@ def _fit_fused(flux, flux_stride, ivar, ivar_stride, mask, mask_stride, use_mask
         for t in range(g, n_tiles, n_groups):
             m0 = t * tile
             width = min(m0 + tile, n_pixels) - m0
-            for k in range(width):
-                count_t[k] = 0.0
-                total_t[k] = 0.0
             # star blocks, pixels outer: the loads of a pixel's column segment are independent, so the
             # block's rows are fetched in parallel (memory-level parallelism) and every write is contiguous
             for n0 in range(0, n_stars, _READ_STARS):
@@ -762,21 +769,15 @@ def _fit_fused(flux, flux_stride, ivar, ivar_stride, mask, mask_stride, use_mask
                 for k in range(width):
                     f_row = f_t[k]
                     iv_row = iv_t[k]
-                    count = 0.0
-                    total = 0.0
                     for n in range(n0, n1):
                         w = 1.0 if noise_free else float(ivar[n * ivar_stride + m0 + k])
                         seen = w > 0 and (not use_mask or mask[n * mask_stride + m0 + k])
                         f_row[n] = float(flux[n * flux_stride + m0 + k]) if seen else 0.0
                         iv_row[n] = w if seen else 0.0
-                        # counts and summed variances while the column is read (the divisions hide behind the loads)
-                        count += 1.0 if seen else 0.0
-                        total += (1.0 / w if seen else 0.0) if not noise_free else 0.0
-                    count_t[k] += count
-                    total_t[k] += total
+            # each pixel's observed stars and summed variances from its contiguous row (vectorised
+            # divisions; in the strided read above they were scalar)
             for k in range(width):
-                counts[m0 + k] = int(count_t[k])
-                total_variance[m0 + k] = total_t[k]
+                counts[m0 + k], total_variance[m0 + k] = _count_and_variance(iv_t[k], noise_free)
             # A pixel whose new scatter equals the one its weights were built with has reached the fixed
             # point: every further pass would repeat the same arithmetic and give the same coefficients
             # and scatter bit for bit, so it drops out of the later passes (e.g. pixels with s^2 = 0).
