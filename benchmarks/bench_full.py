@@ -112,6 +112,11 @@ def main(argv=None) -> int:
     step("fit", bridge.fit, crossmatch)
     flop = training_flop(bridge, crossmatch)
     passes = bridge.scatter_iterations + 1
+    # the DGEMM rate again right after the fit; the bound uses the better of the two measurements (a slow
+    # spell during one of them would otherwise flatter the ratio)
+    record["dgemm_gflops_before"] = record["dgemm_gflops"]
+    record["dgemm_gflops_after"] = dgemm_gflops()
+    record["dgemm_gflops"] = max(record["dgemm_gflops_before"], record["dgemm_gflops_after"])
     bound = passes * flop / (record["dgemm_gflops"] * 1e9)
     record["training"] = {
         "choose_l1_by_cv_s": round(timers.get("_select_regularization", 0.0), 2),
