@@ -526,6 +526,14 @@ def _ivar_newton_sums(r2, ivar_row, n_stars, v):
     return g, h
 
 
+@numba.njit(cache=True, error_model="numpy")
+def _bits_to_float(bits):
+    # the float64 whose bit pattern is the int64 ``bits``
+    box = np.empty(1, dtype=np.int64)
+    box[0] = bits
+    return box.view(np.float64)[0]
+
+
 @numba.njit(cache=True, fastmath=_REDUCE, error_model="numpy")
 def _ivar_start(residual, ivar_row, dof_factor, n_stars, r2):
     # the largest r^2 (the upper bracket) only where the gradient at v = 0 is positive, in its own loop:
@@ -540,9 +548,13 @@ def _ivar_start(residual, ivar_row, dof_factor, n_stars, r2):
         total_r2 += r
     high = 0.0
     if g0 > 0:
+        # r2 >= 0, so the order of its int64 bit patterns is the order of the values: an integer max
+        # reduction, which vectorises (the float one would need 'nnan')
+        bits = r2.view(np.int64)
+        top = 0
         for n in range(n_stars):
-            if r2[n] > high:
-                high = r2[n]
+            top = max(top, bits[n])
+        high = _bits_to_float(top)
     return g0, high, total_r2
 
 
