@@ -703,18 +703,37 @@ def _residuals4(f0, f1, f2, f3, design_t, c0, c1, c2, c3, n0, n1, r0, r1, r2, r3
         o1[n] = g1[n]
         o2[n] = g2[n]
         o3[n] = g3[n]
-    for i in range(design_t.shape[0]):
+    # terms 3 at a time: 7 loads and 4 stores per 12 multiply-adds (one term at a time: 5 and 4 per 4); each
+    # residual still subtracts the terms one by one in order (only the fused multiply-adds LLVM picks may
+    # differ: coefficients agree to ~1e-14 relative with the one-term loop)
+    n_terms = design_t.shape[0]
+    i = 0
+    while i + 3 <= n_terms:
         d = design_t[i, n0:n1]
-        e0 = c0[i]
-        e1 = c1[i]
-        e2 = c2[i]
-        e3 = c3[i]
+        y = design_t[i + 1, n0:n1]
+        x = design_t[i + 2, n0:n1]
+        a0, a1, a2, a3 = c0[i], c1[i], c2[i], c3[i]
+        b0, b1, b2, b3 = c0[i + 1], c1[i + 1], c2[i + 1], c3[i + 1]
+        e0, e1, e2, e3 = c0[i + 2], c1[i + 2], c2[i + 2], c3[i + 2]
+        for n in range(count):
+            dn = d[n]
+            yn = y[n]
+            xn = x[n]
+            o0[n] = ((o0[n] - a0 * dn) - b0 * yn) - e0 * xn
+            o1[n] = ((o1[n] - a1 * dn) - b1 * yn) - e1 * xn
+            o2[n] = ((o2[n] - a2 * dn) - b2 * yn) - e2 * xn
+            o3[n] = ((o3[n] - a3 * dn) - b3 * yn) - e3 * xn
+        i += 3
+    while i < n_terms:
+        d = design_t[i, n0:n1]
+        e0, e1, e2, e3 = c0[i], c1[i], c2[i], c3[i]
         for n in range(count):
             dn = d[n]
             o0[n] -= e0 * dn
             o1[n] -= e1 * dn
             o2[n] -= e2 * dn
             o3[n] -= e3 * dn
+        i += 1
 
 
 @numba.njit(cache=True, fastmath=_REDUCE, error_model="numpy")
