@@ -797,7 +797,25 @@ def _fit_fused(flux, flux_stride, ivar, ivar_stride, mask, mask_stride, use_mask
                         if not noise_free:
                             _prefetch(ivar, n * ivar_stride + m0)
                             _prefetch(ivar, n * ivar_stride + m0 + width - 1)
-                for k in range(width):
+                k = 0
+                while k + 2 <= width:  # two pixels per pass over the block: their values share cache lines
+                    f_row = f_t[k]
+                    iv_row = iv_t[k]
+                    f_next = f_t[k + 1]
+                    iv_next = iv_t[k + 1]
+                    for n in range(n0, n1):
+                        i = n * ivar_stride + m0 + k
+                        j = n * flux_stride + m0 + k
+                        w = 1.0 if noise_free else float(ivar[i])
+                        v = 1.0 if noise_free else float(ivar[i + 1])
+                        seen = w > 0 and (not use_mask or mask[n * mask_stride + m0 + k])
+                        seen_next = v > 0 and (not use_mask or mask[n * mask_stride + m0 + k + 1])
+                        f_row[n] = float(flux[j]) if seen else 0.0
+                        iv_row[n] = w if seen else 0.0
+                        f_next[n] = float(flux[j + 1]) if seen_next else 0.0
+                        iv_next[n] = v if seen_next else 0.0
+                    k += 2
+                if k < width:
                     f_row = f_t[k]
                     iv_row = iv_t[k]
                     for n in range(n0, n1):
