@@ -235,6 +235,11 @@ def install_timers(backend_name):
 REPEAT_BUDGET_S = 40.0
 
 
+def another_repeat(times, repeats):
+    """True while fewer than ``repeats`` timings were taken and they sum to under REPEAT_BUDGET_S."""
+    return len(times) < repeats and (not times or sum(times) < REPEAT_BUDGET_S)
+
+
 def set_ratios(result, flops, n, m):
     """The bounds of one pass from the measured rates, and the fit's ratios to them."""
     result["bound_gemm_s"] = flops / (result["gemm_gflops_repr"] * 1e9)
@@ -291,10 +296,10 @@ def run_config(cfg):
     del small
     gc.collect()
 
-    # the fit is timed up to cfg["repeats"] times (while the repeats take under REPEAT_BUDGET_S) and the best
-    # counts, with the timers of that run: on a shared machine one slow spell otherwise decides the ratio
+    # the fit is timed up to cfg["repeats"] times (see another_repeat) and the best counts, with the timers of
+    # that run: on a shared machine one slow spell otherwise decides the ratio
     fit_times, best_timers = [], None
-    while len(fit_times) < cfg["repeats"] and (not fit_times or sum(fit_times) < REPEAT_BUDGET_S):
+    while another_repeat(fit_times, cfg["repeats"]):
         timers, undo = install_timers(cfg["backend"])
         model = new_model()
         t0 = time.perf_counter()
@@ -326,7 +331,7 @@ def run_config(cfg):
     gc.collect()
 
     test_times = []
-    while len(test_times) < cfg["repeats"] and (not test_times or sum(test_times) < REPEAT_BUDGET_S):
+    while another_repeat(test_times, cfg["repeats"]):
         t0 = time.perf_counter()
         inferred = model.infer(data["test_flux"], data["test_ivar"])
         test_times.append(time.perf_counter() - t0)

@@ -24,6 +24,7 @@ from astropy.table import Table
 from .errors import InvalidInputError, NotFittedError
 from .lines import (aggregate_line_metrics, coefficient_jacobian, line_label_attribution, line_metrics, line_table,
                     window_mask)
+from .model import median_snr
 
 __all__ = [
     "CrossValidationResult", "group_folds", "cross_validate", "compare_labels", "compare_to_catalogue",
@@ -491,12 +492,12 @@ def model_line_attribution(model, lines, labels, survey: str = "galah", waveleng
 
 
 def _median_snr(flux: np.ndarray, ivar: np.ndarray | None) -> np.ndarray | None:
+    # the test step's median S/N, NaN (not 0) for a star without a usable pixel
     if ivar is None:
         return None
-    snr = np.where(ivar > 0, np.abs(flux) * np.sqrt(np.maximum(ivar, 0)), np.nan)
-    out = np.full(flux.shape[0], np.nan)
-    rows = np.isfinite(snr).any(axis=1)
-    out[rows] = np.nanmedian(snr[rows], axis=1)
+    used = np.asarray(ivar) > 0
+    out = median_snr(flux, ivar, used)
+    out[~used.any(axis=1)] = np.nan
     return out
 
 
