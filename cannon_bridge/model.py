@@ -112,18 +112,30 @@ def typical_noise_variance(ivar, n_pixels):
     """Mean 1/ivar over the observed stars at each pixel (0 without ivar), in float64, one row block at a time.
 
     ``ivar`` may be a :class:`SpectraBlocks`. Blocks of ~4 MB (float64) whatever the number of stars."""
+    try:
+        from .backends._numba import inverse_sums  # one parallel pass over views, no float64 copies
+    except ImportError:  # numba missing or broken: the numpy reference below
+        inverse_sums = None
     rows = max(1, (1 << 19) // max(int(n_pixels), 1))
     if isinstance(ivar, SpectraBlocks):
-        blocks = (block_ivar for _, block_ivar in ivar.row_blocks(rows)) if ivar.has_ivar else None
-    elif ivar is not None:
+        if inverse_sums is not None and ivar.is_view and ivar.has_ivar:
+            ivar = ivar.read()[1]
+        else:
+            ivar = (block_ivar for _, block_ivar in ivar.row_blocks(rows)) if ivar.has_ivar else None
+    if ivar is None:
+        return np.zeros(n_pixels)
+    if isinstance(ivar, np.ndarray) and inverse_sums is not None:
+        blocks = [ivar]
+    elif isinstance(ivar, np.ndarray):
         blocks = (ivar[start:start + rows] for start in range(0, ivar.shape[0], rows))
     else:
-        blocks = None
-    if blocks is None:
-        return np.zeros(n_pixels)
+        blocks = ivar
     total = np.zeros(n_pixels)
     count = np.zeros(n_pixels, dtype=np.int64)
     for block in blocks:
+        if inverse_sums is not None:
+            inverse_sums(np.asarray(block), total, count)
+            continue
         block = np.asarray(block, dtype=np.float64)
         observed = block > 0
         total += np.divide(1.0, block, out=np.zeros_like(block), where=observed).sum(axis=0)

@@ -476,3 +476,33 @@ def test_median_snr_kernel_equals_nanmedian(rng):
     expected = np.zeros(len(snr))
     expected[1:] = np.nanmedian(snr[1:], axis=1)
     np.testing.assert_array_equal(_numba.median_snr(flux, ivar, used), expected)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_typical_noise_variance_kernel_equals_a_numpy_sum(rng, dtype, monkeypatch):
+    """The bridge's per-pixel noise variance (mean 1/ivar over the observed stars) from the numba kernel, on a
+    strided view with masked pixels and a pixel no star observes, equals the numpy reference path."""
+    import builtins
+
+    from cannon_bridge.model import typical_noise_variance
+
+    ivar = rng.uniform(10.0, 1e4, (1100, 1300)).astype(dtype)
+    ivar[rng.random(ivar.shape) < 0.2] = 0.0
+    ivar[:, 7] = 0.0
+    view = ivar[::2, 3:1203]  # rows strided, columns offset: no copy is made
+    inverse = np.where(view > 0, 1.0 / np.where(view > 0, view.astype(np.float64), 1.0), 0.0)
+    count = (view > 0).sum(axis=0)
+    expected = np.where(count > 0, inverse.sum(axis=0) / np.maximum(count, 1), 0.0)
+    got = typical_noise_variance(view, view.shape[1])
+    assert got[4] == 0.0  # pixel 7 of the full array: nobody observed it
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    # the numpy fallback (numba missing) gives the same values
+    real_import = builtins.__import__
+
+    def no_numba(name, *args, **kwargs):
+        if name.endswith("backends._numba"):  # the relative import in typical_noise_variance
+            raise ImportError("numba hidden for this test")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_numba)
+    np.testing.assert_allclose(typical_noise_variance(view, view.shape[1]), expected, rtol=1e-12)
