@@ -564,10 +564,14 @@ class BridgeModel(BaseEstimator):
                     continue
                 subset = members[np.unique(np.linspace(0, members.size - 1, min(max_pixels, members.size)).astype(int))]
                 chi2 = np.zeros(candidates.size)
+                # the subset's pixels of every star, band-limited once (at most ~4 million values, in the
+                # input's dtype): the folds take rows of it (band limiting is star by star, so this equals
+                # band-limiting each fold's stars; one read instead of one per fold)
+                subset_flux, subset_ivar = source.read(subset)
                 for train, test in folds:
-                    # read once per fold (band-limited, in the input's dtype)
-                    train_source = SpectraBlocks(*source.take_rows(train).read(subset))
-                    f_test, w_test = source.take_rows(test).read(subset)  # the input's dtype
+                    train_source = SpectraBlocks(subset_flux[train], None if subset_ivar is None else subset_ivar[train])
+                    f_test = subset_flux[test]
+                    w_test = None if subset_ivar is None else subset_ivar[test]
                     known = np.isfinite(labels[test])
                     design = vectorizer.design_matrix(np.where(known[:, used], labels[test][:, used],
                                                                self.label_pivots_[used]))
