@@ -970,7 +970,9 @@ PRODUCTS_CACHE_BYTES = 512 * 1024**2
 
 def _fused_products(design):
     """(distinct products Z^T, packed map, lower map) of a C-contiguous float64 design, cached by content."""
-    key = (design.shape, hashlib.blake2b(design.view(np.uint8).ravel(), digest_size=16).hexdigest())
+    # sha256 (SHA instructions here: 1.2 GB/s) rather than blake2b (0.44 GB/s): a bridge fit hashes each
+    # group's design once per call, 290 MB at 10,000 stars
+    key = (design.shape, hashlib.sha256(design.view(np.uint8).ravel()).hexdigest())
     entry = _PRODUCTS_CACHE.get(key)
     if entry is None:
         products_t, packed_map = distinct_products(design)
