@@ -393,9 +393,11 @@ class CannonModel(RegressorMixin, BaseEstimator):
                                                       packed_coef)]
         vectorizer = self.vectorizer_
         starts = [self._linear_start(flux, weights), self._grid_start(flux, weights)]
+        backend = get_backend(self.backend)
         x, chi2, hessian, converged, n_iter = run_test_step(
-            block_builder, starts, flux.shape[0], get_backend(self.backend).xp, self.max_iter,
-            self.chunk_size, self.progress if progress is None else progress)
+            block_builder, starts, flux.shape[0], backend.xp, self.max_iter,
+            self.chunk_size, self.progress if progress is None else progress,
+            projected_lm=getattr(backend, "lm_projected", None))
         labels = vectorizer.unscale(x)
         covariance, singular = scaled_covariance(hessian, self.label_scales_)
         n_used = (weights > 0).sum(axis=1)
@@ -807,8 +809,12 @@ def packed_coefficients(coef: np.ndarray) -> np.ndarray:
     return packed
 
 
-def run_test_step(block_builder, starts, n_stars, xp, max_iter, chunk_size, progress, prior_builder=None):
-    """Run LM from every start for chunks of stars and keep the best chi^2 per star."""
+def run_test_step(block_builder, starts, n_stars, xp, max_iter, chunk_size, progress, prior_builder=None,
+                  projected_lm=None):
+    """Run LM from every start for chunks of stars and keep the best chi^2 per star.
+
+    ``projected_lm`` (the numba backend's ``lm_projected``) runs the same LM star by star when the
+    likelihood is one block over every label and there is no prior (the single-survey model)."""
     from tqdm import tqdm  # plain: tqdm.auto warns in notebooks without ipywidgets
 
     n_labels = starts[0].shape[1]
@@ -835,12 +841,19 @@ def run_test_step(block_builder, starts, n_stars, xp, max_iter, chunk_size, prog
             on_device = LikelihoodBlock(coef, xp.asarray(block.weights), xp.asarray(block.flux), block.exponents,
                                         block.label_index, packed)
             projected.append(on_device.project(xp))
-        replicate = xp.asarray(np.tile(np.arange(n_rows), len(starts)))
-        blocks = [block.subset(replicate) for block in projected]
-        prior = prior_builder(stacked_rows) if prior_builder is not None else None
+        replicate = np.tile(np.arange(n_rows), len(starts))
         x0 = np.concatenate([s[rows] for s in starts])
-        x, chi2, hessian, converged, n_iter = (_to_numpy(a) for a in levenberg_marquardt(
-            xp.asarray(x0), blocks, prior, max_iter=max_iter, xp=xp))
+        if (projected_lm is not None and prior_builder is None and len(projected) == 1 and xp is np
+                and np.array_equal(projected[0].label_index, np.arange(n_labels))):
+            # every start reads its star's statistics in place (no replicated (S, P, P) copies)
+            block = projected[0]
+            x, chi2, hessian, converged, n_iter = projected_lm(x0, replicate, block.gram, block.rhs,
+                                                               block.flux_norm, block.exponents, max_iter=max_iter)
+        else:
+            blocks = [block.subset(xp.asarray(replicate)) for block in projected]
+            prior = prior_builder(stacked_rows) if prior_builder is not None else None
+            x, chi2, hessian, converged, n_iter = (_to_numpy(a) for a in levenberg_marquardt(
+                xp.asarray(x0), blocks, prior, max_iter=max_iter, xp=xp))
         chi2 = np.where(np.isfinite(chi2), chi2, np.inf).reshape(len(starts), n_rows)
         best = np.argmin(chi2, axis=0)
         pick = best * n_rows + np.arange(n_rows)
