@@ -532,7 +532,8 @@ def test_recovery_with_a_trained_model_is_noise_limited(doppler):
 
 def test_float32_training_input_is_not_copied_and_accumulates_in_float64(toy_survey):
     """float32 flux/ivar are read block by block and converted there: the fit equals the fit of the
-    same values in float64 exactly, and differs from the unrounded float64 data only by the rounding."""
+    same values in float64 (to float64 rounding), and differs from the unrounded float64 data only by the
+    float32 rounding of the inputs."""
     data = toy_survey(300, 50, n_labels=3, order=2, snr=100, seed=11)
     names = ["teff", "logg", "feh"]
     flux32, ivar32 = data["flux"].astype(np.float32), data["ivar"].astype(np.float32)
@@ -541,8 +542,11 @@ def test_float32_training_input_is_not_copied_and_accumulates_in_float64(toy_sur
     from_32_as_64 = CannonModel(names, backend="numba").fit(flux32.astype(np.float64), data["labels"],
                                                                ivar32.astype(np.float64))
     from_64 = CannonModel(names, backend="numba").fit(data["flux"], data["labels"], data["ivar"])
-    np.testing.assert_allclose(from_32.coef_, from_32_as_64.coef_, rtol=1e-12, atol=1e-15)
-    np.testing.assert_allclose(from_32.scatter_, from_32_as_64.scatter_, rtol=1e-10, atol=1e-15)
+    # float64 accumulation: equal up to float64 rounding (the float32 and float64 inputs run separately compiled
+    # kernels, whose fused multiply-adds may differ; one run exceeded rtol 1e-12). Accumulating in float32 would
+    # differ by ~1e-6.
+    np.testing.assert_allclose(from_32.coef_, from_32_as_64.coef_, rtol=1e-9, atol=1e-13)
+    np.testing.assert_allclose(from_32.scatter_, from_32_as_64.scatter_, rtol=1e-8, atol=1e-13)
     # float32 rounding of the flux (~6e-8 relative) moves the coefficients far below their noise (~1e-3)
     assert np.max(np.abs(from_32.coef_ - from_64.coef_)) < 1e-5
 
