@@ -109,9 +109,11 @@ class InferenceResult:
 
 
 def typical_noise_variance(ivar, n_pixels):
-    """Mean 1/ivar over the observed stars at each pixel (0 without ivar), in float64, one row block at a time.
+    """Mean 1/ivar over the observed stars at each pixel (0 without ivar), accumulated in float64.
 
-    ``ivar`` may be a :class:`SpectraBlocks`. Blocks of ~4 MB (float64) whatever the number of stars."""
+    ``ivar`` may be a :class:`SpectraBlocks`. With numba, arrays and views are summed in one parallel pass
+    without copies (``backends._numba.inverse_sums``); gathered subsets, and the numpy path, go one row
+    block of ~4 MB (float64) at a time whatever the number of stars."""
     try:
         from .backends._numba import inverse_sums  # one parallel pass over views, no float64 copies
     except ImportError:  # numba missing or broken: the numpy reference below
