@@ -14,7 +14,8 @@ Steps, each timed (wall clock) with the peak RSS after it:
    spectrum with its predictive variance from one inference, in chunks of 2,000 so that the regenerated
    spectra are not all held at once. "Trained and transferred" is step 2 + step 4.
 The DGEMM rate is measured in the same process; the JSON (``results/bench_full_N[_kK].json``) records it with the
-load average, so the seconds can be read against the machine's state. The training of the two surveys' models
+load average and the cost of writing fresh memory (``fresh_memory.py``), so the seconds can be read against the
+machine's state. The training of the two surveys' models
 (``BridgeModel._fit_models``, timed apart from the choice of the L1 strength by CV) is compared with the DGEMM
 bound of its passes: every pixel's normal matrix is a GEMM of N_pixel x P_pixel(P_pixel + 1) flop (P_pixel: the
 terms the pixel's censoring leaves, N_pixel: the stars with every label it needs), ``scatter_iterations + 1``
@@ -35,6 +36,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fresh_memory import touch  # noqa: E402
 
 from cannon_bridge import BridgeModel  # noqa: E402
 from cannon_bridge.bridge import _pixel_groups  # noqa: E402
@@ -81,6 +85,14 @@ def main(argv=None) -> int:
     record = {"n_stars": args.n_stars, "calibrate": args.calibrate, "n_labels": 12 + args.abundances,
               "load_average": os.getloadavg(),
               "dgemm_gflops": dgemm_gflops(), "python": platform.python_version(), "steps": {}}
+    # what writing fresh memory costs right now (see fresh_memory.py): 0.25 GB recycled at once and after 3 s
+    # idle, when this VM has handed the free pages back to its host; memory-heavy steps move with it. (Small
+    # enough not to set the peak RSS of any run but the smallest.)
+    touch(250_000_000)
+    recycled = touch(250_000_000)
+    time.sleep(3.0)
+    record["fresh_memory_s_per_gb"] = {"recycled": round(4 * recycled, 3), "after_3s_idle": round(4 * touch(250_000_000), 3)}
+    print(f"fresh memory, s per GB: {record['fresh_memory_s_per_gb']}", flush=True)
 
     def step(name, function, *a, **k):
         start = time.perf_counter()
