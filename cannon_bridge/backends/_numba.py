@@ -1256,7 +1256,7 @@ def inverse_sums(ivar, total, count) -> None:
 # is complete when the count does not change across it. The filter sums then run over segments of
 # consecutive columns sharing one filter, taps outer (3 at a time) and columns inner: the inner loop is a
 # vectorised multiply-add over neighbouring outputs, where a 21-tap sum per output was a chain of
-# dependent scalar adds (3.3 -> 0.9 s for 10,000 GALAH spectra). Every index is a slice and a loop
+# dependent scalar adds (medians 3.4 -> 1.1 s for 10,000 GALAH spectra). Every index is a slice and a loop
 # counter, so no negative-index wraparound keeps LLVM from vectorising. Stars run in parallel in chunks
 # sharing buffers.
 _BAND_ROW_CHUNK = 64
@@ -1398,7 +1398,8 @@ def band_limited_block(flux, ivar, rows, columns, filter_index, taps, dtype):
 # (P x P) matmuls of a few hundred stars; here each star's G (P x P) stays in cache for its iterations.
 @numba.njit(cache=True, fastmath=_REDUCE, error_model="numpy")
 def _projected_chi2(x, gram, rhs, flux_norm, exponents, nonzero, n_nonzero, powers, v, jac, gram_v, gram_jac,
-                    hessian, gradient, with_derivatives):
+                    hessian, gradient):
+    # chi^2 at x, with the Gauss-Newton Hessian and gradient written into ``hessian`` and ``gradient``;
     # nonzero[j, :n_nonzero[j]]: the labels term j involves (at most the order), in increasing order
     n_terms, n_labels = exponents.shape
     for k in range(n_labels):
@@ -1422,8 +1423,6 @@ def _projected_chi2(x, gram, rhs, flux_norm, exponents, nonzero, n_nonzero, powe
         total += rhs[i] * v[i]
         quadratic += v[i] * s
     chi2 = max(flux_norm - 2.0 * total + quadratic, 0.0)
-    if not with_derivatives:
-        return chi2
     # the Jacobian is sparse (a term involves at most `order` labels): jac[j, q] is d v_j / d x_nonzero[j, q].
     # G is symmetric, so (G J)^T = J^T G is a sum of rows of G (vectorised axpys), and J^T (G J), J^T (b - G v)
     # only visit the non-zero entries
@@ -1464,14 +1463,12 @@ def _projected_chi2(x, gram, rhs, flux_norm, exponents, nonzero, n_nonzero, powe
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _solve_small(matrix, rhs, work, out):
-    # out = matrix^-1 rhs by Gaussian elimination with partial pivoting (LAPACK gesv's method), in place on
-    # ``work``; a zero pivot gives a non-finite step, which the LM then rejects. No LAPACK call: gesv from
-    # inside the parallel loop shared the BLAS library's threads with it (40 us a call here)
+def _solve_small(work, rhs, out):
+    # out = work^-1 rhs by Gaussian elimination with partial pivoting (LAPACK gesv's method), overwriting
+    # ``work``. Unlike np.linalg.solve it allocates nothing per iteration, and a zero pivot gives a
+    # non-finite step (which the LM rejects) instead of an exception raised inside the parallel loop
     n = rhs.size
     for i in range(n):
-        for j in range(n):
-            work[i, j] = matrix[i, j]
         out[i] = rhs[i]
     for c in range(n):
         pivot = c
@@ -1524,14 +1521,13 @@ def _lm_projected(x0, star_of, gram, rhs, flux_norm, exponents, max_iter, tol, a
         new_hessian = np.empty((n_labels, n_labels))
         new_gradient = np.empty(n_labels)
         damped = np.empty((n_labels, n_labels))
-        work = np.empty((n_labels, n_labels))
         step = np.empty(n_labels)
         x = np.empty(n_labels)
         candidate = np.empty(n_labels)
         for k in range(n_labels):
             x[k] = min(max(x0[s, k], -bound), bound)
         chi2 = _projected_chi2(x, g_star, b_star, norm, exponents, nonzero, n_nonzero, powers, v, jac, gram_v,
-                               gram_jac, hessian, gradient, True)
+                               gram_jac, hessian, gradient)
         damping = 1e-3
         converged = False
         n_iter = 0
@@ -1542,13 +1538,13 @@ def _lm_projected(x0, star_of, gram, rhs, flux_norm, exponents, max_iter, tol, a
                 for b in range(n_labels):
                     damped[a, b] = hessian[a, b]
                 damped[a, a] += damping * max(hessian[a, a], 1e-12)
-            _solve_small(damped, gradient, work, step)
+            _solve_small(damped, gradient, step)  # damped is rebuilt from the Hessian every iteration
             largest_step = 0.0
             for k in range(n_labels):
                 candidate[k] = min(max(x[k] + step[k], -bound), bound)
                 largest_step = max(largest_step, abs(step[k]))
             new_chi2 = _projected_chi2(candidate, g_star, b_star, norm, exponents, nonzero, n_nonzero, powers, v, jac,
-                                       gram_v, gram_jac, new_hessian, new_gradient, True)
+                                       gram_v, gram_jac, new_hessian, new_gradient)
             old_chi2 = chi2
             better = np.isfinite(new_chi2) and new_chi2 <= old_chi2
             improvement = old_chi2 - new_chi2 if better else 0.0
