@@ -700,7 +700,7 @@ def _fit_pixels_fused(design, source, active, backend, scatter_iterations, block
         block = slice(start, min(start + block_size, n_pixels))
         act = np.ascontiguousarray(active[block], dtype=bool)
         block_flux, block_ivar = source.read(block)
-        theta, ok, s2, counts, total_variance = backend.fit_fused(
+        theta, ok, s2, counts, total_variance, _ = backend.fit_fused(
             block_flux, block_ivar, None if star_mask is None else star_mask[:, block],
             design, act, scatter_iterations + 1, dof_factor, regularization=regularization)
         del block_flux, block_ivar

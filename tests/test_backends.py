@@ -318,6 +318,35 @@ def test_fused_numba_training_equals_numpy_reference(toy_survey, rng, monkeypatc
     assert calls
 
 
+def test_fused_kernel_skips_only_passes_that_would_repeat(toy_survey):
+    """Pixels whose scatter is at the fixed point after a pass (e.g. s = 0) skip the later passes; the
+    count it reports is what benchmarks divide by, and skipping changes no result: the coefficients
+    and scatter equal those of a numpy fit that runs every pass."""
+    from cannon_bridge.backends import _numba
+    from cannon_bridge.model import fit_pixels
+
+    n_pixels = 40
+    scatter = np.where(np.arange(n_pixels) % 2 == 0, 0.0, 0.05)  # even pixels: none; odd: 5x the noise
+    data = toy_survey(400, n_pixels, n_labels=3, order=2, snr=100, scatter=scatter, seed=5)
+    x = (data["labels"] - data["pivots"]) / data["scales"]
+    design = np.prod(x[:, None, :] ** data["exponents"][None], axis=2)
+    ivar = np.broadcast_to(data["ivar"], data["flux"].shape).copy()
+    active = np.ones((n_pixels, design.shape[1]), bool)
+    n_passes = 4
+    dof_factor = len(design) / (len(design) - design.shape[1])  # as fit_pixels
+    coef, ok, s2, counts, _, passes = _numba.fit_fused(data["flux"], ivar, None, design, active, n_passes, dof_factor)
+    assert ok.all() and passes.dtype.kind == "i"
+    assert np.all((passes >= 1) & (passes <= n_passes))
+    np.testing.assert_array_equal(passes[s2 == 0], 1)  # s = 0 after the first pass: that pass is the fit
+    # real scatter: at least the pass that weighs with the first s > 0 (some reach the fixed point bit for
+    # bit after it)
+    assert np.all(passes[1::2] >= 2) and np.all(s2[1::2] > 0)
+    assert np.sum(s2[::2] == 0) >= 5  # the test exercises the skip
+    reference = fit_pixels(design, data["flux"], ivar, active, get_backend("numpy"), scatter_iterations=n_passes - 1)
+    assert relative_difference(reference[0], coef) < 1e-8
+    assert relative_difference(reference[1], s2) < 1e-8
+
+
 def test_fused_numba_kernel_flags_singular_pixels(rng):
     """A pixel whose observed stars cannot constrain every term is SOLVE_FAILED on both backends."""
     from cannon_bridge.model import PixelFlag, fit_pixels

@@ -751,7 +751,8 @@ def _count_and_variance(iv_row, noise_free):
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def _fit_fused(flux, flux_stride, ivar, ivar_stride, mask, mask_stride, use_mask, noise_free, n_stars, n_pixels,
                design_t, products_t, packed_map, lower_map, active, dof_factor, n_passes, n_iter, tile, star_chunk,
-               regularization, n_reweight, coef, ok, scatter_variance, counts, total_variance, n_workers):
+               regularization, n_reweight, coef, ok, scatter_variance, counts, total_variance, passes_done,
+               n_workers):
     # flux, ivar and mask are flat views: element (n, m) at [n * stride + m]
     n_terms = design_t.shape[0]
     n_packed = products_t.shape[0]
@@ -833,6 +834,8 @@ def _fit_fused(flux, flux_stride, ivar, ivar_stride, mask, mask_stride, use_mask
             s2_used = np.zeros(tile)  # the first pass weighs with s^2 = 0: the weights are iv_t itself
             pending = np.arange(tile)
             n_pending = width
+            for k in range(width):
+                passes_done[m0 + k] = 0
             for p in range(n_passes):
                 if n_pending == 0:
                     break
@@ -896,6 +899,7 @@ def _fit_fused(flux, flux_stride, ivar, ivar_stride, mask, mask_stride, use_mask
                         s2 = _scatter_one(res[q], iv_t[k], noise_free, dof_factor, n_iter, total_variance[m],
                                           counts[m], r2, var)
                         scatter_variance[m] = s2
+                        passes_done[m] = p + 1
                         if s2 == s2_used[k]:
                             continue  # converged: the next pass would be this one again
                         s2_used[k] = s2
@@ -930,8 +934,8 @@ def fit_fused(flux, ivar, star_mask, design, active, n_passes, dof_factor, n_ite
     re-solves of the pixel's normal matrix while it is in cache).
 
     ``flux``, ``ivar`` (None: noise-free) and ``star_mask`` (None: all) are (n_stars, n_pixels) views
-    of any float dtype. Returns coef, ok, scatter variance, observed counts and the sum of 1/ivar
-    over the observed stars of each pixel.
+    of any float dtype. Returns coef, ok, scatter variance, observed counts, the sum of 1/ivar
+    over the observed stars of each pixel, and the number of passes each pixel took.
     """
     n_stars, n_pixels = flux.shape
     design = np.ascontiguousarray(design, dtype=np.float64)
@@ -946,6 +950,7 @@ def fit_fused(flux, ivar, star_mask, design, active, n_passes, dof_factor, n_ite
     s2 = np.empty(n_pixels)
     counts = np.empty(n_pixels, dtype=np.int64)
     total_variance = np.empty(n_pixels)
+    passes_done = np.zeros(n_pixels, dtype=np.int64)
     noise_free = ivar is None
     flux_flat, flux_stride = _flat_rows(flux)
     ivar_flat, ivar_stride = (flux_flat, flux_stride) if noise_free else _flat_rows(ivar)
@@ -954,9 +959,9 @@ def fit_fused(flux, ivar, star_mask, design, active, n_passes, dof_factor, n_ite
                n_stars, n_pixels, np.ascontiguousarray(design.T), products_t, packed_map,
                lower_map, np.ascontiguousarray(active, dtype=np.bool_), float(dof_factor),
                int(n_passes), int(n_iter), int(tile), int(star_chunk), float(regularization),
-               int(n_reweight) if regularization > 0 else 0, coef, ok, s2, counts, total_variance,
+               int(n_reweight) if regularization > 0 else 0, coef, ok, s2, counts, total_variance, passes_done,
                4 * numba.get_num_threads())
-    return coef, ok, s2, counts, total_variance
+    return coef, ok, s2, counts, total_variance, passes_done
 
 
 # The distinct products of a design, kept for the most recent designs: a fit calls fit_fused once per
