@@ -24,7 +24,7 @@ from ._blocks import SpectraBlocks
 from ._fitsio import read_model_file, write_model_file
 from ._validation import check_labels, check_spectra
 from .backends import clear_caches, get_backend
-from .backends._inference import LikelihoodBlock
+from .backends._inference import LikelihoodBlock, linear_estimate, template_chi2
 from .backends._packed import packed_products
 from .backends._polynomial import monomial_jacobian, monomials
 from .errors import InvalidInputError, NotFittedError
@@ -887,34 +887,48 @@ class BridgeModel(BaseEstimator):
             if n_stars is not None and flux.shape[0] != n_stars:
                 raise InvalidInputError(f"apogee_flux has {n_stars} stars but galah_flux has {flux.shape[0]}")
             n_stars = flux.shape[0]
-            weights = model._weights_for(ivar, n_stars)
-            blocks_data.append((survey, model, flux, weights, getattr(self, f"{survey}_label_index_")))
+            blocks_data.append((survey, model, flux, ivar, getattr(self, f"{survey}_label_index_")))
         mode = "both" if len(blocks_data) == 2 else blocks_data[0][0]
         n_labels = len(self.label_names_)
 
-        groups = []
-        for survey, model, flux, weights, index in blocks_data:
+        # the weights of a chunk of stars are made when its statistics are projected (no (n_stars, n_pixels)
+        # array of weights, residuals or products is ever built); each survey is a block per pixel group
+        groups = []  # (survey position, pixels, terms, coefficients, exponents, label index)
+        for position, (survey, model, flux, ivar, index) in enumerate(blocks_data):
             for pixels, terms, local in self._groups(survey):
-                groups.append((model.coef_[np.ix_(pixels, terms)], weights[:, pixels], flux[:, pixels],
+                groups.append((position, pixels, model.coef_[np.ix_(pixels, terms)],
                                model.term_exponents_[np.ix_(terms, local)], index[local]))
+        n_used = np.zeros(n_stars, dtype=np.int64)
 
         def block_builder(rows):
-            return [LikelihoodBlock(coef, w[rows], f[rows], exponents, index)
-                    for coef, w, f, exponents, index in groups]
+            blocks = []
+            for position, (survey, model, flux, ivar, index) in enumerate(blocks_data):
+                weights = model._weights_for(None if ivar is None else ivar[rows], len(rows))
+                n_used[rows] += np.count_nonzero(weights > 0, axis=1)
+                chunk_flux = flux[rows]
+                blocks += [LikelihoodBlock(coef, weights[:, pixels], chunk_flux[:, pixels], exponents, label_index)
+                           for at, pixels, coef, exponents, label_index in groups if at == position]
+            return blocks
 
         prior = self.prior_ if self.prior else None
-        starts = self._starts(blocks_data, n_stars, prior)
+        grid = self._grid_labels()
+        # the linear estimate from the survey that constrains the most labels (the last given)
+        last_survey = len(blocks_data) - 1
+        last_blocks = [b for b, group in enumerate(groups) if group[0] == last_survey]
+
+        def starts(rows, projected):
+            return self._starts(projected, [projected[b] for b in last_blocks], blocks_data[-1][4], grid, prior)
+
+        block_chi2 = np.zeros((n_stars, len(groups)))
         x, chi2, hessian, converged, n_iter = run_test_step(
             block_builder, starts, n_stars, np, self.max_iter, self.chunk_size,
             self.progress if progress is None else progress,
-            prior_builder=(lambda rows: prior) if prior is not None else None)
+            prior_builder=(lambda rows: prior) if prior is not None else None, block_chi2=block_chi2,
+            n_labels=n_labels)
         labels = x * self.label_scales_ + self.label_pivots_
-        chi2_per = {}
-        n_used = 0
-        for survey, model, flux, weights, index in blocks_data:
-            residual = flux - model.vectorizer_.design_matrix_scaled(x[:, index]) @ model.coef_.T
-            chi2_per[survey] = np.sum(weights * residual**2, axis=1)
-            n_used = n_used + (weights > 0).sum(axis=1)
+        positions = np.array([group[0] for group in groups])
+        chi2_per = {survey: block_chi2[:, positions == at].sum(axis=1)
+                    for at, (survey, *_) in enumerate(blocks_data)}
         dof = np.maximum(n_used - n_labels, 1)
         data_chi2 = sum(chi2_per.values())
         prior_information = None
@@ -1092,25 +1106,21 @@ class BridgeModel(BaseEstimator):
                                      if from_apogee.misfit_factor is not None and from_galah.misfit_factor is not None
                                      else None)
 
-    def _starts(self, blocks_data, n_stars, prior):
-        """Two starts: the best training-grid template, and the linear estimate (+ prior mean)."""
+    def _starts(self, projected, linear_blocks, linear_index, grid, prior):
+        """Two starts for a chunk, from its projected statistics: the best training-grid template, and the
+        linear estimate of the labels ``linear_index`` from ``linear_blocks`` (+ the prior mean of the heavy
+        labels those blocks do not constrain)."""
         n_labels = len(self.label_names_)
-        grid = self._grid_labels()
-        chi2 = np.zeros((n_stars, len(grid)))
-        linear = np.zeros((n_stars, n_labels))
-        for survey, model, flux, weights, index in blocks_data:
-            templates = model.vectorizer_.design_matrix_scaled(grid[:, index]) @ model.coef_.T
-            chi2 += -2.0 * (weights * flux) @ templates.T + weights @ (templates**2).T
-        # the linear estimate from the survey that constrains the most labels
-        survey, model, flux, weights, index = blocks_data[-1]
-        linear[:, index] = model._linear_start(flux, weights)
+        best = np.argmin(template_chi2(projected, grid), axis=1)
+        linear = np.zeros((len(best), n_labels))
+        linear[:, linear_index] = linear_estimate(linear_blocks, n_labels)[:, linear_index]
         if prior is not None:
             heavy = np.arange(self.n_core_, n_labels)
-            unconstrained = np.setdiff1d(heavy, index)
+            unconstrained = np.setdiff1d(heavy, linear_index)
             if unconstrained.size:
                 mean = prior.mean(linear[:, : self.n_core_])
                 linear[:, unconstrained] = mean[:, unconstrained - self.n_core_]
-        return [grid[np.argmin(chi2, axis=1)], linear]
+        return [grid[best], linear]
 
     def _grid_labels(self):
         # scaled start grid: a spread of complete training label vectors kept by the GALAH model

@@ -25,7 +25,7 @@ from ._blocks import SpectraBlocks
 from ._fitsio import read_model_file, write_model_file
 from ._validation import check_labels, check_spectra
 from .backends import clear_caches, get_backend
-from .backends._inference import LikelihoodBlock, levenberg_marquardt
+from .backends._inference import LikelihoodBlock, evaluate, levenberg_marquardt, linear_estimate, template_chi2
 from .backends._numpy import _to_numpy
 from .backends._packed import packed_products, unpack
 from .errors import InvalidInputError, ModelFileError, NotFittedError
@@ -394,12 +394,11 @@ class CannonModel(RegressorMixin, BaseEstimator):
                                                       self.term_exponents_, np.arange(len(self.label_names_)),
                                                       packed_coef)]
         vectorizer = self.vectorizer_
-        starts = [self._linear_start(flux, weights), self._grid_start(flux, weights)]
         backend = get_backend(self.backend)
         x, chi2, hessian, converged, n_iter = run_test_step(
-            block_builder, starts, flux.shape[0], backend.xp, self.max_iter,
+            block_builder, self._starts, flux.shape[0], backend.xp, self.max_iter,
             self.chunk_size, self.progress if progress is None else progress,
-            projected_lm=getattr(backend, "lm_projected", None))
+            projected_lm=getattr(backend, "lm_projected", None), n_labels=len(self.label_names_))
         labels = vectorizer.unscale(x)
         covariance, singular = scaled_covariance(hessian, self.label_scales_)
         n_used = (weights > 0).sum(axis=1)
@@ -411,26 +410,13 @@ class CannonModel(RegressorMixin, BaseEstimator):
     def _packed_coef(self):
         return packed_coefficients(self.coef_)
 
-    def _linear_start(self, flux, weights):
-        # Keep only the constant and linear terms: (theta_L^T W theta_L) x = theta_L^T W (f - theta_0)
-        linear = self.vectorizer_.linear_terms
-        if np.any(linear < 0):
-            return np.zeros((flux.shape[0], len(self.label_names_)))
-        theta_lin = self.coef_[:, linear]
-        residual = flux - self.coef_[:, 0]
-        # normal matrices of all stars in one GEMM on packed products (no (S, M, K) array)
-        normal = unpack(weights @ packed_products(theta_lin), len(linear))
-        rhs = (weights * residual) @ theta_lin
-        normal += 1e-6 * np.eye(normal.shape[-1]) * np.maximum(np.einsum("sii->s", normal), 1e-12)[:, None, None]
-        x = np.linalg.solve(normal, rhs[:, :, None])[:, :, 0]
-        return np.clip(np.nan_to_num(x), -3.0, 3.0)
-
-    def _grid_start(self, flux, weights):
-        # chi^2 of every star against model spectra at a spread of training labels
+    def _starts(self, rows, projected):
+        """The test step's two starts for a chunk, from its projected statistics: the linear estimate
+        (constant and linear terms only) and the best of a spread of training labels (``start_labels_``)."""
+        xp = get_backend(self.backend).xp
         grid = self.vectorizer_.scale(self.start_labels_)
-        templates = self.vectorizer_.design_matrix_scaled(grid) @ self.coef_.T  # (G, M)
-        chi2 = (-2.0 * (weights * flux) @ templates.T + weights @ (templates**2).T)
-        return grid[np.argmin(chi2, axis=1)]
+        best = _to_numpy(xp.argmin(template_chi2(projected, grid, xp), axis=1))
+        return [_to_numpy(linear_estimate(projected, len(self.label_names_), xp)), grid[best]]
 
     def _star_flags(self, labels, converged, singular, flux, ivar, weights, n_used):
         flags = np.zeros(labels.shape[0], dtype=np.int64)
@@ -812,14 +798,21 @@ def packed_coefficients(coef: np.ndarray) -> np.ndarray:
 
 
 def run_test_step(block_builder, starts, n_stars, xp, max_iter, chunk_size, progress, prior_builder=None,
-                  projected_lm=None):
+                  projected_lm=None, block_chi2=None, n_labels=None):
     """Run LM from every start for chunks of stars and keep the best chi^2 per star.
 
-    ``projected_lm`` (the numba backend's ``lm_projected``) runs the same LM star by star when the
-    likelihood is one block over every label and there is no prior (the single-survey model)."""
+    ``starts``: a list of (n_stars, n_labels) start points, or ``starts(rows, projected)`` returning that
+    list for the chunk's rows from its projected blocks (``template_chi2``, ``linear_estimate``: starts
+    that cost no pass over the pixels; ``n_labels`` must then be given). ``projected_lm`` (the numba backend's ``lm_projected``) runs the
+    same LM star by star when the likelihood is one block over every label and there is no prior (the
+    single-survey model). ``block_chi2`` (n_stars, n_blocks), optional, receives each block's chi^2 at
+    the labels returned (the data term of each block, without any prior)."""
     from tqdm import tqdm  # plain: tqdm.auto warns in notebooks without ipywidgets
 
-    n_labels = starts[0].shape[1]
+    if not callable(starts):
+        n_labels = starts[0].shape[1]
+    elif n_labels is None:
+        raise TypeError("run_test_step: n_labels is required when starts is a callable")
     x_best = np.zeros((n_stars, n_labels))
     chi2_best = np.full(n_stars, np.inf)
     hessian_best = np.zeros((n_stars, n_labels, n_labels))
@@ -829,7 +822,6 @@ def run_test_step(block_builder, starts, n_stars, xp, max_iter, chunk_size, prog
     for start in tqdm(range(0, n_stars, chunk_size), desc="inferring labels", disable=not progress, unit="chunk"):
         rows = np.arange(start, min(start + chunk_size, n_stars))
         n_rows = len(rows)
-        stacked_rows = np.concatenate([rows] * len(starts))
         # project each star once, then replicate the (small) sufficient statistics for every start
         projected = []
         for block in block_builder(rows):
@@ -843,8 +835,9 @@ def run_test_step(block_builder, starts, n_stars, xp, max_iter, chunk_size, prog
             on_device = LikelihoodBlock(coef, xp.asarray(block.weights), xp.asarray(block.flux), block.exponents,
                                         block.label_index, packed)
             projected.append(on_device.project(xp))
-        replicate = np.tile(np.arange(n_rows), len(starts))
-        x0 = np.concatenate([s[rows] for s in starts])
+        chunk_starts = starts(rows, projected) if callable(starts) else [s[rows] for s in starts]
+        replicate = np.tile(np.arange(n_rows), len(chunk_starts))
+        x0 = np.concatenate([_to_numpy(s) for s in chunk_starts])
         if (projected_lm is not None and prior_builder is None and len(projected) == 1 and xp is np
                 and np.array_equal(projected[0].label_index, np.arange(n_labels))):
             # every start reads its star's statistics in place (no replicated (S, P, P) copies)
@@ -853,10 +846,10 @@ def run_test_step(block_builder, starts, n_stars, xp, max_iter, chunk_size, prog
                                                                block.flux_norm, block.exponents, max_iter=max_iter)
         else:
             blocks = [block.subset(xp.asarray(replicate)) for block in projected]
-            prior = prior_builder(stacked_rows) if prior_builder is not None else None
+            prior = prior_builder(np.concatenate([rows] * len(chunk_starts))) if prior_builder is not None else None
             x, chi2, hessian, converged, n_iter = (_to_numpy(a) for a in levenberg_marquardt(
                 xp.asarray(x0), blocks, prior, max_iter=max_iter, xp=xp))
-        chi2 = np.where(np.isfinite(chi2), chi2, np.inf).reshape(len(starts), n_rows)
+        chi2 = np.where(np.isfinite(chi2), chi2, np.inf).reshape(len(chunk_starts), n_rows)
         best = np.argmin(chi2, axis=0)
         pick = best * n_rows + np.arange(n_rows)
         x_best[rows] = x[pick]
@@ -864,6 +857,10 @@ def run_test_step(block_builder, starts, n_stars, xp, max_iter, chunk_size, prog
         hessian_best[rows] = hessian[pick]
         converged_best[rows] = converged[pick]
         n_iter_best[rows] = n_iter[pick]
+        if block_chi2 is not None:
+            x_rows = xp.asarray(x_best[rows])
+            for b, block in enumerate(projected):
+                block_chi2[rows, b] = _to_numpy(evaluate(x_rows, [block], xp=xp, with_derivatives=False)[0])
     return x_best, chi2_best, hessian_best, converged_best, n_iter_best
 
 

@@ -568,3 +568,51 @@ def test_numba_test_step_equals_the_numpy_levenberg_marquardt(rng, n_labels, ord
     # and the answer is the truth within the noise
     sigma = np.sqrt(np.einsum("sii->si", np.linalg.inv(got[2][:n_stars])))
     assert np.all(np.abs(got[0][n_stars:] - truth) < 6 * sigma)
+
+
+# ------------------------------- test-step starts from the projected statistics
+def test_starts_from_projected_statistics_equal_pixel_by_pixel_sums(rng):
+    """The starts of the test step come from each chunk's projected statistics (G, b, |y|^2), not from a
+    pass over the pixels: the template chi^2 at every grid point equals sum_m w (f - model)^2 over the
+    pixels of every block, and the linear estimate equals the weighted least-squares fit of the constant
+    and linear terms alone (two blocks over overlapping label subsets, as the bridge's pixel groups)."""
+    from cannon_bridge.backends._inference import LikelihoodBlock, linear_estimate, template_chi2
+    from cannon_bridge.backends._polynomial import monomials
+
+    n_stars, n_labels, n_grid = 7, 4, 5
+    specs = [(np.array([0, 1, 2]), 40), (np.array([0, 1, 3]), 30)]  # (label index, pixels) per block
+    blocks, raw = [], []
+    for index, n_pixels in specs:
+        exponents = polynomial_exponents(len(index), 2)
+        coef = rng.normal(0, 0.1, (n_pixels, len(exponents)))
+        coef[:, 0] += 1.0
+        truth = rng.uniform(-1, 1, (n_stars, n_labels))
+        flux = monomials(truth[:, index], exponents) @ coef.T + rng.normal(0, 0.01, (n_stars, n_pixels))
+        weights = rng.uniform(0.5, 2.0, (n_stars, n_pixels)) * 1e4
+        weights[rng.random(weights.shape) < 0.1] = 0.0
+        blocks.append(LikelihoodBlock(coef, weights, flux, exponents, index).project())
+        raw.append((index, exponents, coef, weights, flux))
+    grid = rng.uniform(-1, 1, (n_grid, n_labels))
+    expected = np.zeros((n_stars, n_grid))
+    for index, exponents, coef, weights, flux in raw:
+        model = monomials(grid[:, index], exponents) @ coef.T  # (G, M)
+        expected += np.einsum("sm,sgm->sg", weights, (flux[:, None, :] - model[None]) ** 2)
+    np.testing.assert_allclose(template_chi2(blocks, grid), expected, rtol=1e-9)
+    # linear terms only: f - c_0 = sum_k c_k x_k, weighted, every block's pixels in one system
+    got = linear_estimate(blocks, n_labels)
+    for s in range(n_stars):
+        a_rows, y, w = [], [], []
+        for index, exponents, coef, weights, flux in raw:
+            linear = np.zeros((len(coef), n_labels))
+            for j, row in enumerate(exponents):
+                if row.sum() == 1:
+                    linear[:, index[np.argmax(row)]] = coef[:, j]
+            a_rows.append(linear)
+            y.append(flux[s] - coef[:, 0])
+            w.append(weights[s])
+        a, y, w = np.vstack(a_rows), np.concatenate(y), np.concatenate(w)
+        normal = a.T @ (w[:, None] * a)
+        normal += 1e-6 * np.trace(normal) * np.eye(n_labels)
+        reference = np.clip(np.linalg.solve(normal, a.T @ (w * y)), -3, 3)
+        np.testing.assert_allclose(got[s], reference, rtol=1e-8, atol=1e-10)
+    assert np.any(np.abs(got) > 0.1)  # not a trivial solution

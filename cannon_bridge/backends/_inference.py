@@ -162,3 +162,47 @@ def levenberg_marquardt(x0, blocks, prior=None, max_iter=100, tol=1e-9, atol=1e-
         done |= damping[active] > 1e12
         converged[active[done]] = True
     return x, chi2, hessian, converged, n_iter
+
+
+def template_chi2(blocks, grid, xp=np):
+    """chi^2 (n_stars, n_grid) of every star at each row of ``grid`` (scaled labels), from projected blocks.
+
+    The same numbers as comparing each spectrum with the model spectrum of every grid point pixel by
+    pixel, at O(P^2) per star and grid point instead of O(M): the starts of the test step cost no pass
+    over the pixels.
+    """
+    total = 0.0
+    for block in blocks:
+        design = monomials(xp.asarray(grid[:, block.label_index]), block.exponents, xp)  # (G, P)
+        gram_design = xp.matmul(block.gram, design.T)  # (S, P, G)
+        quadratic = xp.sum(gram_design * design.T[None], axis=1)  # (S, G)
+        total = total + block.flux_norm[:, None] - 2.0 * (block.rhs @ design.T) + quadratic
+    return total
+
+
+def linear_estimate(blocks, n_labels, xp=np):
+    """Scaled labels (n_stars, n_labels) that fit the spectra with the constant and linear terms alone.
+
+    Each star's (theta_L^T W theta_L) x = theta_L^T W (f - theta_0), read off the projected statistics
+    (G restricted to the linear terms, b minus G's column of the constant), summed over blocks, with
+    a 1e-6 relative ridge; clipped to |x| <= 3. Labels without a linear term in any block come out 0.
+    """
+    n_stars = blocks[0].rhs.shape[0]
+    normal = xp.zeros((n_stars, n_labels, n_labels))
+    rhs = xp.zeros((n_stars, n_labels))
+    for block in blocks:
+        exponents = np.asarray(block.exponents)
+        degree = exponents.sum(axis=1)
+        constant = np.flatnonzero(degree == 0)
+        linear = np.flatnonzero(degree == 1)
+        if constant.size != 1 or linear.size == 0:
+            continue  # nothing linear to read (no block of a Cannon model lacks its constant)
+        labels = np.asarray(block.label_index)[np.argmax(exponents[linear], axis=1)]  # distinct labels
+        if xp is not np:
+            labels, linear = xp.asarray(labels), xp.asarray(linear)
+        normal[:, labels[:, None], labels[None, :]] += block.gram[:, linear[:, None], linear[None, :]]
+        rhs[:, labels] += block.rhs[:, linear] - block.gram[:, linear, int(constant[0])]
+    trace = xp.maximum(xp.einsum("sii->s", normal), 1e-12)
+    normal += 1e-6 * xp.eye(n_labels)[None] * trace[:, None, None]
+    x = xp.linalg.solve(normal, rhs[:, :, None])[:, :, 0]
+    return xp.clip(xp.nan_to_num(x), -3.0, 3.0)
