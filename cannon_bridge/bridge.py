@@ -149,6 +149,19 @@ class _PopulationPrior:
         dz[:, :, self.core_index] = -np.einsum("ij,sjc->sic", self.cholesky_inverse, d_mean)
         return z, dz
 
+    def quadratic_form(self, n_labels):
+        """(exponents (T, n_labels), A (T, T)) with sum(z**2) = v(x)' A v(x), v the monomials of x.
+
+        z = L^-1 (x_h - C m(x_c)) is linear in u = (m(x_c), x_h), monomials of the whole label vector
+        (the core ones of the mean, the heavy labels' linear terms), so the prior is the quadratic form
+        A = M'M with M = L^-1 [-C, I]; the test-step kernel adds it to the projected statistics."""
+        n_heavy = len(self.heavy_index)
+        exponents = np.zeros((len(self.exponents) + n_heavy, n_labels), dtype=np.int64)
+        exponents[:len(self.exponents), self.core_index] = self.exponents
+        exponents[len(self.exponents) + np.arange(n_heavy), self.heavy_index] = 1
+        residual_map = self.cholesky_inverse @ np.hstack([-self.coef, np.eye(n_heavy)])
+        return exponents, residual_map.T @ residual_map
+
     @property
     def covariance(self):
         inverse = np.linalg.inv(self.cholesky_inverse)
@@ -924,7 +937,7 @@ class BridgeModel(BaseEstimator):
             block_builder, starts, n_stars, np, self.max_iter, self.chunk_size,
             self.progress if progress is None else progress,
             prior_builder=(lambda rows: prior) if prior is not None else None, block_chi2=block_chi2,
-            n_labels=n_labels)
+            n_labels=n_labels, projected_lm=getattr(get_backend(self.backend), "lm_projected", None))
         labels = x * self.label_scales_ + self.label_pivots_
         positions = np.array([group[0] for group in groups])
         chi2_per = {survey: block_chi2[:, positions == at].sum(axis=1)

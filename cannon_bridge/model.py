@@ -25,7 +25,8 @@ from ._blocks import SpectraBlocks
 from ._fitsio import read_model_file, write_model_file
 from ._validation import check_labels, check_spectra
 from .backends import clear_caches, get_backend
-from .backends._inference import LikelihoodBlock, evaluate, levenberg_marquardt, linear_estimate, template_chi2
+from .backends._inference import (LikelihoodBlock, evaluate, levenberg_marquardt, linear_estimate, merge_projected,
+                                  template_chi2)
 from .backends._numpy import _to_numpy
 from .backends._packed import packed_products, unpack
 from .errors import InvalidInputError, ModelFileError, NotFittedError
@@ -803,9 +804,11 @@ def run_test_step(block_builder, starts, n_stars, xp, max_iter, chunk_size, prog
 
     ``starts``: a list of (n_stars, n_labels) start points, or ``starts(rows, projected)`` returning that
     list for the chunk's rows from its projected blocks (``template_chi2``, ``linear_estimate``: starts
-    that cost no pass over the pixels; ``n_labels`` must then be given). ``projected_lm`` (the numba backend's ``lm_projected``) runs the
-    same LM star by star when the likelihood is one block over every label and there is no prior (the
-    single-survey model). ``block_chi2`` (n_stars, n_blocks), optional, receives each block's chi^2 at
+    that cost no pass over the pixels; ``n_labels`` must then be given). ``projected_lm`` (the numba
+    backend's ``lm_projected``) runs the same LM star by star on one block over every label: the blocks
+    summed (``merge_projected``) with the prior when it is a quadratic form in monomials of the labels
+    (``prior.quadratic_form``; a prior without one runs the array code). ``block_chi2`` (n_stars,
+    n_blocks), optional, receives each block's chi^2 at
     the labels returned (the data term of each block, without any prior)."""
     from tqdm import tqdm  # plain: tqdm.auto warns in notebooks without ipywidgets
 
@@ -838,15 +841,21 @@ def run_test_step(block_builder, starts, n_stars, xp, max_iter, chunk_size, prog
         chunk_starts = starts(rows, projected) if callable(starts) else [s[rows] for s in starts]
         replicate = np.tile(np.arange(n_rows), len(chunk_starts))
         x0 = np.concatenate([_to_numpy(s) for s in chunk_starts])
-        if (projected_lm is not None and prior_builder is None and len(projected) == 1 and xp is np
-                and np.array_equal(projected[0].label_index, np.arange(n_labels))):
-            # every start reads its star's statistics in place (no replicated (S, P, P) copies)
-            block = projected[0]
+        prior = prior_builder(np.concatenate([rows] * len(chunk_starts))) if prior_builder is not None else None
+        form = getattr(prior, "quadratic_form", None)
+        if projected_lm is not None and xp is np and (prior is None or form is not None):
+            # one block over every label: the blocks (surveys, pixel groups) and a prior that is a quadratic
+            # form in monomials add up (``merge_projected``); every start reads its star's statistics in
+            # place (no replicated (S, P, P) copies)
+            if len(projected) == 1 and prior is None and np.array_equal(projected[0].label_index,
+                                                                        np.arange(n_labels)):
+                block = projected[0]
+            else:
+                block = merge_projected(projected, n_labels, [form(n_labels)] if prior is not None else ())
             x, chi2, hessian, converged, n_iter = projected_lm(x0, replicate, block.gram, block.rhs,
                                                                block.flux_norm, block.exponents, max_iter=max_iter)
         else:
             blocks = [block.subset(xp.asarray(replicate)) for block in projected]
-            prior = prior_builder(np.concatenate([rows] * len(chunk_starts))) if prior_builder is not None else None
             x, chi2, hessian, converged, n_iter = (_to_numpy(a) for a in levenberg_marquardt(
                 xp.asarray(x0), blocks, prior, max_iter=max_iter, xp=xp))
         chi2 = np.where(np.isfinite(chi2), chi2, np.inf).reshape(len(chunk_starts), n_rows)

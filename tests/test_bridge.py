@@ -315,3 +315,73 @@ def test_transfer_gives_the_labels_of_infer_and_the_spectra_of_predict_galah(fit
     assert result.galah_flux.shape == (12, model.galah_model_.coef_.shape[0])
     assert np.all(np.isfinite(result.galah_variance)) and np.all(result.galah_variance >= 0)
     assert model.infer(apogee_flux=flux, apogee_ivar=ivar).galah_flux is None
+
+
+def test_blocks_and_prior_merged_into_one_quadratic_form_are_the_same_likelihood(fitted, mock_pair):
+    """The numba test step runs on one projected block over every label: the pixel groups of both
+    surveys summed and the population prior written as a quadratic form in monomials of the labels.
+    At any labels its chi^2, Gauss-Newton Hessian and gradient equal those of the separate blocks plus
+    the prior's residuals, as the array code evaluates them."""
+    from cannon_bridge.backends._inference import LikelihoodBlock, evaluate, merge_projected
+
+    data, _ = mock_pair
+    test = data.subset(np.arange(200, 212))
+    n_labels = len(fitted.label_names_)
+    blocks = []
+    for survey, flux, ivar in (("apogee", test.apogee_flux, test.apogee_ivar),
+                               ("galah", test.galah_flux, test.galah_ivar)):
+        model = getattr(fitted, f"{survey}_model_")
+        index = getattr(fitted, f"{survey}_label_index_")
+        weights = model._weights_for(ivar, len(flux))
+        for pixels, terms, local in fitted._groups(survey):
+            blocks.append(LikelihoodBlock(model.coef_[np.ix_(pixels, terms)], weights[:, pixels], flux[:, pixels],
+                                          model.term_exponents_[np.ix_(terms, local)], index[local]).project())
+    assert len(blocks) > 2 and len({tuple(b.label_index) for b in blocks}) > 1
+    prior = fitted.prior_
+    merged = merge_projected(blocks, n_labels, [prior.quadratic_form(n_labels)])
+    assert merged.gram.shape[1] < sum(b.gram.shape[1] for b in blocks)  # shared terms are merged
+    x = np.random.default_rng(4).normal(0.0, 0.7, (len(test.apogee_flux), n_labels))
+    expected = evaluate(x, blocks, prior)
+    got = evaluate(x, [merged])
+    scale = np.abs(expected[0]).max()
+    np.testing.assert_allclose(got[0], expected[0], rtol=1e-9, atol=1e-9 * scale)
+    np.testing.assert_allclose(got[1], expected[1], rtol=1e-8, atol=1e-9 * np.abs(expected[1]).max())
+    np.testing.assert_allclose(got[2], expected[2], rtol=1e-7, atol=1e-9 * np.abs(expected[2]).max())
+    # the prior alone: sum(z^2) = v' A v
+    z, _ = prior(x)
+    exponents, form = prior.quadratic_form(n_labels)
+    from cannon_bridge.backends._polynomial import monomials
+
+    v = monomials(x, exponents)
+    np.testing.assert_allclose(np.einsum("si,ij,sj->s", v, form, v), np.sum(z**2, axis=1), rtol=1e-10)
+
+
+def test_numba_test_step_of_the_bridge_equals_the_array_code(fitted, mock_pair, monkeypatch):
+    """backend='numba' runs the bridge's test step (several blocks and the prior) in the LM kernel; it
+    finds the same labels, chi^2 and covariance as the array code for every mode."""
+    from cannon_bridge.backends import _numba
+
+    calls = []
+    kernel = _numba.lm_projected
+    monkeypatch.setattr(_numba, "lm_projected", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    data, _ = mock_pair
+    test = data.subset(np.arange(200, 240))
+    kwargs = [dict(apogee_flux=test.apogee_flux, apogee_ivar=test.apogee_ivar),
+              dict(galah_flux=test.galah_flux, galah_ivar=test.galah_ivar),
+              dict(apogee_flux=test.apogee_flux, apogee_ivar=test.apogee_ivar,
+                   galah_flux=test.galah_flux, galah_ivar=test.galah_ivar)]
+    original = fitted.backend
+    try:
+        results = {}
+        for backend in ("numpy", "numba"):
+            fitted.backend = backend
+            results[backend] = [fitted.infer(**k) for k in kwargs]
+    finally:
+        fitted.backend = original
+    assert len(calls) >= 3  # the kernel ran in every mode
+    for reference, got in zip(results["numpy"], results["numba"]):
+        sigma = reference.uncertainties
+        assert np.all(np.abs(got.labels - reference.labels) < 0.02 * sigma)
+        np.testing.assert_allclose(got.chi2, reference.chi2, rtol=1e-6)
+        np.testing.assert_allclose(got.uncertainties, sigma, rtol=0.02)
+        np.testing.assert_array_equal(got.flags, reference.flags)

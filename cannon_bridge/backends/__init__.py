@@ -108,7 +108,7 @@ def get_backend(name: str = "auto") -> SimpleNamespace:
         namespace.prepare_block, namespace.reweight = module.prepare_block, module.reweight
     if hasattr(module, "solve_reweighted"):  # every reweighted-L1 solve of a block in one kernel (numba)
         namespace.solve_reweighted, namespace.training_products = module.solve_reweighted, module.training_products
-    if hasattr(module, "lm_projected"):  # the single-survey test step star by star in one kernel (numba)
+    if hasattr(module, "lm_projected"):  # the test step star by star in one kernel (numba)
         namespace.lm_projected = module.lm_projected
     if hasattr(module, "fit_fused"):  # every training pass of a block in one kernel, for few terms (numba)
         namespace.fit_fused, namespace.fused_max_terms = module.fit_fused, module.FUSED_MAX_TERMS

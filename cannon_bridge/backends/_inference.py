@@ -206,3 +206,47 @@ def linear_estimate(blocks, n_labels, xp=np):
     normal += 1e-6 * xp.eye(n_labels)[None] * trace[:, None, None]
     x = xp.linalg.solve(normal, rhs[:, :, None])[:, :, 0]
     return xp.clip(xp.nan_to_num(x), -3.0, 3.0)
+
+
+def merge_projected(blocks, n_labels, quadratic_forms=(), xp=np):
+    """One projected block over all ``n_labels`` labels equal to the sum of ``blocks`` and of the
+    ``quadratic_forms`` ((exponents (T, n_labels), A (T, T)) each: a penalty v(x)' A v(x), e.g. a
+    Gaussian prior whose residuals are linear in monomials of the labels).
+
+    Every block's monomials are monomials of the whole label vector, so the sum of the blocks' chi^2
+    is one quadratic form over the union of their terms: chi^2 and its Gauss-Newton Hessian and
+    gradient are those of the blocks summed, and a test step over one block (the numba kernel) serves
+    a likelihood of several surveys' pixel groups with a prior.
+    """
+    position = {}
+    rows = []
+
+    def index_of(exponents_full):
+        out = np.empty(len(exponents_full), dtype=np.int64)
+        for j, row in enumerate(exponents_full):
+            key = tuple(int(e) for e in row)
+            if key not in position:
+                position[key] = len(rows)
+                rows.append(key)
+            out[j] = position[key]
+        return out
+
+    placed = []
+    for block in blocks:
+        exponents = np.zeros((len(block.exponents), n_labels), dtype=np.int64)
+        exponents[:, np.asarray(block.label_index)] = block.exponents
+        placed.append(index_of(exponents))
+    forms = [(index_of(np.asarray(exponents, dtype=np.int64)), form) for exponents, form in quadratic_forms]
+    n_terms = len(rows)
+    n_stars = blocks[0].rhs.shape[0] if blocks else 0
+    gram = xp.zeros((n_stars, n_terms, n_terms))
+    rhs = xp.zeros((n_stars, n_terms))
+    flux_norm = xp.zeros(n_stars)
+    for block, index in zip(blocks, placed):
+        gram[:, index[:, None], index[None, :]] += block.gram
+        rhs[:, index] += block.rhs
+        flux_norm += block.flux_norm
+    for index, form in forms:
+        gram[:, index[:, None], index[None, :]] += xp.asarray(form)[None]
+    return ProjectedBlock(gram, rhs, flux_norm, np.array(rows, dtype=np.int64).reshape(n_terms, n_labels),
+                          np.arange(n_labels))
