@@ -28,7 +28,7 @@ from .backends import clear_caches, get_backend
 from .backends._inference import (LikelihoodBlock, evaluate, levenberg_marquardt, linear_estimate, merge_projected,
                                   template_chi2)
 from .backends._numpy import _to_numpy
-from .backends._packed import packed_products, unpack
+from .backends._packed import packed_products
 from .errors import InvalidInputError, ModelFileError, NotFittedError
 from .vectorizer import PolynomialVectorizer
 
@@ -808,8 +808,7 @@ def run_test_step(block_builder, starts, n_stars, xp, max_iter, chunk_size, prog
     backend's ``lm_projected``) runs the same LM star by star on one block over every label: the blocks
     summed (``merge_projected``) with the prior when it is a quadratic form in monomials of the labels
     (``prior.quadratic_form``; a prior without one runs the array code). ``block_chi2`` (n_stars,
-    n_blocks), optional, receives each block's chi^2 at
-    the labels returned (the data term of each block, without any prior)."""
+    n_blocks), optional, receives each block's chi^2 at the labels returned (without the prior)."""
     from tqdm import tqdm  # plain: tqdm.auto warns in notebooks without ipywidgets
 
     if not callable(starts):
