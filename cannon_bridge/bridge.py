@@ -1153,9 +1153,11 @@ class BridgeModel(BaseEstimator):
         model = getattr(self, f"{survey}_model_")
         index = getattr(self, f"{survey}_label_index_")
         x = (labels[:, index] - model.label_pivots_) / model.label_scales_
-        flux = monomials(x, model.term_exponents_) @ model.coef_.T
         if covariance is None:
-            return flux
+            return monomials(x, model.term_exponents_) @ model.coef_.T
+        # each star's spectrum is written once, in place (a (stars, pixels) temporary is fresh memory, whose
+        # page faults cost more than the GEMM that fills it)
+        flux = np.empty((len(x), model.coef_.shape[0]))
         variance = np.empty_like(flux)
         n_samples = int(self.label_samples)
         draws = _standard_draws(n_samples, len(index)) if n_samples > 0 else None
@@ -1183,19 +1185,26 @@ class BridgeModel(BaseEstimator):
                     deviation = v - mean_v[:, None, :]
                     cov_v = np.matmul(np.transpose(deviation, (0, 2, 1)), deviation)  # batched GEMM, not einsum
                     cov_v /= len(draws)
-                    flux[start + picked] = mean_v @ model.coef_.T
                     if picked.size == len(cov):  # every star of the chunk: write in place
+                        np.matmul(mean_v, model.coef_.T, out=flux[start:start + picked.size])
                         target = variance[start:start + picked.size]
                         _quadratic_forms(cov_v, model.coef_, out=target, groups=groups)
                         np.maximum(target, 0.0, out=target)
                     else:
+                        flux[start + picked] = mean_v @ model.coef_.T
                         variance[start + picked] = np.maximum(_quadratic_forms(cov_v, model.coef_, groups=groups), 0.0)
             linear = np.flatnonzero(~sampled)
             if linear.size:  # linearised propagation (label_samples=0, or a covariance that is not finite)
+                design = monomials(x[rows][linear], model.term_exponents_)
                 d_design = monomial_jacobian(x[rows][linear], model.term_exponents_)  # (S, P, Kb), scaled units
                 cov_v = d_design @ cov[linear] @ np.transpose(d_design, (0, 2, 1))  # (S, P, P)
                 with np.errstate(invalid="ignore"):  # a non-finite covariance gives a non-finite variance
-                    variance[start + linear] = _quadratic_forms(cov_v, model.coef_, groups=groups)
+                    if linear.size == len(cov):
+                        np.matmul(design, model.coef_.T, out=flux[start:start + linear.size])
+                        _quadratic_forms(cov_v, model.coef_, out=variance[start:start + linear.size], groups=groups)
+                    else:
+                        flux[start + linear] = design @ model.coef_.T
+                        variance[start + linear] = _quadratic_forms(cov_v, model.coef_, groups=groups)
         if propagation_scale is None:
             propagation_scale = self.galah_variance_scale_ if survey == "galah" else 1.0
         variance *= propagation_scale  # in place: at 16,384 pixels each temporary is 128 MB per 1,000 stars
