@@ -527,9 +527,10 @@ class BridgeModel(BaseEstimator):
                 terms = np.flatnonzero(~np.any(vectorizer.term_exponents[:, np.setdiff1d(
                     np.arange(len(used)), local)] > 0, axis=1))
                 has_all = np.all(finite[:, used[local]], axis=1)
+            complete = bool(has_all.all())  # then no mask: the kernels skip reading one
             for strength in np.unique(strengths[pixels]):
                 part = pixels[strengths[pixels] == strength]
-                star_mask = np.broadcast_to(has_all[:, None], (source.shape[0], part.size))
+                star_mask = None if complete else np.broadcast_to(has_all[:, None], (source.shape[0], part.size))
                 part_coef, part_s2, part_flags = fit_pixels(
                     design[:, terms], source.take_columns(part), None,
                     np.ones((part.size, terms.size), dtype=bool), backend, self.scatter_iterations,
