@@ -25,6 +25,7 @@ from ._fitsio import read_model_file, write_model_file
 from ._validation import check_labels, check_spectra
 from .backends import clear_caches, get_backend
 from .backends._inference import LikelihoodBlock, linear_estimate, template_chi2
+from .backends._numpy import _to_numpy
 from .backends._packed import packed_products
 from .backends._polynomial import monomial_jacobian, monomials
 from .errors import InvalidInputError, NotFittedError
@@ -97,12 +98,26 @@ class BridgeInferenceResult(InferenceResult):
 class _PopulationPrior:
     """Gaussian p(heavy | core) in scaled units: mean quadratic in core, full residual covariance."""
 
-    def __init__(self, exponents, coef, cholesky_inverse, core_index, heavy_index):
+    def __init__(self, exponents, coef, cholesky_inverse, core_index, heavy_index, xp=None):
         self.exponents = exponents  # (Q, n_core)
         self.coef = coef  # (n_heavy, Q)
         self.cholesky_inverse = cholesky_inverse  # (n_heavy, n_heavy): L^-1 with Sigma = L L^T
         self.core_index = core_index
         self.heavy_index = heavy_index
+        # the array module of coef and cholesky_inverse (and of the x it is called with); None is numpy,
+        # so that the fitted model's prior holds no module (models are deep-copied and cloned)
+        self.xp = None if xp is np else xp
+
+    @property
+    def _xp(self):
+        return np if self.xp is None else self.xp
+
+    def on(self, xp) -> "_PopulationPrior":
+        """The same prior with its arrays on array module ``xp`` (the test step on a GPU)."""
+        if xp is self._xp:
+            return self
+        return _PopulationPrior(self.exponents, xp.asarray(self.coef), xp.asarray(self.cholesky_inverse),
+                                self.core_index, self.heavy_index, xp)
 
     @classmethod
     def fit(cls, scaled_labels, core_index, heavy_index, order=2):
@@ -135,18 +150,19 @@ class _PopulationPrior:
         return cls(exponents, coef, cholesky_inverse, np.asarray(core_index), np.asarray(heavy_index))
 
     def mean(self, x_core):
-        return monomials(x_core, self.exponents) @ self.coef.T
+        return monomials(x_core, self.exponents, self._xp) @ self.coef.T
 
     def __call__(self, x):
-        """Residuals z = L^-1 (x_h - mu(x_c)) and dz/dx, for the LM kernel."""
+        """Residuals z = L^-1 (x_h - mu(x_c)) and dz/dx, for the LM kernel (x on the prior's array module)."""
+        xp = self._xp
         x_core = x[:, self.core_index]
         delta = x[:, self.heavy_index] - self.mean(x_core)
         z = delta @ self.cholesky_inverse.T
         n_stars, n_labels = x.shape
-        dz = np.zeros((n_stars, len(self.heavy_index), n_labels))
+        dz = xp.zeros((n_stars, len(self.heavy_index), n_labels))
         dz[:, :, self.heavy_index] = self.cholesky_inverse[None]
-        d_mean = np.einsum("hq,sqc->shc", self.coef, monomial_jacobian(x_core, self.exponents))
-        dz[:, :, self.core_index] = -np.einsum("ij,sjc->sic", self.cholesky_inverse, d_mean)
+        d_mean = xp.einsum("hq,sqc->shc", self.coef, monomial_jacobian(x_core, self.exponents, xp))
+        dz[:, :, self.core_index] = -xp.einsum("ij,sjc->sic", self.cholesky_inverse, d_mean)
         return z, dz
 
     def quadratic_form(self, n_labels):
@@ -931,14 +947,20 @@ class BridgeModel(BaseEstimator):
         last_blocks = [b for b, group in enumerate(groups) if group[0] == last_survey]
 
         def starts(rows, projected):
-            return self._starts(projected, [projected[b] for b in last_blocks], blocks_data[-1][4], grid, prior)
+            return self._starts(projected, [projected[b] for b in last_blocks], blocks_data[-1][4], grid, prior,
+                                xp)
 
+        # the test step runs on the backend's array module (cupy: the GPU; each chunk's blocks are moved
+        # there by run_test_step, and the prior's arrays once here)
+        backend = get_backend(self.backend)
+        xp = backend.xp
+        device_prior = prior.on(xp) if prior is not None else None
         block_chi2 = np.zeros((n_stars, len(groups)))
         x, chi2, hessian, converged, n_iter = run_test_step(
-            block_builder, starts, n_stars, np, self.max_iter, self.chunk_size,
+            block_builder, starts, n_stars, xp, self.max_iter, self.chunk_size,
             self.progress if progress is None else progress,
-            prior_builder=(lambda rows: prior) if prior is not None else None, block_chi2=block_chi2,
-            n_labels=n_labels, projected_lm=getattr(get_backend(self.backend), "lm_projected", None))
+            prior_builder=(lambda rows: device_prior) if prior is not None else None, block_chi2=block_chi2,
+            n_labels=n_labels, projected_lm=getattr(backend, "lm_projected", None))
         labels = x * self.label_scales_ + self.label_pivots_
         positions = np.array([group[0] for group in groups])
         chi2_per = {survey: block_chi2[:, positions == at].sum(axis=1)
@@ -1120,14 +1142,15 @@ class BridgeModel(BaseEstimator):
                                      if from_apogee.misfit_factor is not None and from_galah.misfit_factor is not None
                                      else None)
 
-    def _starts(self, projected, linear_blocks, linear_index, grid, prior):
+    def _starts(self, projected, linear_blocks, linear_index, grid, prior, xp=np):
         """Two starts for a chunk, from its projected statistics: the best training-grid template, and the
         linear estimate of the labels ``linear_index`` from ``linear_blocks`` (+ the prior mean of the heavy
-        labels those blocks do not constrain)."""
+        labels those blocks do not constrain). ``projected`` lives on array module ``xp``; the starts are
+        numpy arrays."""
         n_labels = len(self.label_names_)
-        best = np.argmin(template_chi2(projected, grid), axis=1)
+        best = _to_numpy(xp.argmin(template_chi2(projected, grid, xp), axis=1))
         linear = np.zeros((len(best), n_labels))
-        linear[:, linear_index] = linear_estimate(linear_blocks, n_labels)[:, linear_index]
+        linear[:, linear_index] = _to_numpy(linear_estimate(linear_blocks, n_labels, xp))[:, linear_index]
         if prior is not None:
             heavy = np.arange(self.n_core_, n_labels)
             unconstrained = np.setdiff1d(heavy, linear_index)

@@ -194,24 +194,60 @@ def test_numpy_and_numba_fits_agree(toy_survey, rng, censored, regularization):
 
 
 # ------------------------------------ the GPU driver path, run on numpy arrays
-@pytest.mark.parametrize("censored", [False, True])
-def test_device_code_path_equals_numpy_backend(toy_survey, rng, monkeypatch, censored):
-    """backend='cupy' runs the numpy kernels through the device driver (blocks moved to the array
-    module and back). CI has no GPU, so the same driver runs here with numpy as the module; on a
-    GPU, benchmarks/bench_gpu.py checks cupy against numpy to 1e-8."""
-    import cannon_bridge.model as model_module
+def test_strict_device_module_refuses_what_cupy_refuses():
+    """The stand-in for CuPy (tests/strict_device.py) must be strict, or the device-path tests below
+    would pass on code that fails on a GPU: host arrays mixed into device arithmetic or functions,
+    implicit conversion to numpy and writes through einsum's diagonal are all caught."""
+    from strict_device import DeviceArray, HostDeviceMixError, ImplicitTransferError, strict_module
+
+    xp = strict_module()
+    host = np.arange(6.0).reshape(2, 3)
+    device = xp.asarray(host)
+    assert isinstance(device, DeviceArray) and isinstance(device + 1.0, DeviceArray)
+    assert isinstance(xp.linalg.cholesky(xp.asarray(np.eye(3))), DeviceArray)
+    np.testing.assert_array_equal((device * 2.0).get(), host * 2.0)
+    with pytest.raises(HostDeviceMixError):
+        device + host
+    with pytest.raises(HostDeviceMixError):
+        xp.where(device > 1.0, host, 0.0)
+    with pytest.raises(ImplicitTransferError):
+        np.asarray(device)
+    with pytest.raises(ImplicitTransferError):
+        host[xp.asarray(np.array([0, 1]))]
+    square = xp.asarray(np.eye(3)[None])
+    xp.einsum("mii->mi", square)[...] += 1.0  # a copy on this module, as CuPy may give
+    np.testing.assert_array_equal(square.get(), np.eye(3)[None])
+
+
+def _device_backend(monkeypatch, module, modules):
+    """Patch ``get_backend`` in ``modules`` so that backend='cupy' is the device driver on ``module``."""
     from cannon_bridge.backends._cupy import array_module_backend
 
-    real_get_backend = model_module.get_backend
     calls = []
 
-    def fake_get_backend(name="auto"):
+    def fake_get_backend(name="auto", _real=get_backend):
         if name == "cupy":
             calls.append(name)
-            return array_module_backend(np, name="cupy")
-        return real_get_backend(name)
+            return array_module_backend(module, name="cupy")
+        return _real(name)
 
-    monkeypatch.setattr(model_module, "get_backend", fake_get_backend)
+    for target in modules:
+        monkeypatch.setattr(target, "get_backend", fake_get_backend)
+    return calls
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["numpy-module", "strict-device-module"])
+@pytest.mark.parametrize("censored", [False, True])
+def test_device_code_path_equals_numpy_backend(toy_survey, rng, monkeypatch, censored, strict):
+    """backend='cupy' runs the numpy kernels through the device driver (blocks moved to the array
+    module and back). CI has no GPU, so the same driver runs here with numpy as the module, and with
+    a CuPy-like module that refuses host/device mixing (tests/strict_device.py); on a GPU,
+    benchmarks/bench_gpu.py checks cupy against numpy to 1e-8."""
+    import cannon_bridge.model as model_module
+    from strict_device import strict_module
+
+    calls = _device_backend(monkeypatch, strict_module() if strict else np, [model_module])
+
     data = toy_survey(200, 40, n_labels=3, order=2, snr=80, scatter=np.linspace(0.0, 0.02, 40), seed=5)
     ivar = data["ivar"].copy()
     ivar[rng.random(ivar.shape) < 0.1] = 0.0

@@ -385,3 +385,45 @@ def test_numba_test_step_of_the_bridge_equals_the_array_code(fitted, mock_pair, 
         np.testing.assert_allclose(got.chi2, reference.chi2, rtol=1e-6)
         np.testing.assert_allclose(got.uncertainties, sigma, rtol=0.02)
         np.testing.assert_array_equal(got.flags, reference.flags)
+
+
+def test_device_backend_trains_and_infers_on_the_device(mock_pair, monkeypatch):
+    """backend='cupy' without a GPU: the device driver on a CuPy-like module that refuses host/device
+    mixing (tests/strict_device.py). Training (per-pixel fits through the driver) and the test step
+    (projected blocks, starts, LM and the population prior on the device) give the numpy backend's
+    model and labels, and the LM really ran on device arrays."""
+    import cannon_bridge.bridge as bridge_module
+    import cannon_bridge.model as model_module
+    from strict_device import DeviceArray, strict_module
+    from test_backends import _device_backend
+
+    calls = _device_backend(monkeypatch, strict_module(), [model_module, bridge_module])
+    data, _ = mock_pair
+    train, test = data.subset(np.arange(200)), data.subset(np.arange(200, 230))
+    settings = dict(calibrate=False, apogee_regularization=100.0, galah_regularization=100.0)
+    host = BridgeModel(CORE, HEAVY, backend="numpy", **settings).fit(train)
+    device = BridgeModel(CORE, HEAVY, backend="cupy", **settings).fit(train)
+    assert calls, "the device driver was not used"
+    for survey in ("apogee", "galah"):
+        host_model, device_model = getattr(host, f"{survey}_model_"), getattr(device, f"{survey}_model_")
+        np.testing.assert_allclose(device_model.coef_, host_model.coef_, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(device_model.scatter_, host_model.scatter_, rtol=1e-9, atol=1e-12)
+    seen = []
+    real_lm = model_module.levenberg_marquardt
+
+    def spy(x0, blocks, prior=None, **kwargs):
+        seen.append(isinstance(blocks[0].gram, DeviceArray) and isinstance(prior.coef, DeviceArray))
+        return real_lm(x0, blocks, prior, **kwargs)
+
+    for inputs in (dict(apogee_flux=test.apogee_flux, apogee_ivar=test.apogee_ivar),
+                   dict(galah_flux=test.galah_flux, galah_ivar=test.galah_ivar)):
+        seen.clear()
+        with monkeypatch.context() as patch:
+            patch.setattr(model_module, "levenberg_marquardt", spy)
+            on_device = device.infer(**inputs)
+        assert seen and all(seen), "the test step did not run on device arrays"
+        on_host = host.infer(**inputs)
+        np.testing.assert_allclose(on_device.labels, on_host.labels, rtol=1e-7,
+                                   atol=1e-6 * np.max(np.abs(on_host.labels)))
+        np.testing.assert_allclose(on_device.covariance, on_host.covariance, rtol=1e-6, atol=1e-12)
+        np.testing.assert_array_equal(on_device.flags, on_host.flags)

@@ -11,9 +11,11 @@ xp = np
 def _regularise_system(normal, rhs, active, diagonal, xp):
     """Apply ridge/L1 diagonal and censoring to full normal matrices in place."""
     n_terms = normal.shape[-1]
-    diag_view = xp.einsum("mii->mi", normal)
     if diagonal is not None:
-        diag_view += diagonal
+        # an explicit index, not a write through einsum's diagonal: numpy returns a view there, CuPy
+        # does not promise one, and a copy would drop the ridge silently
+        terms = xp.arange(n_terms)
+        normal[:, terms, terms] += diagonal
     if active is not None:
         inactive = ~active
         # A censored term: zero its row and column, 1 on the diagonal and 0 on the
@@ -35,30 +37,43 @@ def solve_normal_equations(design, weights, flux, active=None, diagonal=None, pr
     packed, rhs = normal
     rhs = rhs.copy()  # censoring zeroes entries in place; a caller may reuse ``normal``
     normal = unpack(packed, n_terms, xp)
+    # a pixel without data (every weight 0) has a zero normal matrix: it is set aside (identity, not ok)
+    # so that it does not fail the batched Cholesky and send its whole block pixel by pixel below
+    no_data = ~xp.any(xp.einsum("mii->mi", normal) > 0, axis=1)
     normal, rhs = _regularise_system(normal, rhs, active, diagonal, xp)
     scale = xp.sqrt(xp.abs(xp.einsum("mii->mi", normal)))
     scale = xp.where(scale > 0, scale, 1.0)
     # Jacobi preconditioning keeps the solve accurate when labels span decades.
     normal = normal / scale[:, :, None] / scale[:, None, :]
+    if bool(no_data.any()):
+        normal[no_data] = xp.eye(n_terms)
     coef = xp.zeros((normal.shape[0], n_terms))
     ok = xp.zeros(normal.shape[0], dtype=bool)
     try:
-        chol = xp.linalg.cholesky(normal)
-        good = xp.all(xp.isfinite(chol.reshape(chol.shape[0], -1)), axis=1)
+        chol = xp.linalg.cholesky(normal)  # CuPy: NaN where a matrix is not positive definite
+        good = xp.all(xp.isfinite(chol.reshape(chol.shape[0], -1)), axis=1) & ~no_data
     except np.linalg.LinAlgError:  # numpy raises when some pixel is not positive definite
         good = None
     solved = False
-    if good is not None and bool(good.all()):
+    if good is not None and bool(good.any()):
         try:
-            solution = xp.linalg.solve(normal, (rhs / scale)[:, :, None])[:, :, 0]
-            coef = solution / scale
-            ok[:] = True
+            if bool(good.all()):
+                coef = xp.linalg.solve(normal, (rhs / scale)[:, :, None])[:, :, 0] / scale
+            else:  # only the positive-definite pixels (the others stay unsolved, as one by one)
+                rows = xp.flatnonzero(good)
+                coef[rows] = xp.linalg.solve(normal[rows], (rhs[rows] / scale[rows])[:, :, None])[:, :, 0] / scale[rows]
+            ok[:] = good
             solved = True
         except np.linalg.LinAlgError:  # Cholesky can pass on a matrix that LU still calls singular
+            coef[:] = 0.0
             solved = False
+    elif good is not None:
+        solved = True  # no pixel of the block is solvable
     if not solved:
         # Fall back pixel by pixel so one singular pixel does not spoil the block.
         for m in range(normal.shape[0]):
+            if bool(no_data[m]):
+                continue
             try:
                 np.linalg.cholesky(_to_numpy(normal[m]))
                 coef[m] = xp.linalg.solve(normal[m], rhs[m] / scale[m]) / scale[m]
@@ -93,7 +108,7 @@ def fit_scatter(residuals, data_variance, observed, dof_factor=1.0, xp=np, n_ite
     low = xp.zeros(r2.shape[1])
     high = xp.max(r2, axis=0) + 1e-300
 
-    def derivatives(v):
+    def derivatives(v, r2=r2, var=var, observed=observed):
         total = var + v[None, :]
         inv = xp.where(observed, 1.0 / xp.where(total > 0, total, 1.0), 0.0)
         inv = xp.where(observed & (total <= 0), xp.inf, inv)
@@ -106,26 +121,45 @@ def fit_scatter(residuals, data_variance, observed, dof_factor=1.0, xp=np, n_ite
     g0 = xp.where(xp.isnan(g0), xp.inf, g0)  # a noise-free star makes v = 0 infinitely unlikely
     moment = xp.maximum(0.0, (r2.sum(axis=0) - (var * observed).sum(axis=0)) / xp.maximum(n_obs, 1))
     v = xp.clip(moment, low, high)
-    settled = xp.zeros(v.shape, dtype=bool)
+    # pixels whose scatter is 0 whatever the iteration gives (no gain at v = 0, or no stars) take no part:
+    # bisecting towards 0 never makes a tiny step, and they would keep the loop going for all n_iter
+    zero = (g0 <= 0) | (n_obs == 0)
+    # the iteration runs on the pixels still moving (``live``, indices into the block): the columns are
+    # gathered again whenever half of them have stopped, so a few slow pixels (a bracket closing at
+    # the last digits) do not keep the whole block in every step
+    live = xp.flatnonzero(~zero)
+    columns = (r2[:, live], var[:, live], observed[:, live])
+    v_live, low_live, high_live = v[live], low[live], high[live]
+    stopped = xp.zeros(live.size, dtype=bool)
     for _ in range(n_iter):
+        if live.size == 0:
+            break
         # residual variances near 0 (noise-free, exactly determined or tiny-unit data) overflow inv**3 or
         # give 0 * inf: those Newton steps come out non-finite and the bracket's bisection takes over
         with np.errstate(over="ignore", invalid="ignore"):
-            g, h = derivatives(v)
+            g, h = derivatives(v_live, *columns)
         # maintain the bracket [low, high] around the root of g
-        low = xp.where(g > 0, v, low)
-        high = xp.where(g <= 0, v, high)
+        low_live = xp.where(g > 0, v_live, low_live)
+        high_live = xp.where(g <= 0, v_live, high_live)
         step = xp.where(h < 0, -g / xp.where(h < 0, h, -1.0), 0.0)
-        candidate = v + step
-        bad = (h >= 0) | (candidate <= low) | (candidate >= high) | ~xp.isfinite(candidate)
-        new = xp.where(bad, 0.5 * (low + high), candidate)
-        # a pixel stops at its first tiny step, as in the numba kernel, so its value does not depend
-        # on the other pixels of its block; the loop ends when all have stopped (Newton needs ~5 steps,
-        # the 40 are a bisection safeguard)
-        tiny = xp.abs(new - v) <= 1e-12 * xp.maximum(v, 1e-30)
-        v = xp.where(settled, v, new)
-        settled = settled | tiny
-        if bool(xp.all(settled)):
+        candidate = v_live + step
+        bad = (h >= 0) | (candidate <= low_live) | (candidate >= high_live) | ~xp.isfinite(candidate)
+        new = xp.where(bad, 0.5 * (low_live + high_live), candidate)
+        # a pixel stops at its first tiny step (taking it), as in the numba kernel, so its value does not
+        # depend on the other pixels of its block (Newton needs ~5 steps, the 40 are a bisection safeguard)
+        tiny = xp.abs(new - v_live) <= 1e-12 * xp.maximum(v_live, 1e-30)
+        v_live = xp.where(stopped, v_live, new)
+        stopped = stopped | tiny
+        n_moving = live.size - int(stopped.sum())
+        if n_moving == 0:
             break
-    v = xp.where((g0 <= 0) | (n_obs == 0), 0.0, v)
+        if n_moving <= live.size // 2:
+            v[live] = v_live
+            keep = xp.flatnonzero(~stopped)
+            live = live[keep]
+            columns = tuple(column[:, keep] for column in columns)
+            v_live, low_live, high_live = v_live[keep], low_live[keep], high_live[keep]
+            stopped = stopped[keep]
+    v[live] = v_live
+    v = xp.where(zero, 0.0, v)
     return v
