@@ -91,9 +91,10 @@ def joint_model(n_stars, synchronize):
     crossmatch = make_crossmatch(n_stars, seed=0, dtype=np.float32)
     settings = dict(apogee_order=2, galah_order=2, calibrate=False, apogee_regularization=10.0,
                     galah_regularization=10.0)
-    warm = BridgeModel(CORE_LABELS, HEAVY_LABELS, backend="cupy", **settings)
+    # test-step chunks of 4,096 stars: a GPU wants large batches (the CPU default, 128, keeps caches warm)
+    warm = BridgeModel(CORE_LABELS, HEAVY_LABELS, backend="cupy", chunk_size=4096, **settings)
     warm.fit(crossmatch.subset(np.arange(min(300, n_stars))))  # warm-up: kernels and cuBLAS handles
-    bridge = BridgeModel(CORE_LABELS, HEAVY_LABELS, backend="cupy", **settings)
+    bridge = BridgeModel(CORE_LABELS, HEAVY_LABELS, backend="cupy", chunk_size=4096, **settings)
     start = time.perf_counter()
     bridge.fit(crossmatch)
     synchronize()
