@@ -1419,7 +1419,12 @@ def _quadratic_forms(cov_v, coef, block=2048, out=None, groups=None):
         used = coef[:, terms]
         for start in range(0, pixels.size, block):
             part = pixels[start:start + block]
-            out[:, part] = packed_cov @ packed_products(used[part]).T
+            values = packed_cov @ packed_products(used[part]).T
+            # copied into out by runs of consecutive pixels (slices): a fancy-indexed column assignment
+            # took 3x as long as the GEMM
+            runs = np.r_[0, np.flatnonzero(np.diff(part) != 1) + 1, part.size]
+            for a, b in zip(runs[:-1], runs[1:]):
+                out[:, part[a]:part[a] + (b - a)] = values[:, a:b]
     return out
 
 
