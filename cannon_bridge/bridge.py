@@ -929,15 +929,28 @@ class BridgeModel(BaseEstimator):
                 groups.append((position, pixels, model.coef_[np.ix_(pixels, terms)],
                                model.term_exponents_[np.ix_(terms, local)], index[local]))
         n_used = np.zeros(n_stars, dtype=np.int64)
+        gather = _gather_kernel()
+        # each survey's pixels in group order (the groups cover its usable pixels): a chunk's weights and
+        # flux are gathered in that order in one pass, and every group's block is a slice of them
+        order = {at: np.concatenate([group[1] for group in groups if group[0] == at]) for at in range(len(blocks_data))}
 
         def block_builder(rows):
             blocks = []
             for position, (survey, model, flux, ivar, index) in enumerate(blocks_data):
+                members = [group for group in groups if group[0] == position]
+                if gather is not None and ivar is not None:
+                    columns = order[position]
+                    weights, chunk_flux, used = gather(flux, ivar, rows, columns, model.scatter_[columns] ** 2)
+                    n_used[rows] += used
+                    bounds = np.cumsum([0] + [group[1].size for group in members])
+                    blocks += [LikelihoodBlock(coef, weights[:, a:b], chunk_flux[:, a:b], exponents, label_index)
+                               for (_, _, coef, exponents, label_index), a, b in zip(members, bounds[:-1], bounds[1:])]
+                    continue
                 weights = model._weights_for(None if ivar is None else ivar[rows], len(rows))
                 n_used[rows] += np.count_nonzero(weights > 0, axis=1)
                 chunk_flux = flux[rows]
                 blocks += [LikelihoodBlock(coef, weights[:, pixels], chunk_flux[:, pixels], exponents, label_index)
-                           for at, pixels, coef, exponents, label_index in groups if at == position]
+                           for _, pixels, coef, exponents, label_index in members]
             return blocks
 
         prior = self.prior_ if self.prior else None
@@ -1392,6 +1405,16 @@ def _correlated_update(galah_labels, galah_cov, apogee_labels, apogee_cov, index
     updated = 0.5 * (updated + np.transpose(updated, (0, 2, 1)))
     sane = positive & np.all(np.einsum("sii->si", updated) > 0, axis=1) & np.all(np.isfinite(fused), axis=1)
     return fused, updated, sane
+
+
+def _gather_kernel():
+    """``backends._numba.gather_weighted`` (the test step's weights and flux of a chunk in one pass), or
+    None without numba (the array code then builds them)."""
+    try:
+        from .backends._numba import gather_weighted
+    except ImportError:
+        return None
+    return gather_weighted
 
 
 def _standard_draws(n_samples: int, n_labels: int) -> np.ndarray:

@@ -652,3 +652,31 @@ def test_starts_from_projected_statistics_equal_pixel_by_pixel_sums(rng):
         reference = np.clip(np.linalg.solve(normal, a.T @ (w * y)), -3, 3)
         np.testing.assert_allclose(got[s], reference, rtol=1e-8, atol=1e-10)
     assert np.any(np.abs(got) > 0.1)  # not a trivial solution
+
+
+def test_gathered_weights_of_a_chunk_equal_the_array_code(rng):
+    """The bridge's test step builds a chunk's weights and flux in pixel-group order in one pass
+    (``_numba.gather_weighted``): the same numbers as ivar / (1 + ivar s^2) and fancy indexing, and
+    each row's count of used pixels; float32 inputs read in place."""
+    from cannon_bridge.backends._numba import add_block, gather_weighted
+    from cannon_bridge.model import _effective_weights
+
+    flux = rng.normal(1.0, 0.1, (50, 300)).astype(np.float32)
+    ivar = rng.uniform(10.0, 1e4, (50, 300)).astype(np.float32)
+    ivar[rng.random(ivar.shape) < 0.2] = 0.0
+    scatter_variance = rng.uniform(0.0, 1e-3, 300)
+    rows = np.array([3, 4, 5, 17, 40])
+    columns = rng.permutation(300)[:170]
+    weights, values, counts = gather_weighted(flux, ivar, rows, columns, scatter_variance[columns])
+    expected = _effective_weights(ivar[rows], scatter_variance)[:, columns]
+    np.testing.assert_array_equal(weights, expected)
+    np.testing.assert_array_equal(values, flux[rows][:, columns].astype(np.float64))
+    np.testing.assert_array_equal(counts, np.count_nonzero(expected > 0, axis=1))
+    # and the merge of blocks into the union of terms adds exactly what the fancy-indexed add does
+    gram = rng.normal(size=(4, 9, 9))
+    block = rng.normal(size=(4, 5, 5))
+    index = np.array([7, 0, 3, 8, 2])
+    expected_gram = gram.copy()
+    expected_gram[:, index[:, None], index[None, :]] += block
+    add_block(gram, index, block)
+    np.testing.assert_array_equal(gram, expected_gram)

@@ -1228,6 +1228,52 @@ def median_snr(flux, ivar, used) -> np.ndarray:
     return out
 
 
+@numba.njit(cache=True, error_model="numpy")
+def add_block(gram, index, block):
+    """gram[:, index[:, None], index[None, :]] += block, (S, T, T) and (S, P, P), ``index`` distinct: the
+    same additions as numpy's fancy-indexed add, at ~1 ns per element instead of ~8 (the test step merges
+    every pixel group and the prior of every chunk of stars this way). Serial: it runs between BLAS calls."""
+    n_rows, n_terms = block.shape[0], block.shape[1]
+    for s in range(n_rows):
+        for i in range(n_terms):
+            target = gram[s, index[i]]
+            source = block[s, i]
+            for j in range(n_terms):
+                target[index[j]] += source[j]
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _gather_weighted(flux, ivar, rows, columns, scatter_variance, weights, values, counts):
+    # serial: it runs between BLAS calls on every chunk of stars, and a parallel region leaves numba's
+    # OpenMP threads spinning on the cores OpenBLAS then needs (the GALAH test step ran 50% slower)
+    for i in range(rows.size):
+        r = rows[i]
+        count = 0
+        for j in range(columns.size):
+            c = columns[j]
+            w = float(ivar[r, c])
+            weight = w / (1.0 + w * scatter_variance[j])  # the operations of model._effective_weights
+            weights[i, j] = weight
+            values[i, j] = float(flux[r, c])
+            count += 1 if weight > 0 else 0
+        counts[i] = count
+
+
+def gather_weighted(flux, ivar, rows, columns, scatter_variance):
+    """The test step's inputs for ``rows`` x ``columns`` of (n_stars, n_pixels) ``flux`` and ``ivar`` (any
+    float dtype, read in place): weights ivar / (1 + ivar s^2) with ``scatter_variance`` s^2 given per
+    column, the flux, both float64 (n_rows, n_columns), and each row's number of positive weights. One
+    pass instead of a float64 weights array, a copy of the rows and a gather of both per pixel group."""
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    columns = np.ascontiguousarray(columns, dtype=np.int64)
+    weights = np.empty((rows.size, columns.size))
+    values = np.empty((rows.size, columns.size))
+    counts = np.empty(rows.size, dtype=np.int64)
+    _gather_weighted(flux, ivar, rows, columns, np.ascontiguousarray(scatter_variance, dtype=np.float64),
+                     weights, values, counts)
+    return weights, values, counts
+
+
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def _inverse_sums(ivar, total, count):
     # total[m] += sum over rows of 1/ivar[n, m] where ivar > 0, count[m] += the number of such rows;
