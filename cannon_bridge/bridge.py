@@ -110,7 +110,8 @@ class _PopulationPrior:
 
     @property
     def _xp(self):
-        return np if self.xp is None else self.xp
+        module = getattr(self, "xp", None)  # absent from priors made before the attribute existed
+        return np if module is None else module
 
     def on(self, xp) -> "_PopulationPrior":
         """The same prior with its arrays on array module ``xp`` (the test step on a GPU)."""
@@ -932,12 +933,15 @@ class BridgeModel(BaseEstimator):
         gather = _gather_kernel()
         # each survey's pixels in group order (the groups cover its usable pixels): a chunk's weights and
         # flux are gathered in that order in one pass, and every group's block is a slice of them
-        order = {at: np.concatenate([group[1] for group in groups if group[0] == at]) for at in range(len(blocks_data))}
+        order = {at: np.concatenate([group[1] for group in groups if group[0] == at])
+                 for at in range(len(blocks_data)) if any(group[0] == at for group in groups)}
 
         def block_builder(rows):
             blocks = []
             for position, (survey, model, flux, ivar, index) in enumerate(blocks_data):
                 members = [group for group in groups if group[0] == position]
+                if not members:
+                    continue  # no usable pixel in this survey: it adds nothing (and uses no pixel)
                 if gather is not None and ivar is not None:
                     columns = order[position]
                     weights, chunk_flux, used = gather(flux, ivar, rows, columns, model.scatter_[columns] ** 2)

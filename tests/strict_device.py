@@ -10,6 +10,10 @@ would be the first to see the error. This module refuses what CuPy refuses:
   ``.get()`` is the way back, as in CuPy;
 * indexing a numpy array with a device array;
 
+``linalg.cholesky`` does not raise for a matrix that is not positive definite (CuPy's default) and returns
+a finite lower triangle that is not its factor (CuPy leaves a partly factored matrix), so code must
+detect failed factorisations itself.
+
 and it makes ``einsum`` return a new array, never a view of its operand (numpy returns a writable
 view for a diagonal such as ``"mii->mi"``; CuPy does not promise one), so in-place writes through
 such a result are caught as wrong answers.
@@ -160,6 +164,21 @@ class StrictModule(types.ModuleType):
                     return DeviceArray(attribute(value._array, *args, **kwargs))
                 return DeviceArray(np.array(attribute(value, *args, **kwargs), copy=True))
             return transfer
+        if name == "cholesky" and self._module is np.linalg:
+            def cholesky(matrices):
+                batch = _unwrap(matrices)
+                try:
+                    return DeviceArray(np.linalg.cholesky(batch))
+                except np.linalg.LinAlgError:
+                    out = np.tril(batch).copy()
+                    flat, factors = batch.reshape(-1, *batch.shape[-2:]), out.reshape(-1, *batch.shape[-2:])
+                    for k, matrix in enumerate(flat):
+                        try:
+                            factors[k] = np.linalg.cholesky(matrix)
+                        except np.linalg.LinAlgError:
+                            pass  # left as the finite lower triangle of the matrix: not a factor
+                    return DeviceArray(out)
+            return cholesky
         if name == "einsum":
             def einsum(*args, **kwargs):
                 return DeviceArray(np.array(np.einsum(*_unwrap(args), **kwargs), copy=True))

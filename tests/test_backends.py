@@ -680,3 +680,45 @@ def test_gathered_weights_of_a_chunk_equal_the_array_code(rng):
     expected_gram[:, index[:, None], index[None, :]] += block
     add_block(gram, index, block)
     np.testing.assert_array_equal(gram, expected_gram)
+
+
+@pytest.mark.parametrize("diagonal", [None, "ridge-on-every-term"])
+def test_device_solve_finds_failed_factorisations_without_raising(rng, diagonal):
+    """CuPy's batched Cholesky neither raises nor (by default) marks a matrix that is not positive
+    definite; the stand-in returns a finite lower triangle there. The device solve must still give the
+    numpy result pixel by pixel: a pixel without data, an indefinite but invertible normal matrix (LU
+    alone would solve it), a rank-deficient pixel with data and a censored one among good pixels; with a
+    ridge on every term a pixel without data is positive definite again and solved (coefficients 0), as
+    numpy and numba do."""
+    from cannon_bridge.backends._numpy import solve_normal_equations
+    from cannon_bridge.backends._packed import packed_index, packed_products
+    from strict_device import strict_module
+
+    design, weights, flux = random_block(rng, n_stars=60, n_pixels=8, n_labels=2, zero_fraction=0.0)
+    n_terms = design.shape[1]
+    weights[:, 2] = 0.0  # no data
+    weights[:, 5] = 0.0
+    weights[:2, 5] = 1e4  # two stars for 6 terms: rank 2
+    packed = weights.T @ packed_products(design)
+    rhs = (weights * flux).T @ design
+    indefinite = np.eye(n_terms)
+    indefinite[0, 1] = indefinite[1, 0] = 2.0  # eigenvalues -1, 3 and 1: invertible, not positive definite
+    rows, cols = packed_index(n_terms)
+    packed[4] = indefinite[rows, cols] * 1e4
+    active = np.ones((8, n_terms), dtype=bool)
+    active[6, 3:] = False
+    ridge = None if diagonal is None else np.full((8, n_terms), 0.3)
+    host_coef, host_ok = solve_normal_equations(design, weights, flux, active=active, diagonal=ridge,
+                                                normal=(packed, rhs))
+    xp = strict_module()
+    device_coef, device_ok = solve_normal_equations(
+        xp.asarray(design), xp.asarray(weights), xp.asarray(flux), active=xp.asarray(active),
+        diagonal=None if ridge is None else xp.asarray(ridge), normal=(xp.asarray(packed), xp.asarray(rhs)), xp=xp)
+    np.testing.assert_array_equal(device_ok.get(), host_ok)
+    np.testing.assert_allclose(device_coef.get(), host_coef, rtol=1e-10, atol=1e-12)
+    assert not host_ok[4] and host_ok[6] and host_ok[2] == host_ok[5] == (diagonal is not None)
+    numba_coef, numba_ok = get_backend("numba").solve_normal_equations(design, weights, flux, active=active,
+                                                                         diagonal=ridge)
+    real = np.ones(8, dtype=bool)
+    real[4] = False  # the indefinite matrix was put in by hand: numba builds its own from the data
+    np.testing.assert_array_equal(numba_ok[real], host_ok[real])

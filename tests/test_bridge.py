@@ -427,3 +427,21 @@ def test_device_backend_trains_and_infers_on_the_device(mock_pair, monkeypatch):
                                    atol=1e-6 * np.max(np.abs(on_host.labels)))
         np.testing.assert_allclose(on_device.covariance, on_host.covariance, rtol=1e-6, atol=1e-12)
         np.testing.assert_array_equal(on_device.flags, on_host.flags)
+
+
+def test_a_survey_without_usable_pixels_adds_nothing_to_the_stacked_likelihood(fitted, mock_pair):
+    """Stacked inference from both surveys when one survey's model has every pixel flagged: that survey
+    contributes no block (and no used pixel), and the labels are those from the other survey alone."""
+    import copy
+
+    data, _ = mock_pair
+    test = data.subset(np.arange(200, 215))
+    model = copy.deepcopy(fitted)
+    model.joint = "stacked"
+    model.apogee_model_.pixel_flags_ = np.ones_like(model.apogee_model_.pixel_flags_)
+    model.__dict__.pop("_group_cache", None)
+    both = model.infer(apogee_flux=test.apogee_flux, apogee_ivar=test.apogee_ivar,
+                       galah_flux=test.galah_flux, galah_ivar=test.galah_ivar)
+    galah = model.infer(galah_flux=test.galah_flux, galah_ivar=test.galah_ivar)
+    np.testing.assert_allclose(both.labels, galah.labels, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(both.dof, galah.dof)

@@ -37,11 +37,13 @@ def solve_normal_equations(design, weights, flux, active=None, diagonal=None, pr
     packed, rhs = normal
     rhs = rhs.copy()  # censoring zeroes entries in place; a caller may reuse ``normal``
     normal = unpack(packed, n_terms, xp)
-    # a pixel without data (every weight 0) has a zero normal matrix: it is set aside (identity, not ok)
-    # so that it does not fail the batched Cholesky and send its whole block pixel by pixel below
-    no_data = ~xp.any(xp.einsum("mii->mi", normal) > 0, axis=1)
     normal, rhs = _regularise_system(normal, rhs, active, diagonal, xp)
-    scale = xp.sqrt(xp.abs(xp.einsum("mii->mi", normal)))
+    diagonal_entries = xp.einsum("mii->mi", normal)
+    # a matrix with a diagonal entry <= 0 is not positive definite (e.g. a pixel without data): it can
+    # only fail its Cholesky, so it is set aside (identity, not ok) rather than fail the batch and send the
+    # whole block pixel by pixel below
+    no_data = xp.any(~(diagonal_entries > 0), axis=1)
+    scale = xp.sqrt(xp.abs(diagonal_entries))
     scale = xp.where(scale > 0, scale, 1.0)
     # Jacobi preconditioning keeps the solve accurate when labels span decades.
     normal = normal / scale[:, :, None] / scale[:, None, :]
@@ -50,8 +52,14 @@ def solve_normal_equations(design, weights, flux, active=None, diagonal=None, pr
     coef = xp.zeros((normal.shape[0], n_terms))
     ok = xp.zeros(normal.shape[0], dtype=bool)
     try:
-        chol = xp.linalg.cholesky(normal)  # CuPy: NaN where a matrix is not positive definite
+        chol = xp.linalg.cholesky(normal)
         good = xp.all(xp.isfinite(chol.reshape(chol.shape[0], -1)), axis=1) & ~no_data
+        if xp is not np:
+            # CuPy does not raise for a matrix that is not positive definite, and (by default) need not
+            # fill its factor with NaN: a factor is trusted only if L L^T gives the (unit-diagonal) matrix back
+            rebuilt = xp.matmul(chol, xp.swapaxes(chol, 1, 2))
+            error = xp.max(xp.abs(rebuilt - normal).reshape(normal.shape[0], -1), axis=1)
+            good = good & (error <= 1e-8)
     except np.linalg.LinAlgError:  # numpy raises when some pixel is not positive definite
         good = None
     solved = False
