@@ -389,11 +389,12 @@ class CannonModel(RegressorMixin, BaseEstimator):
             return concatenate_results([self.infer(flux[rows], None if ivar is None else ivar[rows], progress)
                                         for rows in _batches(len(flux))])
         flux, ivar = check_spectra(flux, ivar, n_pixels=self.n_features_in_, allow_1d=True)
-        weights = self._weights_for(ivar, flux.shape[0])
         packed_coef = self._packed_coef()
-        block_builder = lambda rows: [LikelihoodBlock(self.coef_, weights[rows], flux[rows],
-                                                      self.term_exponents_, np.arange(len(self.label_names_)),
-                                                      packed_coef)]
+        # each chunk's weights are made when it is projected: no (stars x pixels) float64 array of them
+        block_builder = lambda rows: [LikelihoodBlock(self.coef_,
+                                                      self._weights_for(None if ivar is None else ivar[rows], len(rows)),
+                                                      flux[rows], self.term_exponents_,
+                                                      np.arange(len(self.label_names_)), packed_coef)]
         vectorizer = self.vectorizer_
         backend = get_backend(self.backend)
         x, chi2, hessian, converged, n_iter = run_test_step(
@@ -402,9 +403,12 @@ class CannonModel(RegressorMixin, BaseEstimator):
             projected_lm=getattr(backend, "lm_projected", None), n_labels=len(self.label_names_))
         labels = vectorizer.unscale(x)
         covariance, singular = scaled_covariance(hessian, self.label_scales_)
-        n_used = (weights > 0).sum(axis=1)
+        # the pixels a star used: weight > 0, i.e. a usable pixel where ivar > 0 (every usable pixel without ivar)
+        usable = self.pixel_flags_ == 0
+        used = usable[None, :] & (ivar > 0) if ivar is not None else None
+        n_used = used.sum(axis=1) if used is not None else np.full(flux.shape[0], int(usable.sum()))
         dof = np.maximum(n_used - len(self.label_names_), 1)
-        flags = self._star_flags(labels, converged, singular, flux, ivar, weights, n_used)
+        flags = self._star_flags(labels, converged, singular, flux, ivar, used, n_used)
         result = InferenceResult(labels, covariance, chi2, chi2 / dof, n_iter, flags, list(self.label_names_))
         return result
 
@@ -419,7 +423,7 @@ class CannonModel(RegressorMixin, BaseEstimator):
         best = _to_numpy(xp.argmin(template_chi2(projected, grid, xp), axis=1))
         return [_to_numpy(linear_estimate(projected, len(self.label_names_), xp)), grid[best]]
 
-    def _star_flags(self, labels, converged, singular, flux, ivar, weights, n_used):
+    def _star_flags(self, labels, converged, singular, flux, ivar, used, n_used):
         flags = np.zeros(labels.shape[0], dtype=np.int64)
         flags[~converged] |= StarFlag.NOT_CONVERGED
         flags[singular] |= StarFlag.SINGULAR
@@ -430,7 +434,7 @@ class CannonModel(RegressorMixin, BaseEstimator):
         distance2 = np.einsum("sk,kl,sl->s", delta, precision, delta)
         flags[distance2 > stats.chi2.ppf(0.999, labels.shape[1])] |= StarFlag.OUTSIDE_HULL
         if ivar is not None:
-            flags[median_snr(flux, ivar, weights > 0) < self.low_snr] |= StarFlag.LOW_SNR
+            flags[median_snr(flux, ivar, used) < self.low_snr] |= StarFlag.LOW_SNR
         flags[n_used < labels.shape[1]] |= StarFlag.FEW_PIXELS
         return flags
 
