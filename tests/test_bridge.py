@@ -445,3 +445,29 @@ def test_a_survey_without_usable_pixels_adds_nothing_to_the_stacked_likelihood(f
     galah = model.infer(galah_flux=test.galah_flux, galah_ivar=test.galah_ivar)
     np.testing.assert_allclose(both.labels, galah.labels, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(both.dof, galah.dof)
+
+
+@pytest.mark.slow
+def test_calibrated_device_fit_equals_the_numpy_backend(mock_pair, monkeypatch):
+    """The whole fit with the cross-validated calibration (held-out inference per fold, uncertainty
+    scales, fusion) through the device driver on the strict CuPy stand-in: the same calibration and the
+    same labels, covariances and flags as the numpy backend (~40 s here)."""
+    import cannon_bridge.bridge as bridge_module
+    import cannon_bridge.model as model_module
+    from strict_device import strict_module
+    from test_backends import _device_backend
+
+    _device_backend(monkeypatch, strict_module(), [model_module, bridge_module])
+    data, _ = mock_pair
+    train, test = data.subset(np.arange(200)), data.subset(np.arange(200, 230))
+    settings = dict(cv_folds=3, apogee_regularization=100.0, galah_regularization=100.0)
+    device = BridgeModel(CORE, HEAVY, backend="cupy", **settings).fit(train)
+    host = BridgeModel(CORE, HEAVY, backend="numpy", **settings).fit(train)
+    for mode in host.uncertainty_scale_:
+        np.testing.assert_allclose(device.uncertainty_scale_[mode], host.uncertainty_scale_[mode], rtol=1e-8)
+    both = dict(apogee_flux=test.apogee_flux, apogee_ivar=test.apogee_ivar, galah_flux=test.galah_flux,
+                galah_ivar=test.galah_ivar)
+    on_device, on_host = device.infer(**both), host.infer(**both)
+    np.testing.assert_allclose(on_device.labels, on_host.labels, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(on_device.covariance, on_host.covariance, rtol=1e-6, atol=1e-12)
+    np.testing.assert_array_equal(on_device.flags, on_host.flags)
