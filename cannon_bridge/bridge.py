@@ -931,24 +931,29 @@ class BridgeModel(BaseEstimator):
                                model.term_exponents_[np.ix_(terms, local)], index[local]))
         n_used = np.zeros(n_stars, dtype=np.int64)
         gather = _gather_kernel()
-        # each survey's pixels in group order (the groups cover its usable pixels): a chunk's weights and
-        # flux are gathered in that order in one pass, and every group's block is a slice of them
-        order = {at: np.concatenate([group[1] for group in groups if group[0] == at])
-                 for at in range(len(blocks_data)) if any(group[0] == at for group in groups)}
+        # each survey's groups, its pixels in group order (the groups cover its usable pixels) with their
+        # scatter variance, and each group's columns in that order: a chunk's weights and flux are gathered
+        # in one pass, and every group's block is a slice of them
+        layout = {}
+        for position, (_, model, *_) in enumerate(blocks_data):
+            members = [group for group in groups if group[0] == position]
+            if members:  # a survey without a usable pixel adds nothing (and uses no pixel)
+                columns = np.concatenate([group[1] for group in members])
+                bounds = np.cumsum([0] + [group[1].size for group in members])
+                layout[position] = (members, columns, model.scatter_[columns] ** 2,
+                                    list(zip(bounds[:-1], bounds[1:])))
 
         def block_builder(rows):
             blocks = []
             for position, (survey, model, flux, ivar, index) in enumerate(blocks_data):
-                members = [group for group in groups if group[0] == position]
-                if not members:
-                    continue  # no usable pixel in this survey: it adds nothing (and uses no pixel)
+                if position not in layout:
+                    continue
+                members, columns, scatter_variance, spans = layout[position]
                 if gather is not None and ivar is not None:
-                    columns = order[position]
-                    weights, chunk_flux, used = gather(flux, ivar, rows, columns, model.scatter_[columns] ** 2)
+                    weights, chunk_flux, used = gather(flux, ivar, rows, columns, scatter_variance)
                     n_used[rows] += used
-                    bounds = np.cumsum([0] + [group[1].size for group in members])
                     blocks += [LikelihoodBlock(coef, weights[:, a:b], chunk_flux[:, a:b], exponents, label_index)
-                               for (_, _, coef, exponents, label_index), a, b in zip(members, bounds[:-1], bounds[1:])]
+                               for (_, _, coef, exponents, label_index), (a, b) in zip(members, spans)]
                     continue
                 weights = model._weights_for(None if ivar is None else ivar[rows], len(rows))
                 n_used[rows] += np.count_nonzero(weights > 0, axis=1)
