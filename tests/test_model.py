@@ -191,7 +191,9 @@ def test_results_do_not_depend_on_block_and_chunk_sizes(toy_survey):
     reference = CannonModel(NAMES3, backend="numpy").fit(data["flux"], data["labels"], data["ivar"])
     blocked = CannonModel(NAMES3, backend="numpy", block_size=7, chunk_size=3).fit(data["flux"], data["labels"],
                                                                                   data["ivar"])
-    np.testing.assert_allclose(blocked.coef_, reference.coef_, rtol=1e-12, atol=1e-14)
+    # the scatter stops at a Newton step <= 1e-12 relative, and sums taken in another order can stop one
+    # step earlier or later: ~1e-14 relative in s, a few 1e-14 absolute in coefficients of order 1
+    np.testing.assert_allclose(blocked.coef_, reference.coef_, rtol=1e-12, atol=1e-13)
     np.testing.assert_allclose(blocked.scatter_, reference.scatter_, rtol=1e-10, atol=1e-14)
     a, b = reference.infer(data["flux"][:20], data["ivar"][:20]), blocked.infer(data["flux"][:20], data["ivar"][:20])
     np.testing.assert_allclose(a.labels, b.labels, rtol=1e-10)

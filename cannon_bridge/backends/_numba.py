@@ -338,6 +338,9 @@ def _fit_scatter(residuals, data_variance, observed, dof_factor, n_iter):
                 high = v
             if h < 0:
                 candidate = v - g / h
+                if abs(candidate - v) <= 1e-12 * max(v, 1e-30):
+                    v = min(max(candidate, low), high)  # converged (see _scatter_one)
+                    break
             else:
                 candidate = -1.0
             if not (candidate > low and candidate < high):
@@ -595,6 +598,12 @@ def _scatter_one(residual, ivar_row, noise_free, dof_factor, n_iter, total_var, 
             high = v
         if h < 0:
             candidate = v - g / h
+            if abs(candidate - v) <= 1e-12 * max(v, 1e-30):
+                # converged: the step is the root to rounding. Tested before the bracket, whose end is v
+                # itself after this step's update: a step that rounds onto v fails 'candidate > low' and
+                # bisected away towards max r^2, then crawled back a bit per step for all n_iter
+                v = min(max(candidate, low), high)
+                break
         else:
             candidate = -1.0
         if not (candidate > low and candidate < high):

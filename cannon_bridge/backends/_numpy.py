@@ -152,10 +152,16 @@ def fit_scatter(residuals, data_variance, observed, dof_factor=1.0, xp=np, n_ite
         step = xp.where(h < 0, -g / xp.where(h < 0, h, -1.0), 0.0)
         candidate = v_live + step
         bad = (h >= 0) | (candidate <= low_live) | (candidate >= high_live) | ~xp.isfinite(candidate)
-        new = xp.where(bad, 0.5 * (low_live + high_live), candidate)
+        # a tiny Newton step is the root to rounding: taken (inside the bracket) before the bracket test,
+        # whose end is v itself after the update above, so a step that rounds onto v is not turned into
+        # a bisection away from the root
+        small = xp.abs(candidate - v_live) <= 1e-12 * xp.maximum(v_live, 1e-30)
+        converged = (h < 0) & xp.isfinite(candidate) & small
+        new = xp.where(converged, xp.clip(candidate, low_live, high_live),
+                       xp.where(bad, 0.5 * (low_live + high_live), candidate))
         # a pixel stops at its first tiny step (taking it), as in the numba kernel, so its value does not
-        # depend on the other pixels of its block (Newton needs ~5 steps, the 40 are a bisection safeguard)
-        tiny = xp.abs(new - v_live) <= 1e-12 * xp.maximum(v_live, 1e-30)
+        # depend on the other pixels of its block (Newton needs ~4 steps, the 40 are a bisection safeguard)
+        tiny = converged | (xp.abs(new - v_live) <= 1e-12 * xp.maximum(v_live, 1e-30))
         v_live = xp.where(stopped, v_live, new)
         stopped = stopped | tiny
         n_moving = live.size - int(stopped.sum())
