@@ -753,3 +753,21 @@ def test_device_solve_finds_failed_factorisations_without_raising(rng, diagonal)
     real = np.ones(8, dtype=bool)
     real[4] = False  # the indefinite matrix was put in by hand: numba builds its own from the data
     np.testing.assert_array_equal(numba_ok[real], host_ok[real])
+
+
+@pytest.mark.parametrize("n_rows", [1, 2, 3, 7, 35])
+def test_both_register_blocks_of_the_gram_sums_equal_numpy(rng, n_rows):
+    """The fused kernel sums weights x rows with the 4 x 3 register block on 32-register hosts and the
+    4 x 2 block on 16-register ones (AVX2): both, whichever this host uses, equal the plain products."""
+    from cannon_bridge.backends import _numba
+    n_stars = 1037
+    weights = rng.uniform(0.5, 2.0, (4, n_stars))
+    rows = rng.normal(size=(n_rows, n_stars))
+    n0, n1 = 13, 1000
+    expected = weights[:, n0:n1] @ rows[:, n0:n1].T
+    for kernel in (_numba._gram4x3, _numba._gram4x2):
+        out = np.full((6, n_rows), 0.5)  # sums are added to what the rows hold; rows 4-5 are untouched
+        kernel(weights[0], weights[1], weights[2], weights[3], rows, n0, n1, out, 3, 0, 2, 1)
+        np.testing.assert_allclose(out[[3, 0, 2, 1]], expected + 0.5, rtol=1e-12)
+        np.testing.assert_array_equal(out[4:], 0.5)
+    assert _numba._gram4 is (_numba._gram4x3 if _numba._WIDE_REGISTERS else _numba._gram4x2)

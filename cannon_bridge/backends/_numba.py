@@ -615,10 +615,22 @@ def _scatter_one(residual, ivar_row, noise_free, dof_factor, n_iter, total_var, 
     return v
 
 
+def _wide_vector_registers() -> bool:
+    # 32 vector registers (AVX-512 hosts, even for 256-bit vectors) or 16 (AVX2): decides the register
+    # block of the training Gram sums
+    try:
+        from llvmlite import binding
+
+        return "+avx512f" in binding.get_host_cpu_features().flatten().split(",")
+    except Exception:  # no answer: the block that fits 16 registers
+        return False
+
+
 @numba.njit(cache=True, fastmath=_REDUCE, error_model="numpy")
-def _gram4(w0, w1, w2, w3, rows, n0, n1, out, k0, k1, k2, k3):
+def _gram4x3(w0, w1, w2, w3, rows, n0, n1, out, k0, k1, k2, k3):
     # out[k_q, j] += sum over stars n0:n1 of w_q[n] * rows[j, n], for 4 weight vectors at once and the rows
-    # 3 at a time: 12 accumulators, 7 loads per 12 multiply-adds (the loads, not the arithmetic, set the pace)
+    # 3 at a time: 12 accumulators, 7 loads per 12 multiply-adds (the loads, not the arithmetic, set the pace).
+    # 12 accumulators and 7 operands need 19 vector registers: for hosts with 32 of them
     count = n1 - n0
     a0 = w0[n0:n1]
     a1 = w1[n0:n1]
@@ -692,6 +704,75 @@ def _gram4(w0, w1, w2, w3, rows, n0, n1, out, k0, k1, k2, k3):
         out[k2, j] += s2
         out[k3, j] += s3
         j += 1
+
+
+@numba.njit(cache=True, fastmath=_REDUCE, error_model="numpy")
+def _gram4x2(w0, w1, w2, w3, rows, n0, n1, out, k0, k1, k2, k3):
+    # _gram4x3 with the rows 2 at a time: 8 accumulators and 6 operands fit 16 vector registers (AVX2);
+    # the 4 x 3 block spills there (24 stack moves in its loop) and ran at 9 GFMA/s per core against 14-15
+    count = n1 - n0
+    a0 = w0[n0:n1]
+    a1 = w1[n0:n1]
+    a2 = w2[n0:n1]
+    a3 = w3[n0:n1]
+    n_rows = rows.shape[0]
+    j = 0
+    while j + 2 <= n_rows:
+        z = rows[j, n0:n1]
+        y = rows[j + 1, n0:n1]
+        s0 = 0.0
+        s1 = 0.0
+        s2 = 0.0
+        s3 = 0.0
+        t0 = 0.0
+        t1 = 0.0
+        t2 = 0.0
+        t3 = 0.0
+        for n in range(count):
+            zn = z[n]
+            yn = y[n]
+            b0 = a0[n]
+            b1 = a1[n]
+            b2 = a2[n]
+            b3 = a3[n]
+            s0 += b0 * zn
+            s1 += b1 * zn
+            s2 += b2 * zn
+            s3 += b3 * zn
+            t0 += b0 * yn
+            t1 += b1 * yn
+            t2 += b2 * yn
+            t3 += b3 * yn
+        out[k0, j] += s0
+        out[k1, j] += s1
+        out[k2, j] += s2
+        out[k3, j] += s3
+        out[k0, j + 1] += t0
+        out[k1, j + 1] += t1
+        out[k2, j + 1] += t2
+        out[k3, j + 1] += t3
+        j += 2
+    if j < n_rows:
+        z = rows[j, n0:n1]
+        s0 = 0.0
+        s1 = 0.0
+        s2 = 0.0
+        s3 = 0.0
+        for n in range(count):
+            zn = z[n]
+            s0 += a0[n] * zn
+            s1 += a1[n] * zn
+            s2 += a2[n] * zn
+            s3 += a3[n] * zn
+        out[k0, j] += s0
+        out[k1, j] += s1
+        out[k2, j] += s2
+        out[k3, j] += s3
+
+
+#: the register block of the fused kernel's Gram sums, chosen for the host (numba compiles for it)
+_WIDE_REGISTERS = _wide_vector_registers()
+_gram4 = _gram4x3 if _WIDE_REGISTERS else _gram4x2
 
 
 @numba.njit(cache=True, fastmath=_REDUCE, error_model="numpy")
@@ -950,8 +1031,9 @@ def fit_fused(flux, ivar, star_mask, design, active, n_passes, dof_factor, n_ite
     design = np.ascontiguousarray(design, dtype=np.float64)
     n_terms = design.shape[1]
     products_t, packed_map, lower_map = _fused_products(design)
-    if star_chunk is None:  # 4 pixels' weights and a row of Z for 1,024 stars (40 kB) stay in L1
-        star_chunk = 1024
+    if star_chunk is None:  # 4 pixels' weights and a row of Z stay in L1 (40 kB at 1,024 stars; 20 kB at 512,
+        # where the 16-register Gram block ran 5-10% faster on a 32 kB L1)
+        star_chunk = 1024 if _WIDE_REGISTERS else 512
     if tile is None:  # 16 pixels (a float32 row segment is one cache line); smaller for very many stars
         tile = int(min(16, max(4, 2**21 // max(n_stars, 1))))
     coef = np.empty((n_pixels, n_terms))
