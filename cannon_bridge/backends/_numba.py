@@ -627,6 +627,25 @@ def _wide_vector_registers() -> bool:
 
 
 @numba.njit(cache=True, fastmath=_REDUCE, error_model="numpy")
+def _gram4_row(a0, a1, a2, a3, z, out, j, k0, k1, k2, k3):
+    # one row of the Gram sums: out[k_q, j] += sum_n a_q[n] * z[n] (the blocks' remainder)
+    s0 = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    s3 = 0.0
+    for n in range(z.size):
+        zn = z[n]
+        s0 += a0[n] * zn
+        s1 += a1[n] * zn
+        s2 += a2[n] * zn
+        s3 += a3[n] * zn
+    out[k0, j] += s0
+    out[k1, j] += s1
+    out[k2, j] += s2
+    out[k3, j] += s3
+
+
+@numba.njit(cache=True, fastmath=_REDUCE, error_model="numpy")
 def _gram4x3(w0, w1, w2, w3, rows, n0, n1, out, k0, k1, k2, k3):
     # out[k_q, j] += sum over stars n0:n1 of w_q[n] * rows[j, n], for 4 weight vectors at once and the rows
     # 3 at a time: 12 accumulators, 7 loads per 12 multiply-adds (the loads, not the arithmetic, set the pace).
@@ -688,21 +707,7 @@ def _gram4x3(w0, w1, w2, w3, rows, n0, n1, out, k0, k1, k2, k3):
         out[k3, j + 2] += u3
         j += 3
     while j < n_rows:
-        z = rows[j, n0:n1]
-        s0 = 0.0
-        s1 = 0.0
-        s2 = 0.0
-        s3 = 0.0
-        for n in range(count):
-            zn = z[n]
-            s0 += a0[n] * zn
-            s1 += a1[n] * zn
-            s2 += a2[n] * zn
-            s3 += a3[n] * zn
-        out[k0, j] += s0
-        out[k1, j] += s1
-        out[k2, j] += s2
-        out[k3, j] += s3
+        _gram4_row(a0, a1, a2, a3, rows[j, n0:n1], out, j, k0, k1, k2, k3)
         j += 1
 
 
@@ -753,21 +758,7 @@ def _gram4x2(w0, w1, w2, w3, rows, n0, n1, out, k0, k1, k2, k3):
         out[k3, j + 1] += t3
         j += 2
     if j < n_rows:
-        z = rows[j, n0:n1]
-        s0 = 0.0
-        s1 = 0.0
-        s2 = 0.0
-        s3 = 0.0
-        for n in range(count):
-            zn = z[n]
-            s0 += a0[n] * zn
-            s1 += a1[n] * zn
-            s2 += a2[n] * zn
-            s3 += a3[n] * zn
-        out[k0, j] += s0
-        out[k1, j] += s1
-        out[k2, j] += s2
-        out[k3, j] += s3
+        _gram4_row(a0, a1, a2, a3, rows[j, n0:n1], out, j, k0, k1, k2, k3)
 
 
 #: the register block of the fused kernel's Gram sums, chosen for the host (numba compiles for it)
