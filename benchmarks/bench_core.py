@@ -216,6 +216,10 @@ def install_timers(backend_name):
             **vars(ns),  # every member (to_device, to_host, ...), two of them timed
             "solve_normal_equations": timers.wrap("solve_normal_equations", ns.solve_normal_equations),
             "fit_scatter": timers.wrap("fit_scatter", ns.fit_scatter),
+            # numba, many terms: the GEMM and every per-pixel (reweighted) solve of a pass in one call, and Z
+            **({"solve_reweighted": timers.wrap("solve_normal_equations", ns.solve_reweighted),
+                "training_products": timers.wrap("packed_products(Z)", ns.training_products)}
+               if getattr(ns, "solve_reweighted", None) is not None else {}),
             # numba, few terms: every pass of a block in one kernel (neither function above is called)
             **({"fit_fused": timers.wrap("fit_fused", counted_passes(timers, ns.fit_fused))}
                if hasattr(ns, "fit_fused") else {})})
