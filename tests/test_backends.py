@@ -771,3 +771,21 @@ def test_both_register_blocks_of_the_gram_sums_equal_numpy(rng, n_rows):
         np.testing.assert_allclose(out[[3, 0, 2, 1]], expected + 0.5, rtol=1e-12)
         np.testing.assert_array_equal(out[4:], 0.5)
     assert _numba._gram4 is (_numba._gram4x3 if _numba._WIDE_REGISTERS else _numba._gram4x2)
+
+
+def test_the_register_block_follows_the_compilation_target(monkeypatch):
+    """4 x 3 needs 32 vector registers: chosen for AVX-512 targets only, the host's unless NUMBA_CPU_NAME and
+    NUMBA_CPU_FEATURES name another (a portable cache compiled for 'generic' has 16)."""
+    import numba
+
+    from cannon_bridge.backends import _numba
+    monkeypatch.setattr(numba.config, "CPU_NAME", "skylake-avx512")
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx2,+avx512f,+fma")
+    assert _numba._wide_vector_registers()
+    monkeypatch.setattr(numba.config, "CPU_NAME", "generic")
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", None)
+    assert not _numba._wide_vector_registers()
+    monkeypatch.setattr(numba.config, "CPU_NAME", None)
+    from llvmlite import binding
+    host_wide = "+avx512f" in binding.get_host_cpu_features().flatten().split(",")
+    assert _numba._wide_vector_registers() == host_wide

@@ -630,12 +630,17 @@ def _scatter_one(residual, ivar_row, noise_free, dof_factor, n_iter, total_var, 
 
 
 def _wide_vector_registers() -> bool:
-    # 32 vector registers (AVX-512 hosts, even for 256-bit vectors) or 16 (AVX2): decides the register
-    # block of the training Gram sums
+    # 32 vector registers (AVX-512 targets, even for 256-bit vectors) or 16 (AVX2 and older): decides the
+    # register block of the training Gram sums. Numba compiles for the host unless NUMBA_CPU_NAME /
+    # NUMBA_CPU_FEATURES name another target (e.g. a portable cache): then for those features
     try:
-        from llvmlite import binding
+        if numba.config.CPU_NAME not in (None, "host"):
+            features = numba.config.CPU_FEATURES or ""
+        else:
+            from llvmlite import binding
 
-        return "+avx512f" in binding.get_host_cpu_features().flatten().split(",")
+            features = binding.get_host_cpu_features().flatten()
+        return "+avx512f" in features.split(",")
     except Exception:  # no answer: the block that fits 16 registers
         return False
 
@@ -861,7 +866,8 @@ def _fit_fused(flux, flux_stride, ivar, ivar_stride, mask, mask_stride, use_mask
         f_t = np.empty((tile, n_stars))
         iv_t = np.empty((tile, n_stars))
         w_t = np.empty((tile, n_stars))
-        u_t = np.empty((tile, n_stars))  # w * f: the right-hand sides' weights
+        # w * f, the right-hand sides' weights, of the current 4 pixels: a chunk's (4 x star_chunk) stays in L1
+        u_t = np.empty((4, n_stars))
         res = np.empty((4, n_stars))
         normal = np.empty((tile + 3, n_packed))
         rhs_t = np.empty((tile + 3, n_terms))
@@ -949,18 +955,17 @@ def _fit_fused(flux, flux_stride, ivar, ivar_stride, mask, mask_stride, use_mask
                                 k = pending[g0 + q]
                                 slot[q] = k
                                 row[q] = k
-                                w_part = weights[k, n0:n1]
-                                f_part = f_t[k, n0:n1]
-                                u_part = u_t[k, n0:n1]
-                                for n in range(n1 - n0):
-                                    u_part[n] = w_part[n] * f_part[n]
                             else:  # padding: the last pixel again, summed into a spare row
                                 slot[q] = slot[q - 1]
                                 row[q] = tile + q - 1
+                            w_part = weights[slot[q], n0:n1]
+                            f_part = f_t[slot[q], n0:n1]
+                            u_part = u_t[q, n0:n1]
+                            for n in range(n1 - n0):
+                                u_part[n] = w_part[n] * f_part[n]
                         _gram4(weights[slot[0]], weights[slot[1]], weights[slot[2]], weights[slot[3]], products_t,
                                n0, n1, normal, row[0], row[1], row[2], row[3])
-                        _gram4(u_t[slot[0]], u_t[slot[1]], u_t[slot[2]], u_t[slot[3]], design_t,
-                               n0, n1, rhs_t, row[0], row[1], row[2], row[3])
+                        _gram4(u_t[0], u_t[1], u_t[2], u_t[3], design_t, n0, n1, rhs_t, row[0], row[1], row[2], row[3])
                 still = 0
                 for g0 in range(0, n_pending, 4):
                     for q in range(4):
