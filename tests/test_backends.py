@@ -153,6 +153,31 @@ def test_fit_scatter_maximises_marginal_likelihood(backend_name, rng):
     assert s2[0] < s2[3] < s2[4]  # ordered like the true scatter
 
 
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize("unit", [1e-50, 1e-20, 1e-8, 1e10])
+def test_fit_scatter_does_not_depend_on_the_flux_unit(backend_name, rng, unit):
+    """s^2 scales as unit^2: flux in tiny units (the stop's floor was a fixed 1e-30 in v, so 1e-20 took the
+    first Newton step, 15% off) and huge ones (inv**3 overflowed in numpy below var ~ 1e-103) alike."""
+    n_stars, n_pixels = 500, 8
+    var = rng.uniform(0.5, 2.0, size=(n_stars, n_pixels)) * 1e-4
+    residuals = rng.normal(size=(n_stars, n_pixels)) * np.sqrt(var + rng.uniform(0.5, 2.0, n_pixels) * 2e-5)
+    observed = rng.random((n_stars, n_pixels)) > 0.1
+    backend = get_backend(backend_name)
+    reference = np.asarray(backend.fit_scatter(residuals, var, observed, 1.02))
+    scaled = np.asarray(backend.fit_scatter(residuals * unit, var * unit**2, observed, 1.02)) / unit**2
+    assert np.all(reference > 0)
+    np.testing.assert_allclose(scaled, reference, rtol=1e-9)
+    if backend_name == "numba":  # the fused kernel's copy
+        from cannon_bridge.backends import _numba
+        r2, work = np.empty(n_stars), np.empty(n_stars)
+        for m in range(n_pixels):
+            ivar = np.where(observed[:, m], 1.0 / (var[:, m] * unit**2), 0.0)
+            fused = _numba._scatter_one(np.where(observed[:, m], residuals[:, m] * unit, 0.0), ivar, False, 1.02, 40,
+                                        float((var[observed[:, m], m] * unit**2).sum()), int(observed[:, m].sum()),
+                                        r2, work)
+            assert fused / unit**2 == pytest.approx(reference[m], rel=1e-9)
+
+
 def _gradient_root(r2, var):
     """The root in v of d ln L / dv = 1/2 sum [r2 / (var + v)^2 - 1 / (var + v)], by brentq to rounding."""
     def gradient(v):
@@ -786,6 +811,9 @@ def test_the_register_block_follows_the_compilation_target(monkeypatch):
     monkeypatch.setattr(numba.config, "CPU_FEATURES", None)
     assert not _numba._wide_vector_registers()
     monkeypatch.setattr(numba.config, "CPU_NAME", None)
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx2,+avx512f")  # the features decide when given
+    assert _numba._wide_vector_registers()
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", None)
     from llvmlite import binding
     host_wide = "+avx512f" in binding.get_host_cpu_features().flatten().split(",")
     assert _numba._wide_vector_registers() == host_wide

@@ -302,6 +302,12 @@ def solve_reweighted(design, weights, flux, active, regularization=0.0, n_reweig
         int(n_reweight) if regularization > 0 else 0, _SOLVE_CHUNK)
 
 
+#: The scatter's Newton iteration stops at a step <= 1e-12 max(v, floor), floor = _STOP_FLOOR x the pixel's mean
+#: r^2 (at least 1e-300): relative to the data, so that flux in tiny units (1e-20) is fitted as precisely as in units of 1
+#: (a fixed floor of 1e-30 took the first step there: s^2 15% off)
+_STOP_FLOOR = 1e-20
+
+
 @numba.njit(parallel=True, cache=True)
 def _fit_scatter(residuals, data_variance, observed, dof_factor, n_iter):
     # pixel-major inputs (n_pixels, n_stars): each pixel's stars are contiguous, and the
@@ -339,6 +345,7 @@ def _fit_scatter(residuals, data_variance, observed, dof_factor, n_iter):
             continue
         low = 0.0
         v = min(max((total_r2 - total_var) / n_obs, 0.0), high)
+        floor = max(_STOP_FLOOR * total_r2 / n_obs, 1e-300)  # the stop's scale near v = 0, in the data's units
         for _ in range(n_iter):
             g = 0.0
             h = 0.0
@@ -352,14 +359,14 @@ def _fit_scatter(residuals, data_variance, observed, dof_factor, n_iter):
                 high = v
             if h < 0:
                 candidate = v - g / h
-                if abs(candidate - v) <= 1e-12 * max(v, 1e-30):
+                if abs(candidate - v) <= 1e-12 * max(v, floor):
                     v = min(max(candidate, low), high)  # converged (see _scatter_one)
                     break
             else:
                 candidate = -1.0
             if not (candidate > low and candidate < high):
                 candidate = 0.5 * (low + high)
-            if abs(candidate - v) <= 1e-12 * max(v, 1e-30):
+            if abs(candidate - v) <= 1e-12 * max(v, floor):
                 v = candidate
                 break
             v = candidate
@@ -601,6 +608,7 @@ def _scatter_one(residual, ivar_row, noise_free, dof_factor, n_iter, total_var, 
         return 0.0
     low = 0.0
     v = min(max((total_r2 - total_var) / n_obs, 0.0), high)
+    floor = max(_STOP_FLOOR * total_r2 / n_obs, 1e-300)  # see _fit_scatter
     for _ in range(n_iter):
         if noise_free:
             g, h = _newton_sums(r2, var, n_obs, v)
@@ -612,7 +620,7 @@ def _scatter_one(residual, ivar_row, noise_free, dof_factor, n_iter, total_var, 
             high = v
         if h < 0:
             candidate = v - g / h
-            if abs(candidate - v) <= 1e-12 * max(v, 1e-30):
+            if abs(candidate - v) <= 1e-12 * max(v, floor):
                 # converged: the step is the root to rounding. Tested before the bracket, whose end is v
                 # itself after this step's update: a step that rounds onto v fails 'candidate > low' and
                 # bisected away towards max r^2, then crawled back a bit per step for all n_iter
@@ -622,7 +630,7 @@ def _scatter_one(residual, ivar_row, noise_free, dof_factor, n_iter, total_var, 
             candidate = -1.0
         if not (candidate > low and candidate < high):
             candidate = 0.5 * (low + high)
-        if abs(candidate - v) <= 1e-12 * max(v, 1e-30):
+        if abs(candidate - v) <= 1e-12 * max(v, floor):
             v = candidate
             break
         v = candidate
@@ -634,13 +642,12 @@ def _wide_vector_registers() -> bool:
     # register block of the training Gram sums. Numba compiles for the host unless NUMBA_CPU_NAME /
     # NUMBA_CPU_FEATURES name another target (e.g. a portable cache): then for those features
     try:
-        if numba.config.CPU_NAME not in (None, "host"):
-            features = numba.config.CPU_FEATURES or ""
-        else:
+        features = numba.config.CPU_FEATURES  # numba compiles with these whenever they are set
+        if features is None and numba.config.CPU_NAME in (None, "host"):
             from llvmlite import binding
 
             features = binding.get_host_cpu_features().flatten()
-        return "+avx512f" in features.split(",")
+        return "+avx512f" in (features or "").split(",")
     except Exception:  # no answer: the block that fits 16 registers
         return False
 

@@ -120,8 +120,9 @@ def fit_scatter(residuals, data_variance, observed, dof_factor=1.0, xp=np, n_ite
         total = var + v[None, :]
         inv = xp.where(observed, 1.0 / xp.where(total > 0, total, 1.0), 0.0)
         inv = xp.where(observed & (total <= 0), xp.inf, inv)
-        g = 0.5 * (r2 * inv**2 - inv).sum(axis=0)
-        h = (-r2 * inv**3 + 0.5 * inv**2).sum(axis=0)
+        # r2 first, then one factor of inv at a time (as the numba kernels): inv**3 overflows for tiny units
+        g = 0.5 * (r2 * inv * inv - inv).sum(axis=0)
+        h = (-r2 * inv * inv * inv + 0.5 * inv * inv).sum(axis=0)
         return g, h
 
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -129,15 +130,17 @@ def fit_scatter(residuals, data_variance, observed, dof_factor=1.0, xp=np, n_ite
     g0 = xp.where(xp.isnan(g0), xp.inf, g0)  # a noise-free star makes v = 0 infinitely unlikely
     moment = xp.maximum(0.0, (r2.sum(axis=0) - (var * observed).sum(axis=0)) / xp.maximum(n_obs, 1))
     v = xp.clip(moment, low, high)
+    # the stop's scale near v = 0, in the data's units (see _numba._STOP_FLOOR)
+    floor = xp.maximum(1e-20 * r2.sum(axis=0) / xp.maximum(n_obs, 1), 1e-300)
     # pixels whose scatter is 0 whatever the iteration gives (no gain at v = 0, or no stars) take no part:
     # bisecting towards 0 never makes a tiny step, and they would keep the loop going for all n_iter
-    zero = (g0 <= 0) | (n_obs == 0)
+    zero = (g0 <= 0) | (n_obs == 0) | (xp.max(r2, axis=0) <= 0)  # residuals all 0: s^2 = 0 (as in numba)
     # the iteration runs on the pixels still moving (``live``, indices into the block): the columns are
     # gathered again whenever half of them have stopped, so a few slow pixels (a bracket closing at
     # the last digits) do not keep the whole block in every step
     live = xp.flatnonzero(~zero)
     columns = (r2[:, live], var[:, live], observed[:, live])
-    v_live, low_live, high_live = v[live], low[live], high[live]
+    v_live, low_live, high_live, floor_live = v[live], low[live], high[live], floor[live]
     stopped = xp.zeros(live.size, dtype=bool)
     for _ in range(n_iter):
         if live.size == 0:
@@ -155,13 +158,13 @@ def fit_scatter(residuals, data_variance, observed, dof_factor=1.0, xp=np, n_ite
         # a tiny Newton step is the root to rounding: taken (inside the bracket) before the bracket test,
         # whose end is v itself after the update above, so a step that rounds onto v is not turned into
         # a bisection away from the root
-        small = xp.abs(candidate - v_live) <= 1e-12 * xp.maximum(v_live, 1e-30)
-        converged = (h < 0) & xp.isfinite(candidate) & small
+        small = xp.abs(candidate - v_live) <= 1e-12 * xp.maximum(v_live, floor_live)
+        converged = (h < 0) & xp.isfinite(h) & xp.isfinite(candidate) & small
         new = xp.where(converged, xp.clip(candidate, low_live, high_live),
                        xp.where(bad, 0.5 * (low_live + high_live), candidate))
         # a pixel stops at its first tiny step (taking it), as in the numba kernel, so its value does not
         # depend on the other pixels of its block (Newton needs ~4 steps, the 40 are a bisection safeguard)
-        tiny = converged | (xp.abs(new - v_live) <= 1e-12 * xp.maximum(v_live, 1e-30))
+        tiny = converged | (xp.abs(new - v_live) <= 1e-12 * xp.maximum(v_live, floor_live))
         v_live = xp.where(stopped, v_live, new)
         stopped = stopped | tiny
         n_moving = live.size - int(stopped.sum())
@@ -172,7 +175,7 @@ def fit_scatter(residuals, data_variance, observed, dof_factor=1.0, xp=np, n_ite
             keep = xp.flatnonzero(~stopped)
             live = live[keep]
             columns = tuple(column[:, keep] for column in columns)
-            v_live, low_live, high_live = v_live[keep], low_live[keep], high_live[keep]
+            v_live, low_live, high_live, floor_live = v_live[keep], low_live[keep], high_live[keep], floor_live[keep]
             stopped = stopped[keep]
     v[live] = v_live
     v = xp.where(zero, 0.0, v)
