@@ -302,9 +302,9 @@ def solve_reweighted(design, weights, flux, active, regularization=0.0, n_reweig
         int(n_reweight) if regularization > 0 else 0, _SOLVE_CHUNK)
 
 
-#: The scatter's Newton iteration stops at a step <= 1e-12 max(v, floor), floor = _STOP_FLOOR x the pixel's mean
-#: r^2 (at least 1e-300): relative to the data, so that flux in tiny units (1e-20) is fitted as precisely as in units of 1
-#: (a fixed floor of 1e-30 took the first step there: s^2 15% off)
+#: The scatter's Newton iteration stops at a step <= 1e-12 max(v, floor), floor = _STOP_FLOOR x the pixel's
+#: mean r^2 (at least 1e-300): relative to the data, so that flux in tiny units (1e-20) is fitted as precisely
+#: as in units of 1 (a fixed floor of 1e-30 took the first step there: s^2 15% off)
 _STOP_FLOOR = 1e-20
 
 
