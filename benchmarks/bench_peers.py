@@ -155,10 +155,14 @@ def worker_cannon_bridge(data_path, result_path, n_test, backend):
     d = load(data_path, n_test)
     progress = Progress(result_path, n_test=len(d["test_labels"]), source=source_state())
     names = d["names"]
-    t0 = time.perf_counter()  # warm-up (numba compile or cache load) on a tiny problem
-    small = CannonModel(names, backend=backend).fit(d["train_flux"][:300, :256], d["train_labels"][:300],
-                                                    ivar=d["train_ivar"][:300, :256])
-    small.infer(d["test_flux"][:8, :256], d["test_ivar"][:8, :256])
+    # warm-up (numba compile or cache load) on a small problem; 4,096 pixels, as in bench_core, so that the
+    # input check takes its large-input (numba) path too: with 256 the first timed fit loaded those kernels
+    # (1.76 s instead of ~0.2 s for K = 3 at N = 2,000 in session 11)
+    t0 = time.perf_counter()
+    n_warm, m_warm = min(300, len(d["train_labels"])), min(4096, d["train_flux"].shape[1])
+    small = CannonModel(names, backend=backend).fit(d["train_flux"][:n_warm, :m_warm], d["train_labels"][:n_warm],
+                                                    ivar=d["train_ivar"][:n_warm, :m_warm])
+    small.infer(d["test_flux"][:8, :m_warm], d["test_ivar"][:8, :m_warm])
     progress.update(warmup_s=time.perf_counter() - t0)
     model = CannonModel(names, backend=backend)
     t0, c0 = time.perf_counter(), time.process_time()
