@@ -308,6 +308,28 @@ def solve_reweighted(design, weights, flux, active, regularization=0.0, n_reweig
 _STOP_FLOOR = 1e-20
 
 
+@numba.njit(inline="always")
+def _newton_step(v, g, h, low, high, floor):
+    # one step of the bracketed Newton iteration on the gradient g (curvature h) of ln L at v, shared by
+    # _fit_scatter and _scatter_one: returns (next v, low, high, whether to stop)
+    if g > 0:
+        low = v
+    else:
+        high = v
+    if h < 0:
+        candidate = v - g / h
+        if abs(candidate - v) <= 1e-12 * max(v, floor):
+            # converged: the step is the root to rounding. Tested before the bracket, whose end is v itself
+            # after the update above: a step that rounds onto v fails 'candidate > low' and bisected away
+            # towards max r^2, then crawled back a bit per step for all n_iter
+            return min(max(candidate, low), high), low, high, True
+    else:
+        candidate = -1.0
+    if not (candidate > low and candidate < high):
+        candidate = 0.5 * (low + high)
+    return candidate, low, high, abs(candidate - v) <= 1e-12 * max(v, floor)
+
+
 @numba.njit(parallel=True, cache=True)
 def _fit_scatter(residuals, data_variance, observed, dof_factor, n_iter):
     # pixel-major inputs (n_pixels, n_stars): each pixel's stars are contiguous, and the
@@ -353,23 +375,9 @@ def _fit_scatter(residuals, data_variance, observed, dof_factor, n_iter):
                 inv = 1.0 / (var[j] + v)
                 g += 0.5 * (r2[j] * inv * inv - inv)
                 h += -r2[j] * inv * inv * inv + 0.5 * inv * inv
-            if g > 0:
-                low = v
-            else:
-                high = v
-            if h < 0:
-                candidate = v - g / h
-                if abs(candidate - v) <= 1e-12 * max(v, floor):
-                    v = min(max(candidate, low), high)  # converged (see _scatter_one)
-                    break
-            else:
-                candidate = -1.0
-            if not (candidate > low and candidate < high):
-                candidate = 0.5 * (low + high)
-            if abs(candidate - v) <= 1e-12 * max(v, floor):
-                v = candidate
+            v, low, high, done = _newton_step(v, g, h, low, high, floor)
+            if done:
                 break
-            v = candidate
         out[m] = v
     return out
 
@@ -614,26 +622,9 @@ def _scatter_one(residual, ivar_row, noise_free, dof_factor, n_iter, total_var, 
             g, h = _newton_sums(r2, var, n_obs, v)
         else:
             g, h = _ivar_newton_sums(r2, ivar_row, n_stars, v)
-        if g > 0:
-            low = v
-        else:
-            high = v
-        if h < 0:
-            candidate = v - g / h
-            if abs(candidate - v) <= 1e-12 * max(v, floor):
-                # converged: the step is the root to rounding. Tested before the bracket, whose end is v
-                # itself after this step's update: a step that rounds onto v fails 'candidate > low' and
-                # bisected away towards max r^2, then crawled back a bit per step for all n_iter
-                v = min(max(candidate, low), high)
-                break
-        else:
-            candidate = -1.0
-        if not (candidate > low and candidate < high):
-            candidate = 0.5 * (low + high)
-        if abs(candidate - v) <= 1e-12 * max(v, floor):
-            v = candidate
+        v, low, high, done = _newton_step(v, g, h, low, high, floor)
+        if done:
             break
-        v = candidate
     return v
 
 
