@@ -222,7 +222,7 @@ def install_timers(backend_name):
                if getattr(ns, "solve_reweighted", None) is not None else {}),
             # numba, few terms: every pass of a block in one kernel (neither function above is called)
             **({"fit_fused": timers.wrap("fit_fused", counted_passes(timers, ns.fit_fused))}
-               if hasattr(ns, "fit_fused") else {})})
+               if getattr(ns, "fit_fused", None) is not None else {})})
 
     model_module.get_backend = get_backend
     for name in ("check_spectra", "typical_noise_variance"):  # the latter exists in newer versions only
@@ -233,6 +233,8 @@ def install_timers(backend_name):
     if backend_name == "numba":
         from cannon_bridge.backends import _numba as kernel_module
 
+        # newer versions: a package whose per-pixel solves (and their packed_products) live in _numba.solve
+        kernel_module = getattr(kernel_module, "solve", kernel_module)
         # the per-pixel solves: every L1 reweighting of a block in one kernel (newer versions), else the packed solve
         solver = "_solve_reweighted" if hasattr(kernel_module, "_solve_reweighted") else "_solve_packed"
         original_solve = getattr(kernel_module, solver)

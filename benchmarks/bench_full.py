@@ -16,7 +16,7 @@ Steps, each timed (wall clock) with the peak RSS after it:
 The DGEMM rate is measured in the same process; the JSON (``results/bench_full_N[_kK].json``) records it with the
 load average and the cost of writing fresh memory (``fresh_memory.py``), so the seconds can be read against the
 machine's state. The training of the two surveys' models
-(``BridgeModel._fit_models``, timed apart from the choice of the L1 strength by CV) is compared with the DGEMM
+(``cannon_bridge.bridge.training.fit_surveys``, timed apart from the choice of the L1 strength by CV) is compared with the DGEMM
 bound of its passes: every pixel's normal matrix is a GEMM of N_pixel x P_pixel(P_pixel + 1) flop (P_pixel: the
 terms the pixel's censoring leaves, N_pixel: the stars with every label it needs), ``scatter_iterations + 1``
 times, at the peak DGEMM rate (2048 x 4096 x 2048) and at the rate of each group's own GEMM shape
@@ -44,7 +44,7 @@ from bench_core import measure_gemm  # noqa: E402
 from fresh_memory import touch  # noqa: E402
 
 from cannon_bridge import BridgeModel  # noqa: E402
-from cannon_bridge.bridge import _pixel_groups  # noqa: E402
+from cannon_bridge.bridge.censoring import pixel_groups as _pixel_groups  # noqa: E402
 from cannon_bridge.mock import ABUNDANCE_LABELS, CORE_LABELS, HEAVY_LABELS, make_crossmatch  # noqa: E402
 
 
@@ -132,16 +132,17 @@ def main(argv=None) -> int:
     bridge = BridgeModel(CORE_LABELS + ABUNDANCE_LABELS[:args.abundances], HEAVY_LABELS, apogee_order=2,
                          galah_order=2, calibrate=args.calibrate, backend="numba")
     timers = {}
-    for name in ("_select_regularization", "_fit_models"):
-        original = getattr(BridgeModel, name)
+    from cannon_bridge.bridge import estimator
+    for name in ("select_regularization", "fit_surveys"):  # the functions BridgeModel.fit calls
+        original = getattr(estimator, name)
 
-        def timed(self, *a, _original=original, _name=name, **k):
+        def timed(*a, _original=original, _name=name, **k):
             start = time.perf_counter()
             try:
-                return _original(self, *a, **k)
+                return _original(*a, **k)
             finally:
                 timers[_name] = timers.get(_name, 0.0) + time.perf_counter() - start
-        setattr(BridgeModel, name, timed)
+        setattr(estimator, name, timed)
     step("fit", bridge.fit, crossmatch)
     groups = training_groups(bridge, crossmatch)
     flop = training_flop(groups)
@@ -154,12 +155,12 @@ def main(argv=None) -> int:
     bound = passes * flop / (record["dgemm_gflops"] * 1e9)
     repr_pass, repr_rates = representative_bound(groups)
     record["training"] = {
-        "choose_l1_by_cv_s": round(timers.get("_select_regularization", 0.0), 2),
-        "fit_models_s": round(timers.get("_fit_models", 0.0), 2),
+        "choose_l1_by_cv_s": round(timers.get("select_regularization", 0.0), 2),
+        "fit_models_s": round(timers.get("fit_surveys", 0.0), 2),
         "passes": passes, "flop_per_pass": flop, "dgemm_bound_s": round(bound, 2),
-        "fit_models_over_bound": round(timers.get("_fit_models", 0.0) / bound, 2),
+        "fit_models_over_bound": round(timers.get("fit_surveys", 0.0) / bound, 2),
         "repr_gemm_gflops": repr_rates, "repr_dgemm_bound_s": round(passes * repr_pass, 2),
-        "fit_models_over_repr_bound": round(timers.get("_fit_models", 0.0) / (passes * repr_pass), 2)}
+        "fit_models_over_repr_bound": round(timers.get("fit_surveys", 0.0) / (passes * repr_pass), 2)}
     print(f"training: {record['training']}", flush=True)
     result = step("infer from APOGEE", bridge.infer, apogee_flux=crossmatch.apogee_flux,
                   apogee_ivar=crossmatch.apogee_ivar)

@@ -74,16 +74,17 @@ def device_gflops(cupy, n=8192):
 
 def simulated_device():
     """backend="cupy" as the device driver on numpy arrays (no GPU needed), in every module that asks."""
-    import cannon_bridge.bridge as bridge_module
     import cannon_bridge.model as model_module
     from cannon_bridge.backends._cupy import array_module_backend
+    from cannon_bridge.bridge import estimator, inference, training
 
     real = model_module.get_backend
 
     def get_backend(name="auto"):
         return array_module_backend(np, name="cupy") if name == "cupy" else real(name)
 
-    model_module.get_backend = bridge_module.get_backend = get_backend
+    for module in (model_module, estimator, inference, training):
+        module.get_backend = get_backend
 
 
 def joint_model(n_stars, synchronize):

@@ -67,8 +67,8 @@ def main():
               flush=True)
 
     # the solve kernel alone: one block of 1024 pixels, 7 solves as in one reweighted-L1 pass
-    from cannon_bridge.backends._packed import packed_products
-    from cannon_bridge.model import _solve_with_regularization
+    from cannon_bridge.backends.packed import packed_products
+    from cannon_bridge.engine import solve_with_regularization as _solve_with_regularization
     results["solve_block"] = {}
     for n_terms in (56, 90):
         rng = np.random.default_rng(n_terms)

@@ -257,7 +257,7 @@ def infer_star(model: BridgeModel, star: dict, wavelength, ccd, n_renorm: int = 
         continuum = continuum * step
         result = model.infer(galah_flux=flux[None], galah_ivar=ivar[None])
     # the model spectrum and its predictive variance at the inferred labels (label covariance + scatter)
-    model_flux, model_variance = model._generate("galah", result.labels, result.covariance)
+    model_flux, model_variance = model.generate_galah(result.labels, result.covariance)
     good = ivar > 0
     return {"result": result, "flux": flux, "ivar": ivar, "continuum": continuum, "model_flux": model_flux[0],
             "model_variance": model_variance[0],

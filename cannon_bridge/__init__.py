@@ -16,7 +16,8 @@ from .spectrum import Spectrum  # noqa: E402
 from .vectorizer import PolynomialVectorizer  # noqa: E402
 
 # heavier or optional parts load on first use: cannon_bridge.datasets, .scale (dask), .validation, ...
-_SUBMODULES = ("baselines", "datasets", "io", "lines", "mock", "plots", "preprocess", "scale", "validation")
+_SUBMODULES = ("bandlimit", "baselines", "datasets", "engine", "io", "lines", "mock", "plots", "preprocess", "scale",
+               "stats", "validation")
 
 
 def __getattr__(name: str):

@@ -94,10 +94,10 @@ class SpectraBlocks:
         global_columns = np.asarray(local if self.columns is None else self.columns[local], dtype=np.int64)
         global_rows = (np.arange(self.flux.shape[0]) if self.rows is None else self.rows)[rows]
         if self.band is not None:
-            from .backends._numba import band_limited_block
+            from .backends import host_backend
 
-            return band_limited_block(self.flux, self.ivar, global_rows, global_columns, self.band[0],
-                                      self.band[1], self.dtype)
+            return host_backend().band_limited_block(self.flux, self.ivar, global_rows, global_columns,
+                                                     self.band[0], self.band[1], self.dtype)
         return _gather(self.flux, global_rows, global_columns, self.dtype), (
             None if self.ivar is None else _gather(self.ivar, global_rows, global_columns, self.dtype))
 

@@ -163,11 +163,12 @@ def check_spectra(flux, ivar=None, n_pixels: int | None = None, name: str = "flu
 def _checked_fast(flux, ivar):
     """check_spectra's result from one parallel read (numba) of a large input, or None when the input
     has a problem: the numpy path then finds it again and names the first bad star and pixel."""
-    try:
-        from .backends import _numba as kernels
-    except ImportError:  # numba missing or broken: the numpy path is the reference anyway
+    from . import backends as kernels
+
+    host = kernels.host_backend()
+    if host.name != "numba":  # the numpy path is the reference anyway, and names the first bad value
         return None
-    summary = kernels.spectra_summary(flux, ivar)
+    summary = host.spectra_summary(flux, ivar)
     if ivar is None:
         if summary[kernels.SUMMARY_NONFINITE_FLUX] or summary[kernels.SUMMARY_MAX_ABS_FLUX] > MAX_ABS_FLUX:
             return None

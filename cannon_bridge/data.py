@@ -16,10 +16,26 @@ from astropy.io import fits
 from ._fitsio import write_hdus_atomically
 from .errors import InvalidInputError
 
-__all__ = ["CrossMatch", "APOGEE_CHIP_GAPS", "apogee_gap_mask"]
+__all__ = ["CrossMatch", "APOGEE_CHIP_GAPS", "GALAH_CCD_COVERAGE", "GALAH_CCD_ENVELOPE", "apogee_gap_mask"]
 
 #: pixel ranges [start, stop) of the apStar grid with no data (chip gaps and ends)
 APOGEE_CHIP_GAPS = ((0, 246), (3274, 3586), (6080, 6345), (8335, 8575))
+
+# The GALAH CCD ranges come in two widths on purpose. The exact limits of each HERMES CCD vary a
+# little from fibre to fibre (a reduced spectrum may reach a few Angstrom past the nominal edges),
+# so code that must recognise a CCD in real data uses the wider envelope, while the mock builds
+# its fixed grids on the narrower nominal coverage. Changing either changes results: the envelope
+# decides which pixels count as in a CCD, the coverage is the mock's wavelength grid.
+
+#: nominal wavelength coverage (air Angstrom) of the four GALAH HERMES CCDs (blue, green, red,
+#: infrared): the ends of the mock's 4096-pixel CCD grids (:func:`cannon_bridge.mock.galah_grid`)
+GALAH_CCD_COVERAGE = ((4713.0, 4903.0), (5648.0, 5873.0), (6478.0, 6737.0), (7585.0, 7887.0))
+
+#: wavelength envelope (air Angstrom) accepted as each GALAH CCD (blue, green, red, infrared): the
+#: nominal coverage widened by 2-15 Angstrom for fibre-to-fibre variation. Used by
+#: :func:`cannon_bridge.preprocess.segment_index` / ``chip_gap_mask`` (``survey="galah"``, where it
+#: is also ``preprocess.GALAH_CCD_RANGES``) and by the GALAH reader to tell a file's CCD
+GALAH_CCD_ENVELOPE = ((4710.0, 4905.0), (5645.0, 5876.0), (6470.0, 6740.0), (7570.0, 7890.0))
 
 
 def apogee_gap_mask(n_pixels: int = 8575) -> np.ndarray:

@@ -66,7 +66,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
-from .errors import CannonBridgeError, InvalidInputError
+from .errors import DownloadError, InvalidInputError  # DownloadError lives in errors; re-exported here
 
 __all__ = [
     "DownloadError",
@@ -161,22 +161,6 @@ DEFAULT_TIMEOUT = 60.0
 _CHUNK_BYTES = 1 << 20
 _FITS_MAGIC = b"SIMPLE  ="
 _HASH_LENGTHS = {"sha256": 64, "sha1": 40, "md5": 32}
-
-
-class DownloadError(CannonBridgeError, OSError):
-    """A file could not be fetched: unreachable host, HTTP error status, lost connection, bad content.
-
-    ``url`` is the address tried, ``status`` the HTTP status (None when the
-    server never answered) and ``path`` the file concerned (the ``.part`` while
-    downloading).
-    """
-
-    def __init__(self, message: str, *, url: str | None = None, status: int | None = None,
-                 path: Path | None = None):
-        super().__init__(message)
-        self.url = url
-        self.status = status
-        self.path = path
 
 
 class ChecksumMismatchError(DownloadError):

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .bridge import BUILTIN_GALAH_LINES, BridgeModel
-from .lines import LineFlag, aggregate_line_metrics, line_metrics, line_windows, window_mask
+from .bridge import BridgeModel
+from .lines import (BUILTIN_GALAH_LINES, LineFlag, aggregate_line_metrics, line_metrics, line_windows,
+                    window_mask)
 from .mock import CORE_LABELS, HEAVY_LABELS, make_crossmatch
 from .plots import line_residual_map, one_to_one, spectrum_comparison, window_rms_bars, zscore_histograms
 from .validation import compare_labels, model_line_attribution
@@ -48,7 +49,7 @@ def run_demo(output="demo_output", n_stars: int = 2000, seed: int = 0, test_frac
                "galah": model.infer(galah_flux=test_data.galah_flux, galah_ivar=test_data.galah_ivar),
                "both": model.infer(apogee_flux=test_data.apogee_flux, apogee_ivar=test_data.apogee_ivar,
                                    galah_flux=test_data.galah_flux, galah_ivar=test_data.galah_ivar)}
-    regenerated, variance = model._generate("galah", results["apogee"].labels, results["apogee"].covariance)
+    regenerated, variance = model.generate_galah(results["apogee"].labels, results["apogee"].covariance)
     timings["transfer"] = time.perf_counter() - start
 
     # ---- label metrics: bias, RMS, robust scatter and z-score moments per label and mode

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .bridge import BUILTIN_GALAH_LINES
-from .data import CrossMatch, apogee_gap_mask
+from .data import GALAH_CCD_COVERAGE, CrossMatch, apogee_gap_mask
+from .lines import BUILTIN_GALAH_LINES
 
 __all__ = ["make_crossmatch", "apogee_grid", "galah_grid", "CORE_LABELS", "HEAVY_LABELS", "ABUNDANCE_LABELS"]
 
@@ -21,7 +21,6 @@ CORE_LABELS = ["teff", "logg", "fe_h", "alpha_fe", "vmic"]
 HEAVY_LABELS = ["ba_fe", "y_fe", "eu_fe", "ce_fe", "nd_fe", "la_fe", "zr_fe"]
 #: optional APOGEE-style [X/Fe] labels (``make_crossmatch(n_abundances=...)``), each deepening its own lines
 ABUNDANCE_LABELS = ["c_fe", "n_fe", "o_fe", "na_fe", "al_fe", "si_fe", "ca_fe", "mn_fe"]
-GALAH_CCD_RANGES = ((4713.0, 4903.0), (5648.0, 5873.0), (6478.0, 6737.0), (7585.0, 7887.0))
 
 
 def apogee_grid() -> np.ndarray:
@@ -31,7 +30,7 @@ def apogee_grid() -> np.ndarray:
 
 def galah_grid() -> tuple[np.ndarray, np.ndarray]:
     """Four 4096-pixel linear CCD grids (air Angstrom) and the CCD number of each pixel."""
-    waves = [np.linspace(lo, hi, 4096) for lo, hi in GALAH_CCD_RANGES]
+    waves = [np.linspace(lo, hi, 4096) for lo, hi in GALAH_CCD_COVERAGE]
     return np.concatenate(waves), np.repeat(np.arange(1, 5), 4096)
 
 
@@ -159,7 +158,7 @@ def make_crossmatch(n_stars: int, seed: int = 0, snr_apogee: float = 100.0, snr_
     galah_wave, galah_ccd = galah_grid()
     apogee_lines = _line_catalogue(((15150.0, 15800.0), (15860.0, 16420.0), (16480.0, 16950.0)), 300, {},
                                    catalogue_rng)
-    galah_lines = _line_catalogue(GALAH_CCD_RANGES, 480, BUILTIN_GALAH_LINES, catalogue_rng)
+    galah_lines = _line_catalogue(GALAH_CCD_COVERAGE, 480, BUILTIN_GALAH_LINES, catalogue_rng)
     features = _features(labels)
     if not 0 <= int(n_abundances) <= len(ABUNDANCE_LABELS):
         raise ValueError(f"n_abundances must be between 0 and {len(ABUNDANCE_LABELS)}; got {n_abundances!r}")

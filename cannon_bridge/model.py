@@ -12,161 +12,25 @@ step is a batched Levenberg-Marquardt over stars with the analytic Jacobian.
 from __future__ import annotations
 
 import logging
-import weakref
-from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
-from scipy import stats
 from sklearn.base import BaseEstimator, RegressorMixin
 
-from ._blocks import SpectraBlocks
 from ._fitsio import read_model_file, write_model_file
+from ._params import CANNON_MODEL_CONSTRAINTS, validate_parameters
 from ._validation import check_labels, check_spectra
-from .backends import clear_caches, get_backend
-from .backends._inference import (LikelihoodBlock, evaluate, levenberg_marquardt, linear_estimate, merge_projected,
-                                  template_chi2)
-from .backends._numpy import _to_numpy
-from .backends._packed import packed_products
+from .backends import effective_weights, get_backend
+from .backends.inference import LikelihoodBlock
+from .engine import (InferenceResult, PixelFlag, StarFlag, active_terms, fit_pixels, in_batches, label_domain,
+                     packed_coefficients, projected_starts, run_test_step, scaled_covariance, star_flags)
+from .engine import test_step
 from .errors import InvalidInputError, ModelFileError, NotFittedError
 from .vectorizer import PolynomialVectorizer
 
 __all__ = ["CannonModel", "InferenceResult", "PixelFlag", "StarFlag"]
 
 logger = logging.getLogger(__name__)
-
-
-class PixelFlag:
-    """Bits of ``CannonModel.pixel_flags_`` (0 = pixel used)."""
-
-    NO_DATA = 1 << 0  #: fewer observed stars than free terms (e.g. all ivar 0)
-    SOLVE_FAILED = 1 << 1  #: singular normal matrix
-
-
-class StarFlag:
-    """Bits of ``InferenceResult.flags`` (0 = nothing to report)."""
-
-    NOT_CONVERGED = 1 << 0  #: the optimiser stopped before converging
-    OUTSIDE_RANGE = 1 << 1  #: a label lies outside the training labels' min-max range
-    OUTSIDE_HULL = 1 << 2  #: far from the training labels' distribution (Mahalanobis, p < 0.001)
-    LOW_SNR = 1 << 3  #: median S/N over used pixels below ``low_snr``
-    SINGULAR = 1 << 4  #: the labels are not all constrained (covariance from a pseudo-inverse)
-    FEW_PIXELS = 1 << 5  #: fewer usable pixels than labels
-    POOR_FIT = 1 << 6  #: fitted worse than held-out training stars: uncertainties inflated (BridgeModel)
-
-    @classmethod
-    def names(cls, value: int) -> list[str]:
-        return [name for name in ("NOT_CONVERGED", "OUTSIDE_RANGE", "OUTSIDE_HULL", "LOW_SNR",
-                                  "SINGULAR", "FEW_PIXELS", "POOR_FIT") if value & getattr(cls, name)]
-
-
-@dataclass
-class InferenceResult:
-    """Labels inferred by the test step.
-
-    Attributes
-    ----------
-    labels : ndarray of shape (n_stars, n_labels), physical units
-    covariance : ndarray of shape (n_stars, n_labels, n_labels), in label units
-        (K^2, dex^2, ...), from the inverse Gauss-Newton Hessian of chi^2.
-    chi2, reduced_chi2 : ndarray of shape (n_stars,)
-    n_iter : ndarray of shape (n_stars,), optimiser iterations of the best start
-    flags : ndarray of shape (n_stars,), int, bits of :class:`StarFlag`
-    label_names : list of str
-    """
-
-    labels: np.ndarray
-    covariance: np.ndarray
-    chi2: np.ndarray
-    reduced_chi2: np.ndarray
-    n_iter: np.ndarray
-    flags: np.ndarray
-    label_names: list = field(default_factory=list)
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def uncertainties(self) -> np.ndarray:
-        """Standard deviations (n_stars, n_labels): sqrt of the covariance diagonal."""
-        return np.sqrt(np.einsum("sii->si", self.covariance))
-
-    def to_table(self):
-        """An astropy Table with one row per star (labels, ``e_<label>``, chi2, flags)."""
-        from astropy.table import Table
-
-        table = Table()
-        errors = self.uncertainties
-        for k, name in enumerate(self.label_names):
-            table[name] = self.labels[:, k]
-            table[f"e_{name}"] = errors[:, k]
-        table["chi2"] = self.chi2
-        table["reduced_chi2"] = self.reduced_chi2
-        table["n_iter"] = self.n_iter
-        table["flags"] = self.flags
-        for name, value in self.extra.items():
-            if np.ndim(value) >= 1 and len(value) == len(table):
-                table[name] = value
-        return table
-
-
-def typical_noise_variance(ivar, n_pixels):
-    """Mean 1/ivar over the observed stars at each pixel (0 without ivar), accumulated in float64.
-
-    ``ivar`` may be a :class:`SpectraBlocks`. With numba, arrays and views are summed in one parallel pass
-    without copies (``backends._numba.inverse_sums``); gathered subsets, and the numpy path, go one row
-    block of ~4 MB (float64) at a time whatever the number of stars."""
-    try:
-        from .backends._numba import inverse_sums  # one parallel pass over views, no float64 copies
-    except ImportError:  # numba missing or broken: the numpy reference below
-        inverse_sums = None
-    rows = max(1, (1 << 19) // max(int(n_pixels), 1))
-    if isinstance(ivar, SpectraBlocks):
-        if inverse_sums is not None and ivar.is_view and ivar.has_ivar:
-            ivar = ivar.read()[1]
-        else:
-            ivar = (block_ivar for _, block_ivar in ivar.row_blocks(rows)) if ivar.has_ivar else None
-    if ivar is None:
-        return np.zeros(n_pixels)
-    if isinstance(ivar, np.ndarray) and inverse_sums is not None:
-        blocks = [ivar]
-    elif isinstance(ivar, np.ndarray):
-        blocks = (ivar[start:start + rows] for start in range(0, ivar.shape[0], rows))
-    else:
-        blocks = ivar
-    total = np.zeros(n_pixels)
-    count = np.zeros(n_pixels, dtype=np.int64)
-    for block in blocks:
-        if inverse_sums is not None:
-            inverse_sums(np.asarray(block), total, count)
-            continue
-        block = np.asarray(block, dtype=np.float64)
-        observed = block > 0
-        total += np.divide(1.0, block, out=np.zeros_like(block), where=observed).sum(axis=0)
-        count += observed.sum(axis=0)
-    return np.where(count > 0, total / np.maximum(count, 1), 0.0)
-
-
-def median_snr(flux, ivar, used) -> np.ndarray:
-    """Median S/N (|flux| sqrt(ivar)) of each star over its ``used`` pixels; 0 for a star with none."""
-    try:
-        from .backends import _numba as kernels
-    except ImportError:  # numba missing or broken: the numpy reference below
-        kernels = None
-    if kernels is not None:
-        return kernels.median_snr(flux, ivar, used)
-    snr = np.where(used, np.abs(flux) * np.sqrt(ivar), np.nan)
-    out = np.zeros(len(snr))
-    some = np.isfinite(snr).any(axis=1)  # nanmedian warns on all-NaN rows: those stars get S/N 0
-    out[some] = np.nanmedian(snr[some], axis=1)
-    return out
-
-
-def _effective_weights(ivar, scatter_variance):
-    """1 / (sigma^2 + s^2) written so that ivar = 0 gives 0; ivar None means noise-free."""
-    if ivar is None:
-        floor = np.where(scatter_variance > 0, scatter_variance, 1.0)
-        return np.broadcast_to(1.0 / floor, scatter_variance.shape)
-    return ivar / (1.0 + ivar * scatter_variance)
 
 
 class CannonModel(RegressorMixin, BaseEstimator):
@@ -223,6 +87,8 @@ class CannonModel(RegressorMixin, BaseEstimator):
     True
     """
 
+    _parameter_constraints: dict = CANNON_MODEL_CONSTRAINTS
+
     def __init__(
         self,
         label_names: Sequence[str] | None = None,
@@ -251,24 +117,8 @@ class CannonModel(RegressorMixin, BaseEstimator):
 
     # ----------------------------------------------------------------- checks
     def _validate_params(self) -> None:
-        def need(condition, name, text):
-            if not condition:
-                raise InvalidInputError(
-                    f"The '{name}' parameter of CannonModel must be {text}. Got {getattr(self, name)!r} instead."
-                )
-
-        need(isinstance(self.order, (int, np.integer)) and not isinstance(self.order, bool) and self.order >= 1,
-             "order", "an int >= 1")
-        need(np.isscalar(self.regularization) and np.isfinite(self.regularization) and self.regularization >= 0,
-             "regularization", "a float >= 0")
-        for name in ("scatter_iterations",):
-            value = getattr(self, name)
-            need(isinstance(value, (int, np.integer)) and value >= 0, name, "an int >= 0")
-        for name in ("max_iter", "block_size", "chunk_size"):
-            value = getattr(self, name)
-            need(isinstance(value, (int, np.integer)) and value >= 1, name, "an int >= 1")
-        need(self.censors is None or isinstance(self.censors, Mapping), "censors",
-             "None or a mapping {label: boolean pixel mask}")
+        """Check the constructor parameters against ``_parameter_constraints`` (InvalidParameterError)."""
+        validate_parameters(self)
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "coef_"):
@@ -322,7 +172,7 @@ class CannonModel(RegressorMixin, BaseEstimator):
             raise InvalidInputError(f"wavelength has shape {np.shape(wavelength)}, expected ({n_pixels},)")
         vectorizer = PolynomialVectorizer(names, order=self.order).fit(labels)
         allowed = self._censor_matrix(names, n_pixels)
-        active = self._active_terms(vectorizer.term_exponents, allowed)
+        active = active_terms(vectorizer.term_exponents, allowed)
         backend = get_backend(self.backend)
         design = vectorizer.design_matrix(labels)
         try:
@@ -330,7 +180,7 @@ class CannonModel(RegressorMixin, BaseEstimator):
                 design, flux, ivar, active, backend, self.scatter_iterations, self.regularization,
                 self.block_size, self.progress, return_noise_variance=True)
         finally:
-            clear_caches()  # the design products the kernels kept for this fit
+            backend.clear_caches()  # the design products the kernels kept for this fit
         self.coef_ = coef
         self.scatter_ = np.sqrt(scatter_variance)
         self.pixel_flags_ = flags
@@ -346,61 +196,55 @@ class CannonModel(RegressorMixin, BaseEstimator):
         self._set_training_domain(labels)
         return self
 
-    @staticmethod
-    def _active_terms(term_exponents, allowed):
-        # a term is active on a pixel only if every label it involves is allowed there
-        involves = term_exponents > 0  # (P, K)
-        blocked = (~allowed).astype(np.int64) @ involves.T.astype(np.int64)  # (M, P)
-        return blocked == 0
-
     def _set_training_domain(self, labels):
-        self.training_label_min_ = np.nanmin(labels, axis=0)
-        self.training_label_max_ = np.nanmax(labels, axis=0)
-        self.training_label_mean_ = np.nanmean(labels, axis=0)
-        complete = labels[np.all(np.isfinite(labels), axis=1)]
-        if len(complete) > labels.shape[1]:
-            cov = np.atleast_2d(np.cov(complete, rowvar=False))
-        else:
-            cov = np.diag(np.nanvar(labels, axis=0) + 1e-12)
-        self.training_label_covariance_ = cov
-        # a spread of training labels used as starting points of the test step
-        source = complete if len(complete) else np.nan_to_num(labels[:1], nan=0.0)
-        pick = np.random.default_rng(0).choice(len(source), size=min(len(source), 48), replace=False)
-        self.start_labels_ = source[np.sort(pick)]
+        domain = label_domain(labels)
+        self.training_label_min_, self.training_label_max_ = domain["min"], domain["max"]
+        self.training_label_mean_, self.training_label_covariance_ = domain["mean"], domain["covariance"]
+        self.start_labels_ = domain["starts"]  # a spread of training labels: the test step's template starts
 
     # -------------------------------------------------------------- test step
-    def _weights_for(self, ivar, n_stars):
+    def test_weights(self, ivar, n_stars: int) -> np.ndarray:
+        """Weights 1 / (sigma^2 + s^2) of ``n_stars`` spectra at every pixel (0 at flagged pixels).
+
+        Without ``ivar`` the training set's typical noise at each pixel stands in for the spectra's.
+        """
         usable = self.pixel_flags_ == 0
         s2 = self.scatter_**2
         if ivar is None:
-            # no ivar given: assume the training set's typical noise at each pixel
             total = getattr(self, "noise_variance_", np.zeros_like(s2)) + s2
             floor = np.where(total > 0, total, np.median(total[total > 0]) if np.any(total > 0) else 1.0)
             weights = np.broadcast_to(1.0 / floor, (n_stars, s2.size)).copy()
         else:
-            weights = _effective_weights(ivar, s2)
+            weights = effective_weights(ivar, s2)
         weights[:, ~usable] = 0.0
         return weights
 
     def infer(self, flux, ivar=None, progress: bool | None = None) -> InferenceResult:
         """Labels, covariance (label units), chi^2 and flags for each spectrum."""
         self._check_fitted()
-        if getattr(flux, "ndim", None) == 2 and len(flux) > INFER_BATCH:
-            return concatenate_results([self.infer(flux[rows], None if ivar is None else ivar[rows], progress)
-                                        for rows in _batches(len(flux))])
+        if getattr(flux, "ndim", None) == 2 and len(flux) > test_step.INFER_BATCH:
+            return in_batches(lambda f, w: self.infer(f, w, progress), len(flux), flux, ivar)
         flux, ivar = check_spectra(flux, ivar, n_pixels=self.n_features_in_, allow_1d=True)
-        packed_coef = self._packed_coef()
-        # each chunk's weights are made when it is projected: no (stars x pixels) float64 array of them
-        block_builder = lambda rows: [LikelihoodBlock(self.coef_,
-                                                      self._weights_for(None if ivar is None else ivar[rows], len(rows)),
-                                                      flux[rows], self.term_exponents_,
-                                                      np.arange(len(self.label_names_)), packed_coef)]
+        packed_coef = packed_coefficients(self.coef_)
+        label_index = np.arange(len(self.label_names_))
+
+        def block_builder(rows):
+            # each chunk's weights are made when it is projected: no (stars x pixels) float64 array of them
+            weights = self.test_weights(None if ivar is None else ivar[rows], len(rows))
+            return [LikelihoodBlock(self.coef_, weights, flux[rows], self.term_exponents_, label_index, packed_coef)]
+
         vectorizer = self.vectorizer_
         backend = get_backend(self.backend)
+        grid = vectorizer.scale(self.start_labels_)
+
+        def starts(rows, projected):
+            template, linear = projected_starts(projected, grid, len(self.label_names_), backend.xp)
+            return [linear, template]
+
         x, chi2, hessian, converged, n_iter = run_test_step(
-            block_builder, self._starts, flux.shape[0], backend.xp, self.max_iter,
+            block_builder, starts, flux.shape[0], backend.xp, self.max_iter,
             self.chunk_size, self.progress if progress is None else progress,
-            projected_lm=getattr(backend, "lm_projected", None), n_labels=len(self.label_names_))
+            projected_lm=backend.lm_projected, n_labels=len(self.label_names_))
         labels = vectorizer.unscale(x)
         covariance, singular = scaled_covariance(hessian, self.label_scales_)
         # the pixels a star used: weight > 0, i.e. a usable pixel where ivar > 0 (every usable pixel without ivar)
@@ -408,35 +252,10 @@ class CannonModel(RegressorMixin, BaseEstimator):
         used = usable[None, :] & (ivar > 0) if ivar is not None else None
         n_used = used.sum(axis=1) if used is not None else np.full(flux.shape[0], int(usable.sum()))
         dof = np.maximum(n_used - len(self.label_names_), 1)
-        flags = self._star_flags(labels, converged, singular, flux, ivar, used, n_used)
-        result = InferenceResult(labels, covariance, chi2, chi2 / dof, n_iter, flags, list(self.label_names_))
-        return result
-
-    def _packed_coef(self):
-        return packed_coefficients(self.coef_)
-
-    def _starts(self, rows, projected):
-        """The test step's two starts for a chunk, from its projected statistics: the linear estimate
-        (constant and linear terms only) and the best of a spread of training labels (``start_labels_``)."""
-        xp = get_backend(self.backend).xp
-        grid = self.vectorizer_.scale(self.start_labels_)
-        best = _to_numpy(xp.argmin(template_chi2(projected, grid, xp), axis=1))
-        return [_to_numpy(linear_estimate(projected, len(self.label_names_), xp)), grid[best]]
-
-    def _star_flags(self, labels, converged, singular, flux, ivar, used, n_used):
-        flags = np.zeros(labels.shape[0], dtype=np.int64)
-        flags[~converged] |= StarFlag.NOT_CONVERGED
-        flags[singular] |= StarFlag.SINGULAR
-        outside = np.any((labels < self.training_label_min_) | (labels > self.training_label_max_), axis=1)
-        flags[outside] |= StarFlag.OUTSIDE_RANGE
-        delta = labels - self.training_label_mean_
-        precision = np.linalg.pinv(self.training_label_covariance_)
-        distance2 = np.einsum("sk,kl,sl->s", delta, precision, delta)
-        flags[distance2 > stats.chi2.ppf(0.999, labels.shape[1])] |= StarFlag.OUTSIDE_HULL
-        if ivar is not None:
-            flags[median_snr(flux, ivar, used) < self.low_snr] |= StarFlag.LOW_SNR
-        flags[n_used < labels.shape[1]] |= StarFlag.FEW_PIXELS
-        return flags
+        snr = backend.median_snr(flux, ivar, used) if ivar is not None else None
+        flags = star_flags(labels, converged, singular, n_used, self.training_label_min_, self.training_label_max_,
+                           self.training_label_mean_, self.training_label_covariance_, snr, self.low_snr)
+        return InferenceResult(labels, covariance, chi2, chi2 / dof, n_iter, flags, list(self.label_names_))
 
     def predict(self, flux, ivar=None) -> np.ndarray:
         """Labels (n_stars, n_labels) that best explain each spectrum."""
@@ -528,13 +347,17 @@ class CannonModel(RegressorMixin, BaseEstimator):
 
     @classmethod
     def from_theta(cls, theta, scatter, label_names, pivots, scales, term_exponents,
-                   wavelength=None, training_labels=None, backend: str = "auto") -> "CannonModel":
+                   wavelength=None, training_labels=None, backend: str = "auto", *, pixel_flags=None,
+                   censors=None, noise_variance=None, **params) -> "CannonModel":
         """Import a model trained elsewhere (AnniesLasso layout).
 
         ``flux = A . theta^T`` with column ``j`` of ``A`` equal to
         ``prod_i ((label_i - pivot_i) / scale_i) ** term_exponents[j, i]``.
         ``scatter`` is the intrinsic standard deviation per pixel (``sqrt(s2)``).
         ``training_labels`` (optional) sets the training domain used by the flags.
+        ``pixel_flags``, ``censors`` (n_pixels, n_labels) and ``noise_variance``, when known (the bridge's
+        per-survey fits), become the fitted attributes of those names; other keywords are constructor
+        parameters (default ``order``: the terms' highest degree).
         """
         theta = np.asarray(theta, dtype=float)
         term_exponents = np.asarray(term_exponents, dtype=np.int64)
@@ -542,7 +365,7 @@ class CannonModel(RegressorMixin, BaseEstimator):
         if theta.ndim != 2 or theta.shape[1] != vectorizer.n_terms:
             raise InvalidInputError(f"theta must have shape (n_pixels, {vectorizer.n_terms}); got {theta.shape}")
         scatter = np.broadcast_to(np.asarray(scatter, dtype=float), (theta.shape[0],)).copy()
-        model = cls(label_names=list(label_names), order=vectorizer.order, backend=backend)
+        model = cls(label_names=list(label_names), **{"order": vectorizer.order, "backend": backend, **params})
         model.coef_ = theta
         model.scatter_ = scatter
         model.term_exponents_ = term_exponents
@@ -551,12 +374,12 @@ class CannonModel(RegressorMixin, BaseEstimator):
         model.label_pivots_ = vectorizer.pivots
         model.label_scales_ = vectorizer.scales
         finite = np.all(np.isfinite(theta), axis=1) & np.isfinite(scatter)
-        model.pixel_flags_ = np.where(finite, 0, PixelFlag.NO_DATA).astype(np.int64)
+        model.pixel_flags_ = np.where(finite, 0 if pixel_flags is None else pixel_flags, PixelFlag.NO_DATA).astype(np.int64)
         model.coef_ = np.where(finite[:, None], theta, 0.0)  # flagged pixels are never used
         model.scatter_ = np.where(finite, scatter, 0.0)
-        model.censors_ = np.ones((theta.shape[0], vectorizer.n_labels), dtype=bool)
+        model.censors_ = np.ones((theta.shape[0], vectorizer.n_labels), dtype=bool) if censors is None else censors
         model.n_features_in_ = theta.shape[0]
-        model.noise_variance_ = np.zeros(theta.shape[0])
+        model.noise_variance_ = np.zeros(theta.shape[0]) if noise_variance is None else noise_variance
         model.wavelength_ = None if wavelength is None else np.asarray(wavelength, dtype=float)
         if training_labels is None:
             # without the training set, take +-1 scale around the pivot as the domain
@@ -571,336 +394,3 @@ class CannonModel(RegressorMixin, BaseEstimator):
         tags.target_tags.multi_output = True
         tags.target_tags.single_output = True
         return tags
-
-
-# ---------------------------------------------------------------------------
-# shared training and test-step drivers (also used by the bridge)
-# ---------------------------------------------------------------------------
-def fit_pixels(design, flux, ivar, active, backend, scatter_iterations=2, regularization=0.0,
-               block_size=1024, progress=False, star_mask=None, return_noise_variance=False):
-    """Fit coefficients and scatter for every pixel, one block of pixels at a time.
-
-    ``star_mask`` (n_stars, n_pixels) bool, optional: stars allowed at each
-    pixel (the bridge excludes stars missing a label that pixel depends on).
-    Returns coef (n_pixels, n_terms), scatter variance (n_pixels,), flags, and with
-    ``return_noise_variance`` also :func:`typical_noise_variance` of ``ivar`` (computed
-    on the way by the fused path when there is no ``star_mask``).
-    """
-    from tqdm import tqdm  # plain: tqdm.auto warns in notebooks without ipywidgets
-
-    # ``flux`` may be a SpectraBlocks (a fold's stars, a censoring group's pixels, band-limited):
-    # it is then read one block at a time and ``ivar`` is ignored
-    source = flux if isinstance(flux, SpectraBlocks) else SpectraBlocks(flux, ivar)
-    n_stars, n_pixels = source.shape
-    n_terms = design.shape[1]
-    if getattr(backend, "fit_fused", None) is not None and n_terms <= backend.fused_max_terms:
-        return _fit_pixels_fused(design, source, active, backend, scatter_iterations, block_size, progress,
-                                 star_mask, return_noise_variance, regularization)
-    coef = np.zeros((n_pixels, n_terms))
-    scatter_variance = np.zeros(n_pixels)
-    flags = np.zeros(n_pixels, dtype=np.int64)
-    starts = range(0, n_pixels, source.block_columns(block_size))
-    # every block is moved to the backend's array module (a GPU for cupy) and only the
-    # coefficients and scatter come back; for numpy and numba both moves are no-ops
-    xp, to_device, to_host = backend.xp, backend.to_device, backend.to_host
-    design = to_device(design)
-    # Z (the packed a a^T of every star) depends on the labels only: build it once per fit
-    reweighted = getattr(backend, "solve_reweighted", None)  # numba: every L1 reweighting in one kernel call
-    products = backend.training_products(design) if reweighted is not None else packed_products(design, xp)
-    dof_factor = n_stars / max(n_stars - n_terms, 1)
-    fused = getattr(backend, "prepare_block", None)  # numba: the elementwise work in one pass per block
-    for start in tqdm(starts, desc="training pixels", disable=not progress, unit="block"):
-        block = slice(start, min(start + starts.step, n_pixels))
-        act = to_device(active[block])
-        n_free = act.sum(axis=1)
-        block_flux, iv = source.read(block)
-        if fused is not None:
-            f, weights, observed, flux_t, variance_t, observed_t, counts = fused(
-                block_flux, iv, None if star_mask is None else star_mask[:, block])
-            no_data = counts < np.maximum(n_free, 1)
-        else:
-            f = to_device(block_flux)
-            iv = to_device(iv) if iv is not None else None
-            observed = (iv > 0) if iv is not None else xp.ones(f.shape, dtype=bool)
-            if star_mask is not None:
-                observed = observed & to_device(star_mask[:, block])
-            f = xp.where(observed, f, 0.0)
-            if iv is None:
-                variance = xp.where(observed, 0.0, 1.0)  # noise-free: the scatter absorbs every residual
-            else:
-                variance = xp.where(observed, 1.0 / xp.where(iv > 0, iv, 1.0), 1.0)
-            no_data = observed.sum(axis=0) < xp.maximum(n_free, 1)
-            weights = xp.where(observed, iv if iv is not None else 1.0, 0.0)
-            # the scatter fit reads each pixel's stars: pixel-major copies made once per block, and the
-            # residuals computed pixel-major by the GEMM itself (theta A^T), not transposed every pass
-            flux_t, variance_t, observed_t = (xp.ascontiguousarray(a.T) for a in (f, variance, observed))
-        s2 = xp.zeros(f.shape[1])
-        for iteration in range(scatter_iterations + 1):
-            theta, ok = _solve_with_regularization(backend, design, weights, f, act, regularization, products=products)
-            residual_t = flux_t - theta @ design.T
-            s2 = xp.asarray(backend.fit_scatter(residual_t, variance_t, observed_t, dof_factor, pixel_major=True))
-            if iteration == scatter_iterations:
-                break  # the last pass's weights are not used
-            if fused is not None:
-                weights = backend.reweight(iv, observed, s2, out=weights)
-            elif iv is None:
-                weights = xp.where(observed, 1.0 / xp.where(s2 > 0, s2, 1.0), 0.0)
-            else:
-                weights = xp.where(observed, iv / (1.0 + iv * s2), 0.0)
-        bad = no_data | ~ok
-        theta[bad] = 0.0
-        s2[bad] = 0.0
-        if bool(bad.any()):
-            # an unfittable pixel predicts the mean observed flux with its spread as scatter,
-            # never flux 0; it is flagged and ignored by the test step
-            count = observed[:, bad].sum(axis=0)
-            mean = xp.where(count > 0, xp.where(observed[:, bad], f[:, bad], 0).sum(axis=0) / xp.maximum(count, 1), 1.0)
-            spread = xp.where(count > 1, xp.sqrt(xp.where(observed[:, bad], (f[:, bad] - mean) ** 2, 0).sum(axis=0)
-                                                 / xp.maximum(count - 1, 1)), 0.1)
-            constant = float(design[:, 0].mean())
-            theta[bad, 0] = mean / constant if constant != 0 else mean
-            s2[bad] = spread**2
-        coef[block] = to_host(theta)
-        scatter_variance[block] = to_host(s2)
-        no_data, ok = to_host(no_data), to_host(ok)
-        flags[block] = np.where(no_data, PixelFlag.NO_DATA, np.where(~ok, PixelFlag.SOLVE_FAILED, 0))
-    if return_noise_variance:
-        return coef, scatter_variance, flags, typical_noise_variance(source, n_pixels)
-    return coef, scatter_variance, flags
-
-
-def _fit_pixels_fused(design, source, active, backend, scatter_iterations, block_size, progress, star_mask,
-                      return_noise_variance, regularization=0.0):
-    """``fit_pixels`` for few terms on the numba backend (reweighted L1 included): one kernel call per
-    block runs every pass (see ``backends._numba.fit_fused``); no Python and no GEMM per pass."""
-    from tqdm import tqdm  # plain: tqdm.auto warns in notebooks without ipywidgets
-
-    n_stars, n_pixels = source.shape
-    n_terms = design.shape[1]
-    design = np.ascontiguousarray(design, dtype=np.float64)
-    dof_factor = n_stars / max(n_stars - n_terms, 1)
-    coef = np.zeros((n_pixels, n_terms))
-    scatter_variance = np.zeros(n_pixels)
-    flags = np.zeros(n_pixels, dtype=np.int64)
-    noise_variance = np.zeros(n_pixels)
-    noise_free = not source.has_ivar
-    # blocks of views only bound the progress bar's granularity (the kernel's memory is per tile of
-    # pixels); blocks that are read (gathered, band-limited) bound the memory too
-    block_size = source.block_columns(max(block_size, 8192))
-    for start in tqdm(range(0, n_pixels, block_size), desc="training pixels", disable=not progress, unit="block"):
-        block = slice(start, min(start + block_size, n_pixels))
-        act = np.ascontiguousarray(active[block], dtype=bool)
-        block_flux, block_ivar = source.read(block)
-        theta, ok, s2, counts, total_variance, _ = backend.fit_fused(
-            block_flux, block_ivar, None if star_mask is None else star_mask[:, block],
-            design, act, scatter_iterations + 1, dof_factor, regularization=regularization)
-        del block_flux, block_ivar
-        if not noise_free:
-            noise_variance[block] = np.where(counts > 0, total_variance / np.maximum(counts, 1), 0.0)
-        no_data = counts < np.maximum(act.sum(axis=1), 1)
-        bad = no_data | ~ok
-        theta[bad] = 0.0
-        s2[bad] = 0.0
-        if bool(bad.any()):
-            columns = np.flatnonzero(bad) + start
-            flux_bad, ivar_bad = source.read(columns)
-            observed = _observed(ivar_bad, star_mask, n_stars, columns)
-            flux_bad = np.asarray(flux_bad, dtype=np.float64)
-            _fill_unfittable(theta, s2, bad, np.where(observed, flux_bad, 0.0).T, observed.T, design)
-        coef[block] = theta
-        scatter_variance[block] = s2
-        flags[block] = np.where(no_data, PixelFlag.NO_DATA, np.where(~ok, PixelFlag.SOLVE_FAILED, 0))
-    if not return_noise_variance:
-        return coef, scatter_variance, flags
-    if star_mask is not None:  # the noise variance counts every star with ivar > 0, masked or not
-        noise_variance = typical_noise_variance(source, n_pixels)
-    return coef, scatter_variance, flags, noise_variance
-
-
-def _observed(ivar, star_mask, n_stars, columns):
-    """Stars used at the given pixels (``ivar`` of those pixels > 0 and allowed by ``star_mask``)."""
-    observed = np.asarray(ivar) > 0 if ivar is not None else np.ones((n_stars, len(columns)), bool)
-    if star_mask is not None:
-        observed = observed & np.asarray(star_mask[:, columns], dtype=bool)
-    return observed
-
-
-def _fill_unfittable(theta, s2, bad, flux_bad_t, observed_bad_t, design):
-    # an unfittable pixel predicts the mean observed flux with its spread as scatter, never flux 0
-    # (pixel-major inputs; the same values as the generic path of fit_pixels)
-    count = observed_bad_t.sum(axis=1)
-    mean = np.where(count > 0, np.where(observed_bad_t, flux_bad_t, 0).sum(axis=1) / np.maximum(count, 1), 1.0)
-    spread = np.where(count > 1, np.sqrt(np.where(observed_bad_t, (flux_bad_t - mean[:, None]) ** 2, 0).sum(axis=1)
-                                         / np.maximum(count - 1, 1)), 0.1)
-    constant = float(design[:, 0].mean())
-    theta[bad, 0] = mean / constant if constant != 0 else mean
-    s2[bad] = spread**2
-
-
-def _solve_with_regularization(backend, design, weights, flux, active, regularization, n_reweight=6, products=None):
-    xp = backend.xp
-    if getattr(backend, "solve_reweighted", None) is not None:
-        # the same solves, fused per pixel (``products``: from backend.training_products, or None)
-        coef, ok = backend.solve_reweighted(design, weights, flux, active, regularization, n_reweight, products=products)
-        return xp.asarray(coef), xp.asarray(ok)
-    if regularization <= 0:
-        coef, ok = backend.solve_normal_equations(design, weights, flux, active=active, products=products)
-        return xp.asarray(coef), xp.asarray(ok)
-    # the normal matrices do not change between reweightings, only their diagonal: one GEMM for all solves
-    products = packed_products(design, xp) if products is None else products
-    normal = (weights.T @ products, (weights * flux).T @ design)
-    coef, ok = backend.solve_normal_equations(design, weights, flux, active=active, normal=normal)
-    # L1 via iteratively reweighted ridge: lambda |t| ~ lambda t^2 / (2 |t_prev|)
-    for _ in range(n_reweight):
-        diagonal = regularization / (2.0 * xp.maximum(xp.abs(coef), 1e-6))
-        diagonal[:, 0] = 0.0  # the constant term is not regularised
-        coef, ok = backend.solve_normal_equations(design, weights, flux, active=active, diagonal=diagonal,
-                                                  normal=normal)
-    return xp.asarray(coef), xp.asarray(ok)
-
-
-#: Stars per top-level inference batch: the float64 work arrays (weights, a copy of the flux) then
-#: take O(batch x pixels) memory however many stars are passed (30,000 APOGEE stars: 16 GB -> ~1 GB).
-INFER_BATCH = 4096
-
-
-def _batches(n_stars: int):
-    return [slice(start, start + INFER_BATCH) for start in range(0, n_stars, INFER_BATCH)]
-
-
-def concatenate_results(results):
-    """One result from the results of consecutive batches of stars (array fields stacked)."""
-    from dataclasses import fields
-
-    values = {}
-    for item in fields(results[0]):
-        parts = [getattr(result, item.name) for result in results]
-        values[item.name] = np.concatenate(parts) if isinstance(parts[0], np.ndarray) else parts[0]
-    return type(results[0])(**values)
-
-
-_PACKED_CACHE: "OrderedDict[int, tuple]" = OrderedDict()
-
-
-def packed_coefficients(coef: np.ndarray) -> np.ndarray:
-    """Products c_i c_j (i <= j) of every pixel's coefficients, the test step's only per-pixel input.
-
-    Kept between calls for the two most recent coefficient arrays (M x P(P+1)/2: ~270 MB for 8,000
-    pixels at 12 labels), outside the estimator so that predict leaves its ``__dict__`` unchanged;
-    an entry dies with its array.
-    """
-    key = id(coef)
-    entry = _PACKED_CACHE.get(key)
-    if entry is not None and entry[0]() is coef:
-        _PACKED_CACHE.move_to_end(key)
-        return entry[1]
-    packed = packed_products(coef)
-    _PACKED_CACHE[key] = (weakref.ref(coef), packed)
-    weakref.finalize(coef, _PACKED_CACHE.pop, key, None)
-    while len(_PACKED_CACHE) > 2:
-        _PACKED_CACHE.popitem(last=False)
-    return packed
-
-
-def run_test_step(block_builder, starts, n_stars, xp, max_iter, chunk_size, progress, prior_builder=None,
-                  projected_lm=None, block_chi2=None, n_labels=None):
-    """Run LM from every start for chunks of stars and keep the best chi^2 per star.
-
-    ``starts``: a list of (n_stars, n_labels) start points, or ``starts(rows, projected)`` returning that
-    list for the chunk's rows from its projected blocks (``template_chi2``, ``linear_estimate``: starts
-    that cost no pass over the pixels; ``n_labels`` must then be given). ``projected_lm`` (the numba
-    backend's ``lm_projected``) runs the same LM star by star on one block over every label: the blocks
-    summed (``merge_projected``) with the prior when it is a quadratic form in monomials of the labels
-    (``prior.quadratic_form``; a prior without one runs the array code). ``block_chi2`` (n_stars,
-    n_blocks), optional, receives each block's chi^2 at the labels returned (without the prior)."""
-    from tqdm import tqdm  # plain: tqdm.auto warns in notebooks without ipywidgets
-
-    if not callable(starts):
-        n_labels = starts[0].shape[1]
-    elif n_labels is None:
-        raise TypeError("run_test_step: n_labels is required when starts is a callable")
-    x_best = np.zeros((n_stars, n_labels))
-    chi2_best = np.full(n_stars, np.inf)
-    hessian_best = np.zeros((n_stars, n_labels, n_labels))
-    converged_best = np.zeros(n_stars, dtype=bool)
-    n_iter_best = np.zeros(n_stars, dtype=np.int64)
-    packed_cache = {}  # id(coef) -> (coef kept alive so the id stays unique, packed products)
-    for start in tqdm(range(0, n_stars, chunk_size), desc="inferring labels", disable=not progress, unit="chunk"):
-        rows = np.arange(start, min(start + chunk_size, n_stars))
-        n_rows = len(rows)
-        # project each star once, then replicate the (small) sufficient statistics for every start
-        projected = []
-        for block in block_builder(rows):
-            key = id(block.coef)
-            if key not in packed_cache:
-                # the coefficients and their products are the same for every chunk: move/build them once
-                coef = xp.asarray(block.coef)
-                packed = xp.asarray(block.packed_coef) if block.packed_coef is not None else packed_products(coef, xp)
-                packed_cache[key] = (block.coef, coef, packed)
-            _, coef, packed = packed_cache[key]
-            on_device = LikelihoodBlock(coef, xp.asarray(block.weights), xp.asarray(block.flux), block.exponents,
-                                        block.label_index, packed)
-            projected.append(on_device.project(xp))
-        chunk_starts = starts(rows, projected) if callable(starts) else [s[rows] for s in starts]
-        replicate = np.tile(np.arange(n_rows), len(chunk_starts))
-        x0 = np.concatenate([_to_numpy(s) for s in chunk_starts])
-        prior = prior_builder(np.concatenate([rows] * len(chunk_starts))) if prior_builder is not None else None
-        form = getattr(prior, "quadratic_form", None)
-        if projected_lm is not None and xp is np and (prior is None or form is not None):
-            # one block over every label: the blocks (surveys, pixel groups) and a prior that is a quadratic
-            # form in monomials add up (``merge_projected``); every start reads its star's statistics in
-            # place (no replicated (S, P, P) copies)
-            if len(projected) == 1 and prior is None and np.array_equal(projected[0].label_index,
-                                                                        np.arange(n_labels)):
-                block = projected[0]
-            else:
-                block = merge_projected(projected, n_labels, [form(n_labels)] if prior is not None else ())
-            x, chi2, hessian, converged, n_iter = projected_lm(x0, replicate, block.gram, block.rhs,
-                                                               block.flux_norm, block.exponents, max_iter=max_iter)
-        else:
-            blocks = [block.subset(xp.asarray(replicate)) for block in projected]
-            x, chi2, hessian, converged, n_iter = (_to_numpy(a) for a in levenberg_marquardt(
-                xp.asarray(x0), blocks, prior, max_iter=max_iter, xp=xp))
-        chi2 = np.where(np.isfinite(chi2), chi2, np.inf).reshape(len(chunk_starts), n_rows)
-        best = np.argmin(chi2, axis=0)
-        pick = best * n_rows + np.arange(n_rows)
-        x_best[rows] = x[pick]
-        chi2_best[rows] = chi2[best, np.arange(n_rows)]
-        hessian_best[rows] = hessian[pick]
-        converged_best[rows] = converged[pick]
-        n_iter_best[rows] = n_iter[pick]
-        if block_chi2 is not None:
-            x_rows = xp.asarray(x_best[rows])
-            for b, block in enumerate(projected):
-                block_chi2[rows, b] = _to_numpy(evaluate(x_rows, [block], xp=xp, with_derivatives=False)[0])
-    return x_best, chi2_best, hessian_best, converged_best, n_iter_best
-
-
-def scaled_covariance(hessian, scales):
-    """Invert chi^2/2 curvature (scaled units) and convert to label units.
-
-    The Gauss-Newton matrix returned by the test step is J^T W J, the Fisher
-    information; its inverse is the covariance of the scaled labels, and
-    ``cov(label) = diag(scale) cov(x) diag(scale)``.
-    """
-    n_stars, n_labels, _ = hessian.shape
-    singular = np.zeros(n_stars, dtype=bool)
-    diag = np.sqrt(np.abs(np.einsum("sii->si", hessian)))
-    diag = np.where(diag > 0, diag, 1.0)
-    normalised = hessian / diag[:, :, None] / diag[:, None, :]  # Jacobi scaling for conditioning
-    eigenvalues = np.linalg.eigvalsh(normalised)
-    well_posed = eigenvalues[:, 0] > 1e-12 * np.maximum(eigenvalues[:, -1], 1e-300)
-    covariance = np.zeros_like(hessian)
-    if well_posed.any():
-        covariance[well_posed] = np.linalg.inv(normalised[well_posed])
-    if (~well_posed).any():
-        covariance[~well_posed] = np.linalg.pinv(normalised[~well_posed], hermitian=True)
-        singular |= ~well_posed
-    covariance = covariance / diag[:, :, None] / diag[:, None, :]
-    # unconstrained directions: pinv gives 0 variance there, which would be dishonest
-    zero = np.einsum("sii->si", covariance) <= 0
-    if zero.any():
-        idx = np.nonzero(zero)
-        covariance[idx[0], idx[1], idx[1]] = np.inf
-        singular |= zero.any(axis=1)
-    return covariance * scales[None, :, None] * scales[None, None, :], singular

@@ -1,8 +1,13 @@
-"""Figures (matplotlib with the Agg backend, saved as PNG). Functions take arrays and Tables, never models.
+"""Figures (matplotlib, drawn with Agg, saved as PNG). Functions take arrays and Tables, never models.
 
 Every function writes one PNG and returns its Path; bad input (mismatched
 shapes, unknown columns, a path that is not ``.png``) raises
 :class:`cannon_bridge.errors.InvalidInputError` before anything is drawn.
+
+Figures are built with matplotlib's object-oriented API (a
+:class:`matplotlib.figure.Figure` on its own Agg canvas), never through
+``pyplot``: calling these functions neither switches matplotlib's backend nor
+leaves figures open in pyplot's registry.
 """
 from __future__ import annotations
 
@@ -42,26 +47,32 @@ def _label_arrays(truth, inferred, label_names) -> tuple[np.ndarray, np.ndarray]
     return truth, inferred
 
 
-def _figure(*args, **kwargs):
+def _figure(nrows: int = 1, ncols: int = 1, *, figsize=None, **subplots_kwargs):
+    """A new Figure on its own Agg canvas and its axes, as ``pyplot.subplots`` returns them, without pyplot."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, **subplots_kwargs)
+
+
+def _colours() -> list:
+    """The colours of the current ``axes.prop_cycle`` (C0, C1, ...)."""
     import matplotlib
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt, plt.subplots(*args, **kwargs)
+    return matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
 
 
-def _save(plt, fig, path, title: str = "", unused_axes=()) -> Path:
-    """Hide the unused panels, add the title, write the PNG and free the figure."""
+def _save(fig, path, title: str = "", unused_axes=()) -> Path:
+    """Hide the unused panels, add the title and write the PNG (the Figure is freed with its last reference)."""
     for ax in unused_axes:
         ax.set_visible(False)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return Path(path)
-
 
 
 def one_to_one(truth: np.ndarray, inferred: np.ndarray, label_names: Sequence[str], path, title: str = "",
@@ -72,7 +83,7 @@ def one_to_one(truth: np.ndarray, inferred: np.ndarray, label_names: Sequence[st
     n = len(label_names)
     cols = min(4, n)
     rows = int(np.ceil(n / cols))
-    plt, (fig, axes) = _figure(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+    fig, axes = _figure(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
     for k, name in enumerate(label_names):
         ax = axes.flat[k]
         good = np.isfinite(truth[:, k]) & np.isfinite(inferred[:, k])
@@ -86,7 +97,7 @@ def one_to_one(truth: np.ndarray, inferred: np.ndarray, label_names: Sequence[st
         ax.set_title(f"{name}\nbias {bias:+.3g}  rms {rms:.3g}", fontsize=9)
         ax.set_xlabel("true")
         ax.set_ylabel("inferred")
-    return _save(plt, fig, path, title, axes.flat[n:])
+    return _save(fig, path, title, axes.flat[n:])
 
 
 def spectrum_comparison(wavelength: np.ndarray, observed: np.ndarray, regenerated: np.ndarray,
@@ -121,9 +132,9 @@ def spectrum_comparison(wavelength: np.ndarray, observed: np.ndarray, regenerate
         raise InvalidInputError(f"windows must be a dict {{element: [(start, end)]}} or a line Table; got "
                                 f"{type(windows).__name__}")
     ranges = list(ranges) or [(wavelength.min(), wavelength.max())]
-    plt, (fig, axes) = _figure(2, len(ranges), figsize=(4.2 * len(ranges), 4.6), squeeze=False,
+    fig, axes = _figure(2, len(ranges), figsize=(4.2 * len(ranges), 4.6), squeeze=False,
                                gridspec_kw={"height_ratios": [3, 1]}, sharex="col")
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = _colours()
     for c, (lo, hi) in enumerate(ranges):
         sel = (wavelength >= lo) & (wavelength <= hi)
         top, bottom = axes[0, c], axes[1, c]
@@ -147,7 +158,7 @@ def spectrum_comparison(wavelength: np.ndarray, observed: np.ndarray, regenerate
             top.set_ylabel("normalised flux")
             bottom.set_ylabel("obs − regen")
             top.legend(fontsize=7, loc="lower left")
-    return _save(plt, fig, path, title)
+    return _save(fig, path, title)
 
 
 def window_rms_bars(groups: Sequence[str], values: dict, path, ylabel: str = "RMS", title: str = "") -> Path:
@@ -156,7 +167,7 @@ def window_rms_bars(groups: Sequence[str], values: dict, path, ylabel: str = "RM
     for method, numbers in values.items():
         if len(numbers) != len(groups):
             raise InvalidInputError(f"values[{method!r}] has {len(numbers)} numbers for {len(groups)} groups")
-    plt, (fig, ax) = _figure(figsize=(1.0 + 0.9 * len(groups), 3.6))
+    fig, ax = _figure(figsize=(1.0 + 0.9 * len(groups), 3.6))
     width = 0.8 / max(len(values), 1)
     x = np.arange(len(groups))
     for i, (method, numbers) in enumerate(values.items()):
@@ -166,7 +177,7 @@ def window_rms_bars(groups: Sequence[str], values: dict, path, ylabel: str = "RM
     ax.legend(fontsize=7)
     if title:
         ax.set_title(title)
-    return _save(plt, fig, path)
+    return _save(fig, path)
 
 
 def zscore_histograms(z: np.ndarray, label_names: Sequence[str], path, title: str = "") -> Path:
@@ -178,7 +189,7 @@ def zscore_histograms(z: np.ndarray, label_names: Sequence[str], path, title: st
     n = len(label_names)
     cols = min(4, n)
     rows = int(np.ceil(n / cols))
-    plt, (fig, axes) = _figure(rows, cols, figsize=(3.0 * cols, 2.4 * rows), squeeze=False)
+    fig, axes = _figure(rows, cols, figsize=(3.0 * cols, 2.4 * rows), squeeze=False)
     grid = np.linspace(-4, 4, 200)
     for k, name in enumerate(label_names):
         ax = axes.flat[k]
@@ -186,7 +197,7 @@ def zscore_histograms(z: np.ndarray, label_names: Sequence[str], path, title: st
         ax.hist(np.clip(values, -4, 4), bins=30, range=(-4, 4), density=True, color="C0", alpha=0.7)
         ax.plot(grid, np.exp(-0.5 * grid**2) / np.sqrt(2 * np.pi), "k-", lw=0.8)
         ax.set_title(f"{name}: std {np.std(values):.2f}", fontsize=9)
-    return _save(plt, fig, path, title, axes.flat[n:])
+    return _save(fig, path, title, axes.flat[n:])
 
 
 def residual_vs_label(truth, inferred, label_names: Sequence[str], path, against: str | np.ndarray | None = None,
@@ -214,7 +225,7 @@ def residual_vs_label(truth, inferred, label_names: Sequence[str], path, against
     n = len(label_names)
     cols = min(4, n)
     rows = int(np.ceil(n / cols))
-    plt, (fig, axes) = _figure(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
+    fig, axes = _figure(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
     for k, name in enumerate(label_names):
         ax = axes.flat[k]
         x = truth[:, k] if against is None else x_all
@@ -234,7 +245,7 @@ def residual_vs_label(truth, inferred, label_names: Sequence[str], path, against
         ax.set_xlabel(f"true {name}" if x_name is None else x_name)
         ax.set_ylabel(f"Δ {name}")
         ax.set_title(name, fontsize=9)
-    return _save(plt, fig, path, title, axes.flat[n:])
+    return _save(fig, path, title, axes.flat[n:])
 
 
 def coefficients_vs_wavelength(wavelength, coefficients, term_names: Sequence[str], path, lines=None,
@@ -268,9 +279,9 @@ def coefficients_vs_wavelength(wavelength, coefficients, term_names: Sequence[st
                                     "'wavelength' and 'element' columns")
     n_terms = min(coefficients.shape[1], max_terms)
     ranges = list(ranges) or [(wavelength.min(), wavelength.max())]
-    plt, (fig, axes) = _figure(n_terms, len(ranges), figsize=(4.2 * len(ranges), 1.5 + 1.3 * n_terms),
+    fig, axes = _figure(n_terms, len(ranges), figsize=(4.2 * len(ranges), 1.5 + 1.3 * n_terms),
                                squeeze=False, sharex="col")
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = _colours()
     elements = list(dict.fromkeys(e for _, e in markers))
     for c, (lo, hi) in enumerate(ranges):
         sel = (wavelength >= lo) & (wavelength <= hi)
@@ -286,7 +297,7 @@ def coefficients_vs_wavelength(wavelength, coefficients, term_names: Sequence[st
             if c == 0:
                 ax.set_ylabel(term_names[t], fontsize=8)
         axes[-1, c].set_xlabel("wavelength (Å)")
-    return _save(plt, fig, path, title)
+    return _save(fig, path, title)
 
 
 def line_residual_map(table, path, column: str = "depth_residual", title: str = "", sort_by=None) -> Path:
@@ -311,7 +322,7 @@ def line_residual_map(table, path, column: str = "depth_residual", title: str = 
     names = [f"{e}{w:.0f}" for e, w in zip(elements, np.asarray(table["wavelength"], float)[order])]
     per_star = f"{column}_per_star"
     flagged = np.asarray(table["flags"])[order] != 0 if "flags" in table.colnames else np.zeros(len(order), bool)
-    plt, (fig, ax) = _figure(figsize=(2.0 + 0.32 * len(order), 4.2))
+    fig, ax = _figure(figsize=(2.0 + 0.32 * len(order), 4.2))
     x = np.arange(len(order))
     if per_star in table.colnames and np.ndim(table[per_star]) == 2:
         image = np.asarray(table[per_star], dtype=float)[order].T  # (n_stars, n_lines)
@@ -331,7 +342,7 @@ def line_residual_map(table, path, column: str = "depth_residual", title: str = 
         if f"{column}_rms" in table.colnames:  # the scatter over stars: sqrt(rms^2 - mean^2)
             rms = np.asarray(table[f"{column}_rms"], dtype=float)[order]
             errors = np.sqrt(np.maximum(rms**2 - values**2, 0.0))
-        colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        colours = _colours()
         unique = list(dict.fromkeys(elements))
         for i, element in enumerate(unique):
             pick = elements == element
@@ -348,4 +359,4 @@ def line_residual_map(table, path, column: str = "depth_residual", title: str = 
     ax.set_xticks(x, names, rotation=90, fontsize=7)
     if title:
         ax.set_title(title)
-    return _save(plt, fig, path)
+    return _save(fig, path)

@@ -540,11 +540,23 @@ def predict_files(model, paths: Sequence, output, client=None, chunk_size: int =
     >>> len(table), bool(np.abs(np.c_[table["a"], table["b"]] - labels[:3]).max() < 0.1)
     (3, True)
     """
-    from astropy.table import vstack
-    from tqdm import tqdm  # plain: tqdm.auto warns in notebooks without ipywidgets
+    model, names, paths, chunk_size, output = _check_arguments(model, paths, output, chunk_size, reader)
+    chunks = [paths[start:start + chunk_size] for start in range(0, len(paths), chunk_size)]
+    model_sha, run_id = _start_or_resume(model, names, paths, chunk_size, chunks, output, reader, resample)
+    todo = _compute_missing_chunks(model, chunks, output, run_id, client, reader, resample, progress)
+    merged, failures = _merge_chunks(chunks, output, run_id, model_sha, names)
+    merged.meta.update(n_files=len(paths), n_failed=len(failures), failures=str(output / FAILURES_NAME),
+                       n_chunks_computed=len(todo))
+    if len(failures):
+        warnings.warn(
+            f"{len(failures)} of {len(paths)} files could not be labelled (first: {failures['path'][0]}: "
+            f"{failures['error'][0]}): see {output / FAILURES_NAME}", CannonBridgeWarning, stacklevel=2)
+    return merged
 
-    from . import __version__
 
+def _check_arguments(model, paths, output, chunk_size, reader):
+    """Check the arguments of :func:`predict_files`; returns the model, its label names, the absolute paths,
+    ``chunk_size`` (an int) and the output folder (created, with its chunk folder)."""
     if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise InvalidInputError(f"chunk_size must be an int >= 1 (files per chunk); got {chunk_size!r}")
     if reader is not None and not callable(reader):
@@ -556,11 +568,17 @@ def predict_files(model, paths: Sequence, output, client=None, chunk_size: int =
         raise InvalidInputError(f"the model has labels named {clash}, which predict_files uses for its own columns")
     paths = _check_paths(paths)
     chunk_size = int(chunk_size)
-    chunks = [paths[start:start + chunk_size] for start in range(0, len(paths), chunk_size)]
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise InvalidInputError(f"output {output} exists and is not a folder: pass a folder path for the results")
     (output / _CHUNK_DIR).mkdir(parents=True, exist_ok=True)
+    return model, names, paths, chunk_size, output
+
+
+def _start_or_resume(model, names, paths, chunk_size, chunks, output: Path, reader, resample) -> tuple[str, str]:
+    """Write the manifest and the model of a new run, or check that ``output`` holds a run of the same model,
+    paths and chunk size; returns the model's sha256 and the run id."""
+    from . import __version__
 
     kind, model_sha, saved_model = _model_digest(model, output)
     try:
@@ -580,7 +598,12 @@ def predict_files(model, paths: Sequence, output, client=None, chunk_size: int =
             os.replace(saved_model, output / MODEL_NAME)
     finally:
         saved_model.unlink(missing_ok=True)
-    run_id = _sha(json.dumps([model_sha, chunk_size, paths]))
+    return model_sha, _sha(json.dumps([model_sha, chunk_size, paths]))
+
+
+def _compute_missing_chunks(model, chunks, output: Path, run_id, client, reader, resample, progress) -> list[int]:
+    """Compute the chunks without an intact file (behind a progress bar); returns their indices."""
+    from tqdm import tqdm  # plain: tqdm.auto warns in notebooks without ipywidgets
 
     todo = [index for index, chunk in enumerate(chunks) if _read_chunk(output, index, chunk, run_id) is None]
     if len(todo) < len(chunks):
@@ -592,6 +615,12 @@ def predict_files(model, paths: Sequence, output, client=None, chunk_size: int =
             _run_chunks(model, chunks, todo, output, run_id, client, reader, resample, bar)
     finally:
         bar.close()
+    return todo
+
+
+def _merge_chunks(chunks, output: Path, run_id, model_sha, names):
+    """Merge every chunk's LABELS and FAILURES and write them to ``labels.fits`` and ``failures.fits``."""
+    from astropy.table import vstack
 
     label_tables, failure_tables = [], []
     for index, chunk in enumerate(chunks):
@@ -609,13 +638,7 @@ def predict_files(model, paths: Sequence, output, client=None, chunk_size: int =
               "CB_RUN": run_id, "CB_MSHA": model_sha}  # sha256s: no room for comments
     _write_table(merged, output / LABELS_NAME, "LABELS", header)
     _write_table(failures, output / FAILURES_NAME, "FAILURES", header)
-    merged.meta.update(n_files=len(paths), n_failed=len(failures), failures=str(output / FAILURES_NAME),
-                       n_chunks_computed=len(todo))
-    if len(failures):
-        warnings.warn(
-            f"{len(failures)} of {len(paths)} files could not be labelled (first: {failures['path'][0]}: "
-            f"{failures['error'][0]}): see {output / FAILURES_NAME}", CannonBridgeWarning, stacklevel=2)
-    return merged
+    return merged, failures
 
 
 def _run_chunks(model, chunks, todo, output, run_id, client, reader, resample, bar) -> None:

@@ -22,9 +22,10 @@ import numpy as np
 from astropy.table import Table
 
 from .errors import InvalidInputError, NotFittedError
-from .lines import (aggregate_line_metrics, coefficient_jacobian, line_label_attribution, line_metrics, line_table,
-                    window_mask)
-from .model import median_snr
+from .lines import (BUILTIN_GALAH_LINES, aggregate_line_metrics, coefficient_jacobian, line_label_attribution,
+                    line_metrics, line_table, window_mask)
+from .backends import host_backend
+from .stats import MAD_TO_SIGMA, robust_std  # noqa: F401  (MAD_TO_SIGMA: kept importable from here)
 
 __all__ = [
     "CrossValidationResult", "group_folds", "cross_validate", "compare_labels", "compare_to_catalogue",
@@ -35,8 +36,6 @@ logger = logging.getLogger(__name__)
 
 #: S/N bin edges of :func:`compare_labels` (per-pixel S/N of the spectra the labels came from).
 DEFAULT_SNR_BINS = (0.0, 20.0, 40.0, 80.0, 160.0, np.inf)
-#: 1.4826 x MAD is the standard deviation of a normal distribution.
-MAD_TO_SIGMA = 1.4826
 
 
 # ---------------------------------------------------------------------------- cross-validation
@@ -196,11 +195,7 @@ def robust_scatter(values) -> float:
     >>> robust_scatter([1.0, 2.0, 3.0, 4.0, 100.0])
     1.4826
     """
-    values = np.asarray(values, dtype=float)
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        return np.nan
-    return float(MAD_TO_SIGMA * np.median(np.abs(values - np.median(values))))
+    return float(robust_std(values, 1, method="mad", dtype=float))
 
 
 def _as_label_array(value, name: str, n_labels: int, n_rows: int | None = None) -> np.ndarray:
@@ -496,7 +491,7 @@ def _median_snr(flux: np.ndarray, ivar: np.ndarray | None) -> np.ndarray | None:
     if ivar is None:
         return None
     used = np.asarray(ivar) > 0
-    out = median_snr(flux, ivar, used)
+    out = host_backend().median_snr(flux, ivar, used)
     out[~used.any(axis=1)] = np.nan
     return out
 
@@ -528,8 +523,6 @@ def validate_bridge(model, data, lines=None, output=None, *, plots: bool = True,
         ``labels`` (Table per star), ``label_comparison``, ``line_metrics``,
         ``line_summary`` (Tables), ``files`` (paths written).
     """
-    from .bridge import BUILTIN_GALAH_LINES
-
     if table_format not in ("ecsv", "fits"):
         raise InvalidInputError(f"table_format must be 'ecsv' or 'fits'; got {table_format!r}")
     if not hasattr(model, "galah_model_"):
@@ -551,7 +544,7 @@ def validate_bridge(model, data, lines=None, output=None, *, plots: bool = True,
     truth = data.labels_for(names)
     comparison = compare_labels(truth, result.labels, names, result.uncertainties, snr)
     # the regenerated spectra and their predictive variance (label covariance through the model + scatter)
-    regenerated, variance = model._generate("galah", result.labels, result.covariance)
+    regenerated, variance = model.generate_galah(result.labels, result.covariance)
     attribution = model_line_attribution(model, lines, result.labels, "galah", data.galah_wavelength)
     metrics = line_metrics(data.galah_wavelength, data.galah_flux, regenerated, lines, model.galah_resolution,
                            data.galah_ivar, variance, attribution=attribution, per_star=True)

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .backends._polynomial import monomial_jacobian, monomials
+from .backends.polynomial import monomial_jacobian, monomials
 from .errors import InvalidInputError
 
 __all__ = ["PolynomialVectorizer", "polynomial_exponents", "term_name"]

@@ -1,6 +1,8 @@
 """Compute kernels: least squares, censoring, ridge/L1, intrinsic scatter; numpy vs numba."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -8,8 +10,8 @@ from scipy.optimize import brentq, minimize_scalar
 
 from cannon_bridge import CannonModel
 from cannon_bridge.backends import available_backends, get_backend
+from cannon_bridge.engine import solve_with_regularization
 from cannon_bridge.errors import InvalidInputError
-from cannon_bridge.model import _solve_with_regularization
 from cannon_bridge.vectorizer import polynomial_exponents
 
 CPU_BACKENDS = ["numpy", "numba"]
@@ -104,7 +106,7 @@ def test_l1_regularisation_minimises_penalised_chi2(backend_name, regularization
     """IRLS solves min chi^2 + lambda * sum_{j>0} |theta_j|; compare with coordinate descent."""
     design, weights, flux = random_block(rng, n_stars=80, n_pixels=4, zero_fraction=0.0)
     n_terms = design.shape[1]
-    coef, ok = _solve_with_regularization(get_backend(backend_name), design, weights, flux,
+    coef, ok = solve_with_regularization(get_backend(backend_name), design, weights, flux,
                                           np.ones((flux.shape[1], n_terms), dtype=bool), regularization)
     assert ok.all()
     unregularised, _ = get_backend(backend_name).solve_normal_equations(design, weights, flux)
@@ -325,7 +327,7 @@ def test_device_code_path_equals_numpy_backend(toy_survey, rng, monkeypatch, cen
 def test_fit_pixels_with_star_mask_agrees_between_backends(toy_survey, rng, with_ivar):
     """The numba fused block kernels (masks, weights, reweighting) equal the numpy reference, with a
     per-pixel star mask (the bridge's missing labels) and without ivar (noise-free training)."""
-    from cannon_bridge.model import fit_pixels
+    from cannon_bridge.engine import fit_pixels
 
     data = toy_survey(120, 30, n_labels=2, order=2, snr=60, scatter=np.linspace(0.0, 0.02, 30), seed=8)
     x = (data["labels"] - data["pivots"]) / data["scales"]
@@ -353,7 +355,7 @@ def test_fused_numba_training_equals_numpy_reference(toy_survey, rng, monkeypatc
     stars, pixels without data or with too few stars, float32 inputs and partial tiles."""
     import cannon_bridge.model as model_module
     from cannon_bridge.backends import _numba
-    from cannon_bridge.model import PixelFlag, fit_pixels, typical_noise_variance
+    from cannon_bridge.engine import PixelFlag, fit_pixels, typical_noise_variance
 
     n_pixels = 45  # partial tiles and partial groups of 4 pixels
     data = toy_survey(150, n_pixels, n_labels=3, order=2, snr=60, scatter=np.linspace(0.0, 0.03, n_pixels), seed=11)
@@ -382,8 +384,7 @@ def test_fused_numba_training_equals_numpy_reference(toy_survey, rng, monkeypatc
         calls.append(1)
         return real_fused(*args, **kwargs)
 
-    backend = get_backend("numba")
-    monkeypatch.setattr(backend, "fit_fused", spy)
+    backend = dataclasses.replace(get_backend("numba"), fit_fused=spy)  # a Backend is frozen: a spying copy
     iv = ivar.astype(np.float32) if with_ivar else None
     flux32 = np.where(np.isnan(flux), 0.0, flux).astype(np.float32) if not with_ivar else flux.astype(np.float32)
     results = [fit_pixels(design, flux32, iv, active, b, block_size=16, star_mask=star_mask,
@@ -395,7 +396,7 @@ def test_fused_numba_training_equals_numpy_reference(toy_survey, rng, monkeypatc
     assert relative_difference(results[0][1], s2) < 1e-8
     np.testing.assert_array_equal(results[0][2], flags)
     np.testing.assert_allclose(results[0][3], noise, rtol=1e-12)
-    np.testing.assert_allclose(noise, typical_noise_variance(iv, n_pixels), rtol=1e-12)
+    np.testing.assert_allclose(noise, typical_noise_variance(iv, n_pixels, get_backend("numba")), rtol=1e-12)
     if with_ivar or with_star_mask:
         assert flags[3] == PixelFlag.NO_DATA and flags[7] == PixelFlag.NO_DATA
     assert np.sum(s2 > 0) > 20
@@ -415,7 +416,7 @@ def test_fused_kernel_skips_only_passes_that_would_repeat(toy_survey):
     count it reports is what benchmarks divide by, and skipping changes no result: the coefficients
     and scatter equal those of a numpy fit that runs every pass."""
     from cannon_bridge.backends import _numba
-    from cannon_bridge.model import fit_pixels
+    from cannon_bridge.engine import fit_pixels
 
     n_pixels = 40
     scatter = np.where(np.arange(n_pixels) % 2 == 0, 0.0, 0.05)  # even pixels: none; odd: 5x the noise
@@ -441,7 +442,7 @@ def test_fused_kernel_skips_only_passes_that_would_repeat(toy_survey):
 
 def test_fused_numba_kernel_flags_singular_pixels(rng):
     """A pixel whose observed stars cannot constrain every term is SOLVE_FAILED on both backends."""
-    from cannon_bridge.model import PixelFlag, fit_pixels
+    from cannon_bridge.engine import PixelFlag, fit_pixels
 
     n_stars, n_pixels = 80, 9
     x = rng.uniform(-1, 1, size=(n_stars, 2))
@@ -476,7 +477,7 @@ def test_reweighted_l1_kernel_equals_numpy_loop(rng, n_labels, order, regulariza
     weights[:, 7] = 0.0
     weights[:4, 7] = 1e4
     active[7] = True
-    results = [_solve_with_regularization(get_backend(name), design, weights, flux, active, regularization)
+    results = [solve_with_regularization(get_backend(name), design, weights, flux, active, regularization)
                for name in CPU_BACKENDS]
     (coef_np, ok_np), (coef_nb, ok_nb) = [(np.asarray(c), np.asarray(o)) for c, o in results]
     np.testing.assert_array_equal(ok_np, ok_nb)
@@ -491,7 +492,7 @@ def test_reweighted_l1_kernel_equals_numpy_loop(rng, n_labels, order, regulariza
         assert relative_difference(coef_np[m], coef_nb[m]) < 1e-8
     # precomputed products (as fit_pixels passes them) give the same answer
     products = numba_backend.training_products(design)
-    again = _solve_with_regularization(numba_backend, design, weights, flux, active, regularization, products=products)
+    again = solve_with_regularization(numba_backend, design, weights, flux, active, regularization, products=products)
     np.testing.assert_array_equal(np.asarray(again[0]), coef_nb)
 
 
@@ -508,7 +509,7 @@ def test_reweighted_l1_kernel_without_active_and_with_diagonal(rng):
     np.testing.assert_array_equal(pair[0][1], pair[1][1])
     assert relative_difference(pair[0][0], pair[1][0]) < 1e-8
     coef, ok = _numba.solve_reweighted(design, weights, flux, None, 30.0)
-    reference = _solve_with_regularization(get_backend("numpy"), design, weights, flux,
+    reference = solve_with_regularization(get_backend("numpy"), design, weights, flux,
                                            np.ones((24, n_terms), dtype=bool), 30.0)
     np.testing.assert_array_equal(ok, reference[1])
     assert relative_difference(coef, reference[0]) < 1e-8
@@ -519,7 +520,7 @@ def test_fit_pixels_l1_many_terms_with_star_mask_agrees_between_backends(toy_sur
     """Training with L1 and more terms than the fused kernel (3 labels, cubic: 20 terms; 56 would need
     more stars than a quick test) through the reweighted kernel, with a star mask, float32 inputs and
     without ivar: coefficients, scatter and flags equal the numpy reference."""
-    from cannon_bridge.model import fit_pixels
+    from cannon_bridge.engine import fit_pixels
 
     data = toy_survey(160, 24, n_labels=3, order=3, snr=60, scatter=np.linspace(0.0, 0.02, 24), seed=11)
     x = (data["labels"] - data["pivots"]) / data["scales"]
@@ -562,7 +563,7 @@ def test_distinct_products_keep_one_column_per_monomial(rng):
     from math import comb
 
     from cannon_bridge.backends._numba import distinct_products
-    from cannon_bridge.backends._packed import packed_products
+    from cannon_bridge.backends.packed import packed_products
 
     labels = rng.normal(size=(500, 4))
     design = np.prod(labels[:, None, :] ** polynomial_exponents(4, 2)[None], axis=2)
@@ -600,12 +601,10 @@ def test_median_snr_kernel_equals_nanmedian(rng):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_typical_noise_variance_kernel_equals_a_numpy_sum(rng, dtype, monkeypatch):
+def test_typical_noise_variance_kernel_equals_a_numpy_sum(rng, dtype):
     """The bridge's per-pixel noise variance (mean 1/ivar over the observed stars) from the numba kernel, on a
     strided view with masked pixels and a pixel no star observes, equals the numpy reference path."""
-    import builtins
-
-    from cannon_bridge.model import typical_noise_variance
+    from cannon_bridge.engine import typical_noise_variance
 
     ivar = rng.uniform(10.0, 1e4, (1100, 1300)).astype(dtype)
     ivar[rng.random(ivar.shape) < 0.2] = 0.0
@@ -614,19 +613,12 @@ def test_typical_noise_variance_kernel_equals_a_numpy_sum(rng, dtype, monkeypatc
     inverse = np.where(view > 0, 1.0 / np.where(view > 0, view.astype(np.float64), 1.0), 0.0)
     count = (view > 0).sum(axis=0)
     expected = np.where(count > 0, inverse.sum(axis=0) / np.maximum(count, 1), 0.0)
-    got = typical_noise_variance(view, view.shape[1])
+    got = typical_noise_variance(view, view.shape[1], get_backend("numba"))
     assert got[4] == 0.0  # pixel 7 of the full array: nobody observed it
     np.testing.assert_allclose(got, expected, rtol=1e-12)
-    # the numpy fallback (numba missing) gives the same values
-    real_import = builtins.__import__
-
-    def no_numba(name, *args, **kwargs):
-        if name.endswith("backends._numba"):  # the relative import in typical_noise_variance
-            raise ImportError("numba hidden for this test")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_numba)
-    np.testing.assert_allclose(typical_noise_variance(view, view.shape[1]), expected, rtol=1e-12)
+    # the numpy reference (the host helpers without numba) gives the same values
+    np.testing.assert_allclose(typical_noise_variance(view, view.shape[1], get_backend("numpy")), expected,
+                               rtol=1e-12)
 
 
 @pytest.mark.parametrize("n_labels, order", [(3, 2), (5, 3), (12, 2)])
@@ -635,7 +627,7 @@ def test_numba_test_step_equals_the_numpy_levenberg_marquardt(rng, n_labels, ord
     does, from the same starts, with the same chi^2 and Gauss-Newton Hessian; several starts of a star
     share its statistics (star_of) instead of copies."""
     from cannon_bridge.backends import _numba
-    from cannon_bridge.backends._inference import LikelihoodBlock, levenberg_marquardt
+    from cannon_bridge.backends.inference import LikelihoodBlock, levenberg_marquardt
     from cannon_bridge.vectorizer import PolynomialVectorizer
 
     names = [f"l{k}" for k in range(n_labels)]
@@ -668,8 +660,8 @@ def test_starts_from_projected_statistics_equal_pixel_by_pixel_sums(rng):
     pass over the pixels: the template chi^2 at every grid point equals sum_m w (f - model)^2 over the
     pixels of every block, and the linear estimate equals the weighted least-squares fit of the constant
     and linear terms alone (two blocks over overlapping label subsets, as the bridge's pixel groups)."""
-    from cannon_bridge.backends._inference import LikelihoodBlock, linear_estimate, template_chi2
-    from cannon_bridge.backends._polynomial import monomials
+    from cannon_bridge.backends.inference import LikelihoodBlock, linear_estimate, template_chi2
+    from cannon_bridge.backends.polynomial import monomials
 
     n_stars, n_labels, n_grid = 7, 4, 5
     specs = [(np.array([0, 1, 2]), 40), (np.array([0, 1, 3]), 30)]  # (label index, pixels) per block
@@ -714,8 +706,8 @@ def test_gathered_weights_of_a_chunk_equal_the_array_code(rng):
     """The bridge's test step builds a chunk's weights and flux in pixel-group order in one pass
     (``_numba.gather_weighted``): the same numbers as ivar / (1 + ivar s^2) and fancy indexing, and
     each row's count of used pixels; float32 inputs read in place."""
+    from cannon_bridge.backends import effective_weights
     from cannon_bridge.backends._numba import add_block, gather_weighted
-    from cannon_bridge.model import _effective_weights
 
     flux = rng.normal(1.0, 0.1, (50, 300)).astype(np.float32)
     ivar = rng.uniform(10.0, 1e4, (50, 300)).astype(np.float32)
@@ -724,7 +716,7 @@ def test_gathered_weights_of_a_chunk_equal_the_array_code(rng):
     rows = np.array([3, 4, 5, 17, 40])
     columns = rng.permutation(300)[:170]
     weights, values, counts = gather_weighted(flux, ivar, rows, columns, scatter_variance[columns])
-    expected = _effective_weights(ivar[rows], scatter_variance)[:, columns]
+    expected = effective_weights(ivar[rows], scatter_variance)[:, columns]
     np.testing.assert_array_equal(weights, expected)
     np.testing.assert_array_equal(values, flux[rows][:, columns].astype(np.float64))
     np.testing.assert_array_equal(counts, np.count_nonzero(expected > 0, axis=1))
@@ -747,7 +739,7 @@ def test_device_solve_finds_failed_factorisations_without_raising(rng, diagonal)
     ridge on every term a pixel without data is positive definite again and solved (coefficients 0), as
     numpy and numba do."""
     from cannon_bridge.backends._numpy import solve_normal_equations
-    from cannon_bridge.backends._packed import packed_index, packed_products
+    from cannon_bridge.backends.packed import packed_index, packed_products
     from strict_device import strict_module
 
     design, weights, flux = random_block(rng, n_stars=60, n_pixels=8, n_labels=2, zero_fraction=0.0)
@@ -817,3 +809,231 @@ def test_the_register_block_follows_the_compilation_target(monkeypatch):
     from llvmlite import binding
     host_wide = "+avx512f" in binding.get_host_cpu_features().flatten().split(",")
     assert _numba._wide_vector_registers() == host_wide
+
+
+# ------------------------------- the declared interface and the numpy references
+def _interface_backends():
+    """Every Backend the package builds on this machine: numpy, numba and the device driver (numpy as the array
+    module, and the strict CuPy stand-in)."""
+    from cannon_bridge.backends._cupy import array_module_backend
+    from strict_device import strict_module
+
+    return [get_backend("numpy"), get_backend("numba"), array_module_backend(np, name="cupy"),
+            array_module_backend(strict_module(), name="cupy")]
+
+
+def test_every_kernel_of_the_interface_has_a_numpy_reference():
+    """The Backend dataclass declares every kernel, required or optional, each with a reference in
+    backends/_numpy.py; every backend is a Backend, fills every required kernel and leaves an optional one
+    None or callable (no hasattr probing). The numpy backend is the references themselves."""
+    from cannon_bridge.backends import KERNELS, Backend
+    from cannon_bridge.backends import _numpy
+
+    names = {item.name for item in dataclasses.fields(Backend)}
+    assert set(KERNELS) <= names
+    assert names - set(KERNELS) == {"name", "xp", "to_device", "to_host", "fused_max_terms"}
+    optional = {"prepare_block", "reweight", "solve_reweighted", "training_products", "lm_projected", "fit_fused"}
+    assert {name for name, spec in KERNELS.items() if not spec.required} == optional
+    for spec in KERNELS.values():
+        assert callable(getattr(_numpy, spec.reference)), spec.name
+        assert spec.doc and spec.name in Backend.__doc__
+    numpy_backend = get_backend("numpy")
+    for spec in KERNELS.values():
+        if spec.required:
+            assert getattr(numpy_backend, spec.name) is getattr(_numpy, spec.reference)
+        else:
+            assert getattr(numpy_backend, spec.name) is None  # the generic array code runs instead
+    for backend in _interface_backends():
+        assert type(backend) is Backend
+        for spec in KERNELS.values():
+            value = getattr(backend, spec.name)
+            assert callable(value) if spec.required else (value is None or callable(value)), (backend.name, spec)
+        assert (backend.fit_fused is None) == (backend.fused_max_terms == 0)
+    numba_backend = get_backend("numba")
+    assert all(getattr(numba_backend, name) is not None for name in optional)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        numba_backend.fit_fused = None
+    with pytest.raises(TypeError, match="required kernel 'median_snr'"):
+        dataclasses.replace(numba_backend, median_snr=None)
+
+
+def test_host_backend_is_numba_when_it_imports_else_numpy(monkeypatch):
+    import cannon_bridge.backends as backends
+    from cannon_bridge.errors import BackendUnavailableError
+
+    assert backends.host_backend().name == "numba" and backends.host_backend("cupy").name == "numba"
+    assert backends.host_backend("numpy").name == "numpy"
+    # the device driver's host helpers are the host backend's
+    device = _interface_backends()[3]
+    assert device.median_snr is backends.host_backend().median_snr
+    monkeypatch.setattr(backends, "_numba_available", lambda: False)
+    assert backends.host_backend().name == "numpy"
+    with pytest.raises(BackendUnavailableError):
+        backends.get_backend("numba")
+    with pytest.raises(InvalidInputError):
+        backends.host_backend("tensorflow")
+
+
+def _band_limit_inputs(rng, dtype):
+    from cannon_bridge.preprocess import band_limit_plan
+
+    wavelength = np.r_[np.linspace(4800, 4840, 700), np.linspace(5700, 5740, 600), np.linspace(6500, 6501, 15)]
+    flux = (1 + 0.02 * rng.standard_normal((25, wavelength.size))).astype(dtype)
+    ivar = rng.uniform(1e3, 4e3, flux.shape).astype(dtype)
+    ivar[rng.random(flux.shape) < 0.02] = 0.0
+    flux[2, 50], ivar[2, 50] = np.nan, 0.0  # unused: NaN flux
+    flux[3, 60] = np.inf  # ivar > 0 but flux not finite: unused
+    ivar[4, 70] = np.inf  # unused
+    ivar[5, 80] = 1e-30  # used, a huge variance
+    return flux, ivar, band_limit_plan(wavelength, 28000.0)
+
+
+@pytest.mark.parametrize("implementation", ["numba", "strict-device"])
+def test_host_helpers_equal_their_numpy_references(rng, implementation):
+    """Each host helper of numba (and of the device driver on the strict CuPy stand-in, which takes the host
+    backend's) gives its numpy reference's values on random input, float32 strided views included:
+    median_snr, inverse_sums, gather_weighted and the effective weights, spectra_summary exactly;
+    band_limited_block to 1e-12 (the kernel sums the taps with fused multiply-adds)."""
+    from cannon_bridge.backends import _numpy as reference
+    from cannon_bridge.backends import effective_weights
+
+    backend = get_backend("numba") if implementation == "numba" else _interface_backends()[3]
+    flux = rng.normal(1.0, 0.3, (40, 260))
+    ivar = rng.uniform(10.0, 1e4, flux.shape)
+    ivar[rng.random(flux.shape) < 0.2] = 0.0
+    used = (ivar > 0) & (rng.random(flux.shape) > 0.1)
+    used[0], used[1, 3:] = False, False  # a star with no used pixel, one with 3
+    np.testing.assert_array_equal(backend.median_snr(flux, ivar, used), reference.median_snr(flux, ivar, used))
+    np.testing.assert_array_equal(backend.median_snr(flux.astype(np.float32), ivar, used),
+                                  reference.median_snr(flux.astype(np.float32), ivar, used))
+    # inverse sums onto running totals, on a float32 strided view with an unobserved column
+    view = ivar.astype(np.float32)[::2, 5:250]
+    view[:, 7] = 0.0
+    start_total, start_count = rng.normal(size=view.shape[1]), rng.integers(0, 5, view.shape[1])
+    got = (start_total.copy(), start_count.copy())
+    expected = (start_total.copy(), start_count.copy())
+    backend.inverse_sums(view, *got)
+    reference.inverse_sums(view, *expected)
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_array_equal(got[1], expected[1])
+    # the test step's gather, and the one definition of the weights
+    rows, columns = np.array([3, 4, 4, 17, 39]), rng.permutation(260)[:170]
+    scatter_variance = rng.uniform(0.0, 1e-3, columns.size)
+    for f, i in [(flux, ivar), (flux.astype(np.float32), ivar.astype(np.float32))]:
+        got = backend.gather_weighted(f, i, rows, columns, scatter_variance)
+        expected = reference.gather_weighted(f, i, rows, columns, scatter_variance)
+        for a, b in zip(got, expected):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(expected[0], effective_weights(ivar[np.ix_(rows, columns)].astype(np.float32)
+                                                                 .astype(np.float64), scatter_variance))
+    # spectra_summary: every special value, both dtypes, strided
+    special_flux, special_ivar = flux.copy(), ivar.copy()
+    for k, value in enumerate([0.0, -0.0, -2.0, -np.inf, np.inf, np.nan, 1e-200, 3e5]):
+        special_ivar[k, 3 * k] = value
+    for k, value in enumerate([np.nan, np.inf, -np.inf, -3.5]):
+        special_flux[k + 20, 5 * k] = value
+        special_flux[k, 3 * k] = value
+    for f, i in [(special_flux, special_ivar), (special_flux, None), (special_flux.astype(np.float32), special_ivar),
+                 (special_flux[::3, 7:200], special_ivar[::3, 7:200].astype(np.float32)), (flux[:0], ivar[:0])]:
+        np.testing.assert_array_equal(backend.spectra_summary(f, i), reference.spectra_summary(f, i))
+    # band-limited blocks: scattered, repeated and unsorted columns across pieces, edges and masked pixels
+    for dtype in (np.float64, np.float32):
+        band_flux, band_ivar, (filter_index, taps) = _band_limit_inputs(rng, dtype)
+        rows = np.array([7, 2, 11, 2, 3, 4, 5, 24])
+        columns = np.r_[0, 9, 10, 49, 50, 51, 60, 70, 80, np.arange(100, 160), 689, 699, 700, 710, 1299, 1300, 1314,
+                        71, 69]
+        got = backend.band_limited_block(band_flux, band_ivar, rows, columns, filter_index, taps, dtype)
+        expected = reference.band_limited_block(band_flux, band_ivar, rows, columns, filter_index, taps, dtype)
+        for a, b in zip(got, expected):
+            assert a.dtype == b.dtype == dtype
+            np.testing.assert_allclose(a, b, rtol=1e-12 if dtype == np.float64 else 1e-6)
+        assert np.sum(got[1] != band_ivar[np.ix_(rows, columns)]) > 300  # the filter acted
+
+
+def test_band_limited_block_reference_equals_band_limit():
+    """The numpy reference of band_limited_block is preprocess.band_limit on the whole array."""
+    from cannon_bridge.backends._numpy import band_limited_block
+    from cannon_bridge.preprocess import band_limit
+
+    rng = np.random.default_rng(12)
+    wavelength = np.r_[np.linspace(4800, 4840, 700), np.linspace(5700, 5740, 600), np.linspace(6500, 6501, 15)]
+    flux = 1 + 0.02 * rng.standard_normal((25, wavelength.size))
+    ivar = rng.uniform(1e3, 4e3, flux.shape)
+    ivar[rng.random(flux.shape) < 0.02] = 0.0
+    flux[2, 50], ivar[2, 50] = np.nan, 0.0
+    from cannon_bridge.preprocess import band_limit_plan
+
+    filter_index, taps = band_limit_plan(wavelength, 28000.0)
+    expected = band_limit(flux, ivar, wavelength, 28000.0)
+    got = band_limited_block(flux, ivar, np.arange(25), np.arange(wavelength.size), filter_index, taps, np.float64)
+    np.testing.assert_allclose(got[0], expected[0], rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(got[1], expected[1], rtol=1e-13)
+
+
+@pytest.mark.parametrize("with_ivar", [True, False])
+def test_optional_numba_kernels_equal_their_numpy_references(toy_survey, rng, with_ivar):
+    """The optional kernels (numba only) against the references in backends/_numpy.py: the elementwise
+    block work and reweighting exactly, the reweighted-L1 solves, the fused training passes and the
+    projected test step to the precision of their different orders of summation."""
+    from cannon_bridge.backends import _numpy as reference
+    from cannon_bridge.backends.inference import LikelihoodBlock
+
+    numba_backend = get_backend("numba")
+    n_pixels = 30
+    data = toy_survey(160, n_pixels, n_labels=3, order=2, snr=60, scatter=np.linspace(0.0, 0.03, n_pixels), seed=9)
+    x = (data["labels"] - data["pivots"]) / data["scales"]
+    design = np.prod(x[:, None, :] ** data["exponents"][None], axis=2)
+    ivar = np.broadcast_to(data["ivar"], data["flux"].shape).astype(np.float32)
+    ivar[rng.random(ivar.shape) < 0.1] = 0.0
+    ivar = ivar if with_ivar else None
+    flux = data["flux"].astype(np.float32)
+    star_mask = rng.random(flux.shape) > 0.2
+    for mask in (None, star_mask):
+        got, expected = numba_backend.prepare_block(flux, ivar, mask), reference.prepare_block(flux, ivar, mask)
+        for a, b in zip(got, expected):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            np.testing.assert_array_equal(a, b)
+    observed = expected[2]
+    scatter_variance = rng.uniform(0.0, 1e-3, n_pixels)
+    scatter_variance[::4] = 0.0
+    out_numba, out_numpy = np.full(flux.shape, np.nan), np.full(flux.shape, np.nan)
+    numba_backend.reweight(ivar, observed, scatter_variance, out_numba)
+    reference.reweight(ivar, observed, scatter_variance, out_numpy)
+    np.testing.assert_array_equal(out_numba, out_numpy)
+    # reweighted L1 with each backend's own training products
+    active = np.ones((n_pixels, design.shape[1]), bool)
+    active[::3, data["exponents"][:, 2] > 0] = False
+    weights, f = expected[1], expected[0]
+    for regularization in (0.0, 30.0):
+        got = numba_backend.solve_reweighted(design, weights, f, active, regularization,
+                                             products=numba_backend.training_products(design))
+        want = reference.solve_reweighted(design, weights, f, active, regularization,
+                                          products=reference.training_products(design))
+        np.testing.assert_array_equal(got[1], want[1])
+        assert relative_difference(got[0], want[0]) < 1e-9
+        # every pass of the fused kernel
+        n_passes, dof_factor = 3, len(design) / (len(design) - design.shape[1])
+        got = numba_backend.fit_fused(flux, ivar, star_mask, design, active, n_passes, dof_factor,
+                                      regularization=regularization)
+        want = reference.fit_fused(flux, ivar, star_mask, design, active, n_passes, dof_factor,
+                                   regularization=regularization)
+        np.testing.assert_array_equal(got[1], want[1])
+        assert relative_difference(got[0], want[0]) < 1e-8
+        assert relative_difference(got[2], want[2]) < 1e-8
+        np.testing.assert_array_equal(got[3], want[3])
+        np.testing.assert_allclose(got[4], want[4], rtol=1e-12)
+        assert np.all((got[5] >= 1) & (got[5] <= n_passes)) and np.all((want[5] >= 1) & (want[5] <= n_passes))
+        np.testing.assert_array_equal(got[5][want[2] == 0], want[5][want[2] == 0])
+    # the projected test step
+    exponents = data["exponents"]
+    coef = got[0]
+    block = LikelihoodBlock(coef, np.where(observed, 1e4, 0.0)[:40], data["flux"][:40], exponents,
+                            np.arange(exponents.shape[1])).project()
+    starts = np.concatenate([np.zeros((40, 3)), x[:40] + rng.normal(0.0, 0.1, (40, 3))])
+    star_of = np.tile(np.arange(40), 2)
+    got = numba_backend.lm_projected(starts, star_of, block.gram, block.rhs, block.flux_norm, exponents)
+    want = reference.lm_projected(starts, star_of, block.gram, block.rhs, block.flux_norm, exponents)
+    np.testing.assert_array_equal(got[3], want[3])
+    np.testing.assert_allclose(got[0], want[0], atol=2e-5)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-7, atol=1e-6)

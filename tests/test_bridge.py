@@ -170,7 +170,7 @@ def test_correlated_update_is_the_generalised_least_squares_combination():
     """Fusing two estimates whose errors correlate: the update equals brute-force GLS on the stacked
     estimates, its covariance is the true error covariance (Monte Carlo), and with no cross-correlation
     it is the plain Kalman update."""
-    from cannon_bridge.bridge import _correlated_update
+    from cannon_bridge.bridge.fusion import correlated_update as _correlated_update
 
     rng = np.random.default_rng(5)
     n_labels, index = 4, np.array([0, 1, 2])
@@ -241,9 +241,10 @@ def test_a_star_the_model_cannot_fit_gets_honest_uncertainties(fitted, mock_pair
 
 
 def test_misfit_tempering_is_set_by_held_out_outliers(fitted):
-    """_fit_misfit_reference: no outliers -> no tempering; a few stars many sigma off with a chi^2
+    """fit_misfit_reference: no outliers -> no tempering; a few stars many sigma off with a chi^2
     excess -> the least tempering that brings their z-scores into the bulk's spread."""
-    from cannon_bridge.bridge import MISFIT_TAIL, BridgeInferenceResult
+    from cannon_bridge.bridge import BridgeInferenceResult
+    from cannon_bridge.bridge.calibration import MISFIT_TAIL, fit_misfit_reference
 
     rng = np.random.default_rng(1)
     n_stars, n_labels = 400, len(fitted.label_names_)
@@ -263,14 +264,14 @@ def test_misfit_tempering_is_set_by_held_out_outliers(fitted):
                                        prior_information=None)
         return [(np.arange(n_stars), None, result)]
 
-    threshold, scale = fitted._fit_misfit_reference(results(estimate, data_chi2), truth, "galah")
+    threshold, scale = fit_misfit_reference(fitted.fitted_bridge(), results(estimate, data_chi2), truth, "galah")
     assert scale == np.inf and 1.0 < threshold < 1.06
     # five stars fit 30% worse and sit 15 sigma off
     bad = np.arange(5)
     shifted, worse = estimate.copy(), data_chi2.copy()
     shifted[bad] = truth[bad] + 15 * sigma
     worse[bad] = 1.3 * dof[bad]
-    threshold, scale = fitted._fit_misfit_reference(results(shifted, worse), truth, "galah")
+    threshold, scale = fit_misfit_reference(fitted.fitted_bridge(), results(shifted, worse), truth, "galah")
     assert np.isfinite(scale)
     factor = 1 + (worse[bad] - threshold * dof[bad]) / scale
     z = (shifted - truth) / sigma
@@ -281,7 +282,7 @@ def test_misfit_tempering_is_set_by_held_out_outliers(fitted):
 def test_quadratic_forms_by_term_groups_equal_the_dense_form():
     """The predictive variance's c_m^T Cov(v) c_m, computed per group of pixels that use the same terms
     (censoring zeroes a heavy label's terms outside its windows), equals the dense form over all terms."""
-    from cannon_bridge.bridge import _quadratic_forms, _term_groups
+    from cannon_bridge.bridge.propagation import _quadratic_forms, _term_groups
 
     rng = np.random.default_rng(3)
     n_stars, n_terms, n_pixels = 40, 28, 300
@@ -322,7 +323,8 @@ def test_blocks_and_prior_merged_into_one_quadratic_form_are_the_same_likelihood
     surveys summed and the population prior written as a quadratic form in monomials of the labels.
     At any labels its chi^2, Gauss-Newton Hessian and gradient equal those of the separate blocks plus
     the prior's residuals, as the array code evaluates them."""
-    from cannon_bridge.backends._inference import LikelihoodBlock, evaluate, merge_projected
+    from cannon_bridge.backends.inference import LikelihoodBlock, evaluate, merge_projected
+    from cannon_bridge.bridge.censoring import pixel_groups
 
     data, _ = mock_pair
     test = data.subset(np.arange(200, 212))
@@ -332,8 +334,8 @@ def test_blocks_and_prior_merged_into_one_quadratic_form_are_the_same_likelihood
                                ("galah", test.galah_flux, test.galah_ivar)):
         model = getattr(fitted, f"{survey}_model_")
         index = getattr(fitted, f"{survey}_label_index_")
-        weights = model._weights_for(ivar, len(flux))
-        for pixels, terms, local in fitted._groups(survey):
+        weights = model.test_weights(ivar, len(flux))
+        for pixels, terms, local in pixel_groups(model.censors_, model.term_exponents_, model.pixel_flags_ == 0):
             blocks.append(LikelihoodBlock(model.coef_[np.ix_(pixels, terms)], weights[:, pixels], flux[:, pixels],
                                           model.term_exponents_[np.ix_(terms, local)], index[local]).project())
     assert len(blocks) > 2 and len({tuple(b.label_index) for b in blocks}) > 1
@@ -350,7 +352,7 @@ def test_blocks_and_prior_merged_into_one_quadratic_form_are_the_same_likelihood
     # the prior alone: sum(z^2) = v' A v
     z, _ = prior(x)
     exponents, form = prior.quadratic_form(n_labels)
-    from cannon_bridge.backends._polynomial import monomials
+    from cannon_bridge.backends.polynomial import monomials
 
     v = monomials(x, exponents)
     np.testing.assert_allclose(np.einsum("si,ij,sj->s", v, form, v), np.sum(z**2, axis=1), rtol=1e-10)
@@ -392,12 +394,13 @@ def test_device_backend_trains_and_infers_on_the_device(mock_pair, monkeypatch):
     mixing (tests/strict_device.py). Training (per-pixel fits through the driver) and the test step
     (projected blocks, starts, LM and the population prior on the device) give the numpy backend's
     model and labels, and the LM really ran on device arrays."""
-    import cannon_bridge.bridge as bridge_module
     import cannon_bridge.model as model_module
+    from cannon_bridge.bridge import estimator, inference, training
+    from cannon_bridge.engine import test_step
     from strict_device import DeviceArray, strict_module
     from test_backends import _device_backend
 
-    calls = _device_backend(monkeypatch, strict_module(), [model_module, bridge_module])
+    calls = _device_backend(monkeypatch, strict_module(), [model_module, estimator, inference, training])
     data, _ = mock_pair
     train, test = data.subset(np.arange(200)), data.subset(np.arange(200, 230))
     settings = dict(calibrate=False, apogee_regularization=100.0, galah_regularization=100.0)
@@ -409,7 +412,7 @@ def test_device_backend_trains_and_infers_on_the_device(mock_pair, monkeypatch):
         np.testing.assert_allclose(device_model.coef_, host_model.coef_, rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(device_model.scatter_, host_model.scatter_, rtol=1e-9, atol=1e-12)
     seen = []
-    real_lm = model_module.levenberg_marquardt
+    real_lm = test_step.levenberg_marquardt
 
     def spy(x0, blocks, prior=None, **kwargs):
         seen.append(isinstance(blocks[0].gram, DeviceArray) and isinstance(prior.coef, DeviceArray))
@@ -419,7 +422,7 @@ def test_device_backend_trains_and_infers_on_the_device(mock_pair, monkeypatch):
                    dict(galah_flux=test.galah_flux, galah_ivar=test.galah_ivar)):
         seen.clear()
         with monkeypatch.context() as patch:
-            patch.setattr(model_module, "levenberg_marquardt", spy)
+            patch.setattr(test_step, "levenberg_marquardt", spy)
             on_device = device.infer(**inputs)
         assert seen and all(seen), "the test step did not run on device arrays"
         on_host = host.infer(**inputs)
@@ -439,7 +442,6 @@ def test_a_survey_without_usable_pixels_adds_nothing_to_the_stacked_likelihood(f
     model = copy.deepcopy(fitted)
     model.joint = "stacked"
     model.apogee_model_.pixel_flags_ = np.ones_like(model.apogee_model_.pixel_flags_)
-    model.__dict__.pop("_group_cache", None)
     both = model.infer(apogee_flux=test.apogee_flux, apogee_ivar=test.apogee_ivar,
                        galah_flux=test.galah_flux, galah_ivar=test.galah_ivar)
     galah = model.infer(galah_flux=test.galah_flux, galah_ivar=test.galah_ivar)
@@ -452,12 +454,13 @@ def test_calibrated_device_fit_equals_the_numpy_backend(mock_pair, monkeypatch):
     """The whole fit with the cross-validated calibration (held-out inference per fold, uncertainty
     scales, fusion) through the device driver on the strict CuPy stand-in: the same calibration and the
     same labels, covariances and flags as the numpy backend (~40 s here)."""
-    import cannon_bridge.bridge as bridge_module
     import cannon_bridge.model as model_module
+    from cannon_bridge.bridge import estimator, inference, training
+    from cannon_bridge.engine import test_step
     from strict_device import strict_module
     from test_backends import _device_backend
 
-    _device_backend(monkeypatch, strict_module(), [model_module, bridge_module])
+    _device_backend(monkeypatch, strict_module(), [model_module, estimator, inference, training])
     data, _ = mock_pair
     train, test = data.subset(np.arange(200)), data.subset(np.arange(200, 230))
     settings = dict(cv_folds=3, apogee_regularization=100.0, galah_regularization=100.0)

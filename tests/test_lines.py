@@ -257,7 +257,8 @@ def defect_bridge():
     optical depth in the Eu 6645 window by exp(2.3 ([Ba/Fe] - [Eu/Fe])) hands the line to Ba.
     Only pixels near the built-in heavy lines (and 1000 APOGEE pixels) are kept: a fit of a few seconds.
     """
-    from cannon_bridge.bridge import BUILTIN_GALAH_LINES, BridgeModel
+    from cannon_bridge.bridge import BridgeModel
+    from cannon_bridge.lines import BUILTIN_GALAH_LINES
     from cannon_bridge.mock import make_crossmatch
 
     n_stars, n_train = 300, 260
@@ -313,3 +314,12 @@ def test_trained_bridge_defects_are_found_and_clean_lines_pass(defect_bridge):
     summary = aggregate_line_metrics(table)
     assert summary["n_missing"][summary["element"] == "Ba"][0] == 1
     assert summary["n_wrong_label"][summary["element"] == "Eu"][0] == 1
+
+
+def test_builtin_galah_lines_live_in_lines():
+    from cannon_bridge import bridge, lines
+
+    assert "BUILTIN_GALAH_LINES" in lines.__all__
+    assert bridge.BUILTIN_GALAH_LINES == lines.BUILTIN_GALAH_LINES  # the bridge's default windows use the same list
+    assert {"Ba", "Eu", "Y"} <= set(lines.BUILTIN_GALAH_LINES)
+    assert all(list(waves) == sorted(waves) for waves in lines.BUILTIN_GALAH_LINES.values())

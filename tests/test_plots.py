@@ -84,3 +84,30 @@ def test_bad_input_is_refused_clearly(tmp_path, spectra, rng):
     with pytest.raises(InvalidInputError, match="values\\['m'\\] has 1 numbers"):
         window_rms_bars(["Ba", "Eu"], {"m": [0.1]}, tmp_path / "w.png")
     assert not list(tmp_path.iterdir())  # nothing was drawn
+
+
+def test_figures_leave_matplotlib_global_state_alone(tmp_path):
+    """No backend switch, no pyplot: run in a fresh interpreter whose backend is not Agg."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "import numpy as np\n"
+        "import matplotlib\n"
+        "before = matplotlib.get_backend()\n"
+        "from cannon_bridge.plots import one_to_one, window_rms_bars\n"
+        "truth = np.arange(12.0).reshape(6, 2)\n"
+        f"one_to_one(truth, truth + 0.1, ['a', 'b'], {str(tmp_path / 'a.png')!r})\n"
+        f"window_rms_bars(['Ba'], {{'m': [0.1]}}, {str(tmp_path / 'b.png')!r})\n"
+        "print(before, matplotlib.get_backend(), 'matplotlib.pyplot' in sys.modules)\n"
+    )
+    env = dict(os.environ, MPLBACKEND="svg")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    before, after, pyplot_imported = done.stdout.split()
+    assert before == after == "svg"
+    assert pyplot_imported == "False"
+    assert _png(tmp_path / "a.png") and _png(tmp_path / "b.png")
+

@@ -245,6 +245,18 @@ def test_chip_gap_masks():
         segment_index([5000.0], "gaia")
 
 
+def test_galah_ccd_envelope_holds_the_nominal_coverage_of_the_mock_grid():
+    from cannon_bridge import data, preprocess
+    from cannon_bridge.mock import galah_grid
+
+    assert preprocess.GALAH_CCD_RANGES is data.GALAH_CCD_ENVELOPE  # the old public name, kept
+    for (lo, hi), (outer_lo, outer_hi) in zip(data.GALAH_CCD_COVERAGE, data.GALAH_CCD_ENVELOPE):
+        assert outer_lo < lo < hi < outer_hi
+    wave, ccd = galah_grid()
+    assert [(wave[ccd == k][0], wave[ccd == k][-1]) for k in range(1, 5)] == list(data.GALAH_CCD_COVERAGE)
+    np.testing.assert_array_equal(segment_index(wave, "galah"), ccd)  # every mock pixel is inside its CCD
+
+
 # ------------------------------------------------------------------------ Spectrum
 def test_spectrum_container_conventions():
     wave = np.linspace(15100, 15110, 5)
@@ -360,3 +372,19 @@ def test_band_limit_filter_none_when_undersampled_and_errors():
         band_limit(flux, np.ones((2, 200)), wavelength, -1.0)
     with pytest.raises(InvalidInputError, match="n_taps"):
         band_limit(flux, np.ones((2, 200)), wavelength, 28000.0, n_taps=20)
+
+
+def test_band_limit_is_defined_below_the_data_layer_and_takes_quantities():
+    from cannon_bridge import bandlimit, preprocess
+
+    for name in ("band_limit", "band_limit_plan", "band_limit_filter"):
+        assert getattr(preprocess, name) is getattr(bandlimit, name)
+    assert {"band_limit", "band_limit_plan"} <= set(preprocess.__all__)
+    wavelength = np.r_[np.linspace(4800, 4840, 900), np.linspace(5700, 5740, 760)]
+    index, taps = preprocess.band_limit_plan(wavelength, 28000.0)
+    assert index.shape == wavelength.shape and taps.shape == (2, 21)
+    assert set(np.unique(index)) == {-1, 0, 1} and np.all(index[:10] == -1) and np.all(index[890:910] == -1)
+    index_q, taps_q = preprocess.band_limit_plan(wavelength * u.AA, 28000.0)
+    assert np.array_equal(index_q, index) and np.array_equal(taps_q, taps)
+    with pytest.raises(InvalidInputError, match="length unit"):
+        preprocess.band_limit_plan(wavelength * u.s, 28000.0)

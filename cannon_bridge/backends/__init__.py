@@ -1,41 +1,34 @@
 """Compute kernels behind one interface.
 
-A backend is a small namespace of pure array functions:
+:func:`get_backend` returns a :class:`Backend` (:mod:`.interface`): a frozen dataclass whose fields are
+every kernel, required and optional, each documented with its numpy reference in :mod:`._numpy`
+(the registry :data:`KERNELS`). ``numpy`` is the reference; ``numba`` (:mod:`._numba`) and ``cupy``
+(:mod:`._cupy`, the numpy kernels on CuPy arrays) are tested against it. Optional kernels are ``None``
+where a backend has none (test ``backend.fit_fused is not None``).
 
-``solve_normal_equations(design, weights, flux, active=None, diagonal=None, products=None, normal=None)``
-    Per-pixel weighted least squares for one block of pixels. ``design`` is
-    (n_stars, n_terms), ``weights`` and ``flux`` are (n_stars, n_pixels);
-    ``active`` (n_pixels, n_terms) marks the terms a pixel may use (censored
-    terms get a coefficient of exactly 0); ``diagonal`` (n_pixels, n_terms) is
-    added to each pixel's normal matrix (ridge / reweighted L1); ``products`` is
-    the packed Z of ``design`` when the caller already built it; ``normal`` the pair
-    (packed ``W^T Z``, right-hand sides ``(W F)^T A``) when the caller solves the same
-    system with several diagonals (reweighted L1) and built it once. Returns
-    ``(coef, ok)`` with coef (n_pixels, n_terms) and ok (n_pixels,) bool.
-``fit_scatter(residuals, data_variance, observed, dof_factor)``
-    Per-pixel intrinsic variance s^2 maximising the marginal likelihood.
-``xp``
-    The array module used by the batched test step (numpy or cupy).
-``to_device(array)``, ``to_host(array)``
-    Move a block to the backend's array module and back (on the CPU: float blocks become float64).
-``solve_reweighted(design, weights, flux, active, regularization, n_reweight, products)``,
-``training_products(design)`` (optional)
-    Every solve of the reweighted-L1 loop of a block in one kernel call, on the distinct products
-    that ``training_products`` builds once per fit, numba only.
-``prepare_block``, ``reweight`` (optional)
-    Fused elementwise work of a training block (masks, weights, pixel-major copies), numba only.
+Code that runs on the host without a chosen backend (input checks, band-limited reads, noise sums)
+takes its helpers from :func:`host_backend`: numba when it imports, else numpy.
 
-``numpy`` is the reference; ``numba`` and ``cupy`` are tested against it.
+Shared array maths that are not kernels live in public modules: :mod:`.inference` (the batched test
+step), :mod:`.packed` (packed normal matrices) and :mod:`.polynomial` (monomials of the labels); the
+per-pixel weight is :func:`effective_weights`.
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
+import sys
 
 import numpy as np
 
 from ..errors import BackendUnavailableError, InvalidInputError
+from ._numpy import effective_weights, to_numpy
+from .interface import (KERNELS, N_SUMMARY, SUMMARY_BAD_USED_FLUX, SUMMARY_INF_IVAR, SUMMARY_MAX_ABS_FLUX,
+                        SUMMARY_MAX_ABS_USED_FLUX, SUMMARY_MAX_IVAR, SUMMARY_MIN_POSITIVE_IVAR, SUMMARY_NAN_IVAR,
+                        SUMMARY_NEGATIVE_IVAR, SUMMARY_NONFINITE_FLUX, Backend, KernelSpec)
 
-__all__ = ["get_backend", "available_backends", "BACKEND_NAMES"]
+__all__ = ["get_backend", "host_backend", "available_backends", "clear_caches", "effective_weights", "to_numpy",
+           "Backend", "KernelSpec", "KERNELS", "BACKEND_NAMES", "N_SUMMARY", "SUMMARY_NAN_IVAR", "SUMMARY_INF_IVAR",
+           "SUMMARY_NEGATIVE_IVAR", "SUMMARY_BAD_USED_FLUX", "SUMMARY_NONFINITE_FLUX", "SUMMARY_MAX_ABS_USED_FLUX",
+           "SUMMARY_MAX_ABS_FLUX", "SUMMARY_MAX_IVAR", "SUMMARY_MIN_POSITIVE_IVAR"]
 
 BACKEND_NAMES = ("numpy", "numba", "cupy", "auto")
 
@@ -67,12 +60,20 @@ def available_backends() -> list[str]:
     return names
 
 
-def get_backend(name: str = "auto") -> SimpleNamespace:
-    """Return the kernel namespace for ``name`` (``"auto"`` picks cupy > numba > numpy)."""
+def _check_name(name: str) -> None:
     if name not in BACKEND_NAMES:
         raise InvalidInputError(
             f"The 'backend' parameter must be one of {BACKEND_NAMES}. Got {name!r} instead."
         )
+
+
+def get_backend(name: str = "auto") -> Backend:
+    """The :class:`Backend` for ``name`` (``"auto"`` picks cupy > numba > numpy).
+
+    A new object each call, built from the kernel modules' current names (a test that patches
+    ``_numba.lm_projected`` changes the next backend).
+    """
+    _check_name(name)
     if name == "auto":
         if _cupy_available():
             name = "cupy"
@@ -81,47 +82,72 @@ def get_backend(name: str = "auto") -> SimpleNamespace:
         else:
             name = "numpy"
     if name == "numpy":
-        from . import _numpy as module
-    elif name == "numba":
+        return _numpy_backend()
+    if name == "numba":
         if not _numba_available():
             raise BackendUnavailableError("backend='numba' needs numba: pip install numba")
-        from . import _numba as module
-    else:
-        if not _cupy_available():
-            raise BackendUnavailableError(
-                "backend='cupy' needs CuPy and a CUDA GPU: pip install 'cannon_bridge[gpu]'"
-            )
-        import cupy
+        return _numba_backend()
+    if not _cupy_available():
+        raise BackendUnavailableError(
+            "backend='cupy' needs CuPy and a CUDA GPU: pip install 'cannon_bridge[gpu]'"
+        )
+    import cupy
 
-        from ._cupy import array_module_backend
+    from ._cupy import array_module_backend
 
-        return array_module_backend(cupy)
-    namespace = SimpleNamespace(
-        name=name,
-        xp=module.xp,
-        to_device=_float64_if_float,
-        to_host=_identity,
-        solve_normal_equations=module.solve_normal_equations,
-        fit_scatter=module.fit_scatter,
-    )
-    if hasattr(module, "prepare_block"):  # optional fused elementwise kernels (numba)
-        namespace.prepare_block, namespace.reweight = module.prepare_block, module.reweight
-    if hasattr(module, "solve_reweighted"):  # every reweighted-L1 solve of a block in one kernel (numba)
-        namespace.solve_reweighted, namespace.training_products = module.solve_reweighted, module.training_products
-    if hasattr(module, "lm_projected"):  # the test step star by star in one kernel (numba)
-        namespace.lm_projected = module.lm_projected
-    if hasattr(module, "fit_fused"):  # every training pass of a block in one kernel, for few terms (numba)
-        namespace.fit_fused, namespace.fused_max_terms = module.fit_fused, module.FUSED_MAX_TERMS
-    return namespace
+    return array_module_backend(cupy)
+
+
+def host_backend(name: str = "auto") -> Backend:
+    """The backend whose host helpers (``median_snr``, ``inverse_sums``, ``gather_weighted``,
+    ``band_limited_block``, ``spectra_summary``) code without a chosen backend, or with a device backend,
+    uses on numpy arrays: numba when it imports, else numpy. ``"numpy"`` forces the numpy references,
+    ``"numba"`` asks for numba (an error without it); ``"auto"`` and ``"cupy"`` pick."""
+    _check_name(name)
+    if name in ("numpy", "numba"):
+        return get_backend(name)
+    if _numba_available():
+        try:
+            return _numba_backend()
+        except ImportError:  # numba present but broken (e.g. an llvmlite mismatch): the numpy references
+            pass
+    return _numpy_backend()
 
 
 def clear_caches() -> None:
-    """Drop what the kernels keep between calls of one fit (the numba backend's design products)."""
-    import sys
-
+    """Drop what the kernels keep between calls of one fit (the numba backend's design products), whichever
+    backend kept it. ``Backend.clear_caches`` does the same for one backend."""
     module = sys.modules.get(f"{__name__}._numba")
     if module is not None:
         module.clear_products_cache()
+
+
+def _numpy_backend() -> Backend:
+    from . import _numpy as kernels
+
+    return Backend(
+        name="numpy", xp=np, to_device=_float64_if_float, to_host=_identity,
+        solve_normal_equations=kernels.solve_normal_equations, fit_scatter=kernels.fit_scatter,
+        median_snr=kernels.median_snr, inverse_sums=kernels.inverse_sums, gather_weighted=kernels.gather_weighted,
+        band_limited_block=kernels.band_limited_block, spectra_summary=kernels.spectra_summary,
+        clear_caches=kernels.clear_caches,
+        # the optional kernels stay None: the numpy path is the generic array code they fuse
+    )
+
+
+def _numba_backend() -> Backend:
+    from . import _numba as kernels
+
+    return Backend(
+        name="numba", xp=np, to_device=_float64_if_float, to_host=_identity,
+        solve_normal_equations=kernels.solve_normal_equations, fit_scatter=kernels.fit_scatter,
+        median_snr=kernels.median_snr, inverse_sums=kernels.inverse_sums, gather_weighted=kernels.gather_weighted,
+        band_limited_block=kernels.band_limited_block, spectra_summary=kernels.spectra_summary,
+        clear_caches=kernels.clear_products_cache,
+        prepare_block=kernels.prepare_block, reweight=kernels.reweight,
+        solve_reweighted=kernels.solve_reweighted, training_products=kernels.training_products,
+        lm_projected=kernels.lm_projected, fit_fused=kernels.fit_fused, fused_max_terms=kernels.FUSED_MAX_TERMS,
+    )
 
 
 def _identity(array):

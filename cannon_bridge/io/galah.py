@@ -30,8 +30,9 @@ from pathlib import Path
 import astropy.units as u
 import numpy as np
 
+from ..data import GALAH_CCD_ENVELOPE
 from ..errors import InvalidInputError
-from ..preprocess import GALAH_CCD_RANGES, segment_index, snr_estimate
+from ..preprocess import segment_index, snr_estimate
 from ..spectrum import Spectrum
 from . import (_check_path, _header_number, _header_value, _ivar_from_sigma, _read_fits, _read_table,
                _replace_float_column, _spectrum)
@@ -47,7 +48,7 @@ REDUCTION_FLAG_NO_PARAMETERS = 1 << 17
 REDUCTION_FLAG_NO_RV = 1 << 16
 
 _SOBJECT_FILE = re.compile(r"^(\d{15})([1-4])$")
-_CCD_CENTRES = np.array([(lo + hi) / 2 for lo, hi in GALAH_CCD_RANGES])
+_CCD_CENTRES = np.array([(lo + hi) / 2 for lo, hi in GALAH_CCD_ENVELOPE])
 
 
 def galah_ccd_paths(directory, sobject_id) -> list[Path]:

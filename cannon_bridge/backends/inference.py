@@ -13,8 +13,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ._packed import packed_products, unpack
-from ._polynomial import monomial_jacobian, monomials
+from .packed import packed_products, unpack
+from .polynomial import monomial_jacobian, monomials
 
 
 @dataclass

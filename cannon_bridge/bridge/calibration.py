@@ -1,0 +1,288 @@
+"""Cross-validated calibration of a bridge: what the training fit cannot know about itself.
+
+K-fold CV on the training stars (:func:`calibrate`), in four steps, each a function:
+
+1. :func:`fit_folds`: each fold's bridge, and the out-of-sample excess of squared residuals over
+   the noise, which sets every pixel's scatter (:func:`out_of_sample_scatter`);
+2. per inference mode, the held-out stars' labels (:func:`held_out`), the misfit tempering
+   (:func:`fit_misfit_reference`) and one factor per label on the uncertainties (:func:`z_spread`);
+   the joint mode's combination is chosen by :func:`cannon_bridge.bridge.fusion.calibrate_fusion`;
+3. :func:`galah_variance_scale`: the scale of the regenerated GALAH spectra's propagated variance
+   per censoring group.
+
+Every step returns values; the fitted bridges of the folds are new objects, never the caller's.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from ..engine import INFER_BATCH, concatenate_results
+from ..stats import robust_std
+from .fusion import calibrate_fusion
+from .inference import infer, tempered, tempered_covariance
+from .prior import PopulationPrior
+from .propagation import generate
+from .state import MODES, SURVEYS, Calibration, FittedBridge, SurveyPart
+from .training import TrainingSetup, fit_surveys
+
+__all__ = ["CalibrationResult", "calibrate", "fit_folds", "fit_misfit_reference", "galah_variance_scale",
+           "held_out", "out_of_sample_scatter", "z_spread"]
+
+logger = logging.getLogger("cannon_bridge.bridge")
+
+#: largest accepted ratio of held-out z-scores' standard deviation to their robust spread (see
+#: :func:`fit_misfit_reference`): 1.0 +- 0.05 for Gaussian errors over a few hundred stars
+MISFIT_TAIL = 1.2
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    """The calibration of a bridge and the out-of-sample scatter of every pixel (survey -> array)."""
+
+    calibration: Calibration
+    cv_scatter: dict
+
+
+def calibrate(params, fitted: FittedBridge, setup: TrainingSetup, sources: dict, spectra: dict, labels,
+              splits) -> CalibrationResult:
+    """K-fold CV on the training stars: out-of-sample scatter per pixel, then uncertainty scales per label
+    and mode, the misfit tempering, the joint mode's combination and the GALAH variance scale.
+
+    ``fitted`` is the bridge trained on every star (its calibration is not read); ``sources`` its training
+    spectra as SpectraBlocks and ``spectra`` the same as arrays (survey -> (flux, ivar)); ``splits`` the
+    (train, test) index pairs.
+    """
+    folds, cv_scatter = fit_folds(params, fitted, setup, sources, spectra, labels, splits)
+    folds = [(test, _with_scatter(sub, cv_scatter)) for test, sub in folds]
+    main = fitted
+    held = {}
+    for mode in MODES:
+        if mode == "both" and fitted.joint == "fusion":
+            choice, results = calibrate_fusion(main, held, labels)
+            main = replace(main, calibration=replace(main.calibration, fusion_correlation=choice.correlation,
+                                                     fusion_methods=choice.methods, fusion_weights=choice.weights))
+        else:
+            results = held_out(folds, spectra, mode)
+            reference = dict(main.calibration.misfit_reference)
+            reference[mode] = fit_misfit_reference(main, results, labels, mode)
+            main = replace(main, calibration=replace(main.calibration, misfit_reference=reference))
+            results = [(test, sub, tempered(_with_reference(sub, reference), result)) for test, sub, result in results]
+        held[mode] = results
+        scale = z_spread(results, labels)
+        scales = dict(main.calibration.uncertainty_scale)
+        scales[mode] = np.where(np.isfinite(scale), np.clip(scale, 0.5, 100.0), 1.0)
+        main = replace(main, calibration=replace(main.calibration, uncertainty_scale=scales))
+        # the folds carry what is calibrated so far (a mode's own factor and tempering are set after its
+        # held-out stars are inferred, so they are found untempered and at unit scale)
+        folds = [(test, _with_reference(_with_scale(sub, mode, scales[mode]), main.calibration.misfit_reference))
+                 for test, sub in folds]
+        if mode == "apogee":
+            variance_scale = galah_variance_scale(main, results, spectra["galah"])
+            main = replace(main, calibration=replace(main.calibration, galah_variance_scale=variance_scale))
+    return CalibrationResult(main.calibration, cv_scatter)
+
+
+def fit_folds(params, fitted: FittedBridge, setup: TrainingSetup, sources: dict, spectra: dict, labels, splits):
+    """([(test rows, fold's FittedBridge)], cv scatter): each fold's bridge and every pixel's scatter from
+    the held-out stars' residuals at their true labels (where every label the pixel needs is known)."""
+    fold_setup = replace(setup, progress=False)
+    folds = []
+    excess = {survey: np.zeros(spectra[survey][0].shape[1]) for survey in SURVEYS}
+    counts = {survey: np.zeros(spectra[survey][0].shape[1]) for survey in SURVEYS}
+    for train, test in splits:
+        parts = fit_surveys(params, fold_setup, {survey: source.take_rows(train) for survey, source in sources.items()},
+                            labels[train])
+        prior = PopulationPrior.fit(fitted.scaled(labels[train]), np.arange(fitted.n_core),
+                                    np.arange(fitted.n_core, fitted.n_labels))
+        sub = replace(fitted, apogee=parts["apogee"], galah=parts["galah"], prior=prior,
+                      calibration=Calibration.identity(fitted.n_labels))
+        folds.append((test, sub))
+        # out-of-sample residuals (1,024 held-out stars at a time: no float64 array of a fold's size)
+        for survey in SURVEYS:
+            flux, ivar = spectra[survey]
+            model, index = sub.survey(survey).model, sub.survey(survey).label_index
+            allowed = model.censors_.T.astype(np.int32)
+            for rows in _row_chunks(test, 1024):
+                truth = labels[rows][:, index]
+                finite = np.isfinite(truth)
+                usable = ((~finite).astype(np.int32) @ allowed) == 0
+                model_flux = model.generate(np.where(finite, truth, model.label_pivots_))
+                if ivar is None:
+                    observed, variance = usable, 0.0
+                else:
+                    chunk_ivar = np.asarray(ivar[rows], dtype=np.float64)
+                    observed = usable & (chunk_ivar > 0)
+                    variance = np.divide(1.0, chunk_ivar, out=np.zeros_like(chunk_ivar), where=chunk_ivar > 0)
+                r2 = np.where(observed, (flux[rows] - model_flux) ** 2 - variance, 0.0)
+                excess[survey] += r2.sum(axis=0)
+                counts[survey] += observed.sum(axis=0)
+    return folds, {survey: out_of_sample_scatter(excess[survey], counts[survey]) for survey in SURVEYS}
+
+
+def out_of_sample_scatter(excess, counts) -> np.ndarray:
+    """Scatter from the summed excess of squared residuals over the noise and the counts per pixel.
+
+    The mean excess is smoothed over a resolution element before clipping at 0 (clipping noisy
+    per-pixel estimates one by one would bias s^2 high wherever the noise dominates).
+    """
+    mean_excess = excess / np.maximum(counts, 1)
+    smooth = np.convolve(mean_excess, np.ones(5) / 5.0, mode="same")
+    return np.sqrt(np.maximum(smooth, 0.0))
+
+
+def held_out(folds, spectra: dict, mode: str) -> list:
+    """[(test rows, fold's bridge, result)]: each fold's held-out stars inferred in ``mode``, keeping the
+    information matrices (:func:`tempered` needs them); one batch of stars copied at a time."""
+    results = []
+    for test, sub in folds:
+        parts = []
+        for rows in _row_chunks(test, INFER_BATCH):
+            kwargs = {}
+            for survey in SURVEYS:
+                if mode in (survey, "both"):
+                    flux, ivar = spectra[survey]
+                    kwargs.update({f"{survey}_flux": flux[rows], f"{survey}_ivar": None if ivar is None else ivar[rows]})
+            parts.append(infer(sub, **kwargs, keep_information=True))
+        results.append((test, sub, concatenate_results(parts)))
+    return results
+
+
+def z_spread(results, labels) -> np.ndarray:
+    """Robust spread of the held-out z-scores per label, over the stars fitted normally (the tempered
+    ones, see :func:`cannon_bridge.bridge.inference.misfit_factor`, have their own, wider scale).
+
+    Correlated model errors make each survey's chi^2 overconfident: this sets one uncertainty factor per
+    label and mode. (Tempering each survey's chi^2 before stacking was tried and gave worse labels.)
+    """
+    z = np.vstack([((r.labels - labels[test]) / r.uncertainties)[
+        np.ones(len(test), bool) if r.misfit_factor is None else r.misfit_factor <= 1]
+        for test, _, r in results])
+    with np.errstate(invalid="ignore"):
+        return np.array([robust_std(z[:, k]) for k in range(z.shape[1])])
+
+
+def fit_misfit_reference(fitted: FittedBridge, results, labels, mode) -> tuple[float, float]:
+    """(threshold, D) of :func:`~cannon_bridge.bridge.inference.misfit_factor` from held-out training stars
+    (``results`` of one mode).
+
+    threshold: median + 3 robust sigma of their reduced chi^2. D: the largest (least inflation)
+    for which, on every label the spectra constrain, the z-scores' standard deviation is at most
+    ``MISFIT_TAIL`` times their robust spread (no star many sigma off); infinity when that already
+    holds untempered; never below the chi^2 spread of the well-fitted stars.
+    """
+    rchi2 = np.concatenate([r.data_chi2 / r.dof for _, _, r in results])
+    threshold = float(np.median(rchi2) + 3.0 * robust_std(rchi2))
+    if not np.isfinite(threshold):
+        return threshold, np.inf
+    constrained = np.arange(fitted.n_core) if mode == "apogee" else np.arange(fitted.n_labels)
+    truth = np.vstack([labels[test] for test, _, _ in results])
+    estimate = np.vstack([r.labels for _, _, r in results])
+    data_chi2 = np.concatenate([r.data_chi2 for _, _, r in results])
+    dof = np.concatenate([r.dof for _, _, r in results])
+    excess = np.maximum(data_chi2 - threshold * dof, 0.0)
+    poor = np.flatnonzero(excess > 0)
+    if poor.size == 0:
+        return threshold, np.inf
+    sigma = np.vstack([r.uncertainties for _, _, r in results])
+    like = np.concatenate([r.likelihood_information for _, _, r in results])[poor]
+    prior = [r.prior_information for _, _, r in results]
+    prior = None if any(p is None for p in prior) else np.concatenate(prior)[poor]
+
+    def tail_ratio(scale):
+        trial = sigma.copy()
+        if np.isfinite(scale):
+            covariance, _ = tempered_covariance(like, prior, 1.0 + excess[poor] / scale, fitted.scales)
+            trial[poor] = np.sqrt(np.einsum("sii->si", covariance))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            z = (estimate - truth) / trial
+        ratios = []
+        for k in constrained:
+            values = z[:, k][np.isfinite(z[:, k])]
+            robust = robust_std(values)
+            if values.size >= 10 and robust > 0:
+                ratios.append(np.std(values) / robust)
+        return max(ratios) if ratios else 0.0
+
+    # D no smaller than the chi^2 spread of well-fitted stars: a star one such spread above the
+    # threshold at most doubles its variance (a fit that is only a little worse is only a little less trusted)
+    floor = max(float(robust_std(rchi2) * np.median(dof)), 1.0)
+    candidates = np.concatenate([[np.inf], np.geomspace(max(1e6, floor), floor, 49)])  # least inflation first
+    ratios = np.array([tail_ratio(scale) for scale in candidates])
+    good = np.flatnonzero(ratios <= MISFIT_TAIL)
+    if good.size:
+        scale = candidates[good[0]]
+    else:  # no D tames the tail: temper only if that clearly helps (the tail is not the misfit's)
+        best = int(np.argmin(ratios))
+        scale = candidates[best] if ratios[best] < 0.9 * ratios[0] else np.inf
+    logger.info("%s: stars fitted worse than reduced chi^2 %.3f (%d of %d held-out) get their spectra's "
+                "information divided by 1 + excess chi^2 / %.3g", mode, threshold, poor.size, rchi2.size, scale)
+    return threshold, float(scale)
+
+
+def galah_variance_scale(fitted: FittedBridge, results, galah_spectra) -> np.ndarray:
+    """Per GALAH pixel, the factor on the propagated label variance of spectra regenerated from APOGEE.
+
+    Set per censoring group (core-only pixels, each element's line pixels), so the many continuum-like
+    pixels do not set the scale of the few heavy-line pixels: the held-out stars' excess of squared
+    residuals over scatter and noise, over the propagated variance (``results``: held-out APOGEE-mode
+    results with ``fitted``'s APOGEE uncertainty scale applied here).
+    """
+    galah_flux, galah_ivar = galah_spectra
+    _, group_of_pixel = np.unique(fitted.galah.model.censors_, axis=0, return_inverse=True)
+    group_of_pixel = np.asarray(group_of_pixel).ravel()
+    n_groups = group_of_pixel.max() + 1
+    excess, propagated = np.zeros(n_groups), np.zeros(n_groups)
+    factor = fitted.calibration.uncertainty_scale["apogee"]
+    for test, sub, result in results:
+        s2 = sub.galah.model.scatter_**2
+        for start in range(0, len(test), 1024):
+            within = slice(start, start + 1024)
+            rows = test[within]
+            covariance = result.covariance[within] * factor[None, :, None] * factor[None, None, :]
+            flux, variance = generate(sub, "galah", result.labels[within], covariance, propagation_scale=1.0)
+            if galah_ivar is None:
+                noise, observed = 0.0, np.ones_like(flux, bool)
+            else:
+                chunk_ivar = np.asarray(galah_ivar[rows], dtype=np.float64)
+                noise = np.divide(1.0, chunk_ivar, out=np.zeros_like(chunk_ivar), where=chunk_ivar > 0)
+                observed = chunk_ivar > 0
+            if result.misfit_factor is not None:  # poorly fitted stars (inflated) do not set the scale
+                observed = observed & (result.misfit_factor[within] <= 1)[:, None]
+            pixel_excess = np.sum(np.where(observed, (galah_flux[rows] - flux) ** 2 - s2 - noise, 0.0), axis=0)
+            pixel_propagated = np.sum(np.where(observed, variance - s2, 0.0), axis=0)
+            excess += np.bincount(group_of_pixel, pixel_excess, n_groups)
+            propagated += np.bincount(group_of_pixel, pixel_propagated, n_groups)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(propagated > 0, np.clip(excess / propagated, 0.0, 10.0), 1.0)
+    return scale[group_of_pixel]
+
+
+def with_scatter(part: SurveyPart, scatter: np.ndarray) -> SurveyPart:
+    """The survey part with its model's intrinsic scatter replaced (a new model sharing the coefficients)."""
+    model = copy.copy(part.model)
+    model.scatter_ = scatter.copy()
+    return SurveyPart(model, part.label_index)
+
+
+def _with_scatter(fitted: FittedBridge, cv_scatter: dict) -> FittedBridge:
+    return replace(fitted, apogee=with_scatter(fitted.apogee, cv_scatter["apogee"]),
+                   galah=with_scatter(fitted.galah, cv_scatter["galah"]))
+
+
+def _with_reference(fitted: FittedBridge, reference: dict) -> FittedBridge:
+    return replace(fitted, calibration=replace(fitted.calibration, misfit_reference=dict(reference)))
+
+
+def _with_scale(fitted: FittedBridge, mode: str, scale: np.ndarray) -> FittedBridge:
+    scales = dict(fitted.calibration.uncertainty_scale)
+    scales[mode] = scale.copy()
+    return replace(fitted, calibration=replace(fitted.calibration, uncertainty_scale=scales))
+
+
+def _row_chunks(rows, size):
+    """Consecutive pieces of an index array, at most ``size`` long."""
+    return [rows[start:start + size] for start in range(0, len(rows), size)]

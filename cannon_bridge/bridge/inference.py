@@ -1,0 +1,251 @@
+"""The bridge's test step: labels from APOGEE, GALAH or both spectra.
+
+Each survey contributes one likelihood block per pixel group (the terms its pixels may use); the
+engine's :func:`~cannon_bridge.engine.run_test_step` runs Levenberg-Marquardt from two starts per
+star with the population prior. The covariance is the inverse information in label units,
+tempered for stars the model fits worse than held-out training stars (:func:`misfit_factor`)
+and scaled by the mode's cross-validated factors.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from .._validation import check_spectra
+from ..backends import get_backend
+from ..backends.inference import LikelihoodBlock
+from ..engine import (BridgeInferenceResult, StarFlag, in_batches, projected_starts, run_test_step,
+                      scaled_covariance, star_flags)
+from ..engine import test_step
+from ..errors import InvalidInputError
+from .censoring import pixel_groups
+from .state import Calibration, FittedBridge
+
+__all__ = ["infer", "infer_single", "label_covariance", "misfit_factor", "tempered", "tempered_covariance"]
+
+
+def infer(fitted: FittedBridge, apogee_flux=None, apogee_ivar=None, galah_flux=None, galah_ivar=None,
+          progress: bool = False, keep_information: bool = False) -> BridgeInferenceResult:
+    """Labels (core then heavy) with full covariance from APOGEE, GALAH or both spectra.
+
+    Both surveys combine as ``fitted.joint`` says: "fusion" updates the GALAH posterior with APOGEE's
+    (:func:`cannon_bridge.bridge.fusion.fuse`), "stacked" minimises the summed chi^2. Large inputs run
+    :data:`~cannon_bridge.engine.INFER_BATCH` stars at a time.
+    """
+    from .fusion import fuse
+
+    if apogee_flux is None and galah_flux is None:
+        raise InvalidInputError("infer needs apogee_flux, galah_flux or both")
+    sizes = {len(a) for a in (apogee_flux, galah_flux) if getattr(a, "ndim", None) == 2}
+    if len(sizes) == 1 and sizes.pop() > test_step.INFER_BATCH:
+        n_stars = len(apogee_flux if apogee_flux is not None else galah_flux)
+        return in_batches(lambda *arrays: infer(fitted, *arrays, progress=progress,
+                                                keep_information=keep_information),
+                          n_stars, apogee_flux, apogee_ivar, galah_flux, galah_ivar)
+    if apogee_flux is not None and galah_flux is not None and fitted.joint == "fusion":
+        n_apogee, n_galah = len(np.atleast_2d(apogee_flux)), len(np.atleast_2d(galah_flux))
+        if n_apogee != n_galah:
+            _raise_mismatch(n_apogee, n_galah)
+        from_apogee = infer_single(fitted, apogee_flux=apogee_flux, apogee_ivar=apogee_ivar, progress=progress,
+                                   keep_information=keep_information)
+        from_galah = infer_single(fitted, galah_flux=galah_flux, galah_ivar=galah_ivar, progress=progress,
+                                  keep_information=keep_information)
+        return fuse(fitted, from_apogee, from_galah)
+    return infer_single(fitted, apogee_flux, apogee_ivar, galah_flux, galah_ivar, progress, keep_information)
+
+
+def infer_single(fitted: FittedBridge, apogee_flux=None, apogee_ivar=None, galah_flux=None, galah_ivar=None,
+                 progress: bool = False, keep_information: bool = False) -> BridgeInferenceResult:
+    """Labels with full covariance from one survey's spectra or both stacked (one chi^2).
+
+    ``keep_information``: the result keeps the spectra's and the prior's information matrices
+    (scaled units), which the calibration needs to temper held-out stars.
+    """
+    surveys = []
+    n_stars = None
+    for survey, flux, ivar in (("apogee", apogee_flux, apogee_ivar), ("galah", galah_flux, galah_ivar)):
+        if flux is None:
+            continue
+        part = fitted.survey(survey)
+        flux, ivar = check_spectra(flux, ivar, n_pixels=part.model.n_features_in_, name=f"{survey}_flux",
+                                   allow_1d=True)
+        if n_stars is not None and flux.shape[0] != n_stars:
+            _raise_mismatch(n_stars, flux.shape[0])
+        n_stars = flux.shape[0]
+        surveys.append((survey, part.model, flux, ivar, part.label_index))
+    mode = "both" if len(surveys) == 2 else surveys[0][0]
+    n_labels = fitted.n_labels
+    backend = get_backend(fitted.backend)
+
+    # the weights of a chunk of stars are made when its statistics are projected (no (n_stars, n_pixels)
+    # array of weights, residuals or products is ever built); each survey is a block per pixel group
+    groups = []  # (survey position, pixels, coefficients, exponents, label index)
+    for position, (survey, model, flux, ivar, index) in enumerate(surveys):
+        for pixels, terms, local in pixel_groups(model.censors_, model.term_exponents_, model.pixel_flags_ == 0):
+            groups.append((position, pixels, model.coef_[np.ix_(pixels, terms)],
+                           model.term_exponents_[np.ix_(terms, local)], index[local]))
+    n_used = np.zeros(n_stars, dtype=np.int64)
+    # each survey's groups, its pixels in group order (the groups cover its usable pixels) with their
+    # scatter variance, and each group's columns in that order: a chunk's weights and flux are gathered
+    # in one pass, and every group's block is a slice of them
+    layout = {}
+    for position, (_, model, *_) in enumerate(surveys):
+        members = [group for group in groups if group[0] == position]
+        if members:  # a survey without a usable pixel adds nothing (and uses no pixel)
+            columns = np.concatenate([group[1] for group in members])
+            bounds = np.cumsum([0] + [group[1].size for group in members])
+            layout[position] = (members, columns, model.scatter_[columns] ** 2, list(zip(bounds[:-1], bounds[1:])))
+
+    def block_builder(rows):
+        blocks = []
+        for position, (survey, model, flux, ivar, index) in enumerate(surveys):
+            if position not in layout:
+                continue
+            members, columns, scatter_variance, spans = layout[position]
+            if ivar is not None:
+                weights, chunk_flux, used = backend.gather_weighted(flux, ivar, rows, columns, scatter_variance)
+                n_used[rows] += used
+                blocks += [LikelihoodBlock(coef, weights[:, a:b], chunk_flux[:, a:b], exponents, label_index)
+                           for (_, _, coef, exponents, label_index), (a, b) in zip(members, spans)]
+                continue
+            weights = model.test_weights(None, len(rows))
+            n_used[rows] += np.count_nonzero(weights > 0, axis=1)
+            chunk_flux = flux[rows]
+            blocks += [LikelihoodBlock(coef, weights[:, pixels], chunk_flux[:, pixels], exponents, label_index)
+                       for _, pixels, coef, exponents, label_index in members]
+        return blocks
+
+    prior = fitted.prior if fitted.use_prior else None
+    grid = _grid_labels(fitted)
+    # the linear estimate from the survey that constrains the most labels (the last given)
+    last_survey = len(surveys) - 1
+    last_blocks = [b for b, group in enumerate(groups) if group[0] == last_survey]
+    xp = backend.xp
+
+    def starts(rows, projected):
+        return _starts(fitted, projected, [projected[b] for b in last_blocks], surveys[-1][4], grid, prior, xp)
+
+    # the test step runs on the backend's array module (cupy: the GPU; each chunk's blocks are moved
+    # there by run_test_step, and the prior's arrays once here)
+    device_prior = prior.on(xp) if prior is not None else None
+    block_chi2 = np.zeros((n_stars, len(groups)))
+    x, chi2, hessian, converged, n_iter = run_test_step(
+        block_builder, starts, n_stars, xp, fitted.max_iter, fitted.chunk_size, progress,
+        prior_builder=(lambda rows: device_prior) if prior is not None else None, block_chi2=block_chi2,
+        n_labels=n_labels, projected_lm=backend.lm_projected)
+    labels = x * fitted.scales + fitted.pivots
+    positions = np.array([group[0] for group in groups])
+    chi2_per = {survey: block_chi2[:, positions == at].sum(axis=1) for at, (survey, *_) in enumerate(surveys)}
+    dof = np.maximum(n_used - n_labels, 1)
+    data_chi2 = sum(chi2_per.values())
+    prior_information = None
+    if prior is not None:
+        _, dz = prior(x)
+        prior_information = np.matmul(np.transpose(dz, (0, 2, 1)), dz)
+    likelihood_information = hessian if prior_information is None else hessian - prior_information
+    misfit = misfit_factor(fitted.calibration, mode, data_chi2, dof)
+    covariance, singular = label_covariance(fitted, likelihood_information, prior_information, misfit, mode)
+    flags = _flags(fitted, surveys, labels, converged, singular, n_used, backend)
+    flags[misfit > 1] |= StarFlag.POOR_FIT
+    return BridgeInferenceResult(labels, covariance, chi2, chi2 / dof, n_iter, flags, list(fitted.label_names),
+                                 chi2_apogee=chi2_per.get("apogee"), chi2_galah=chi2_per.get("galah"), mode=mode,
+                                 misfit_factor=misfit, data_chi2=data_chi2, dof=dof.astype(float),
+                                 likelihood_information=likelihood_information if keep_information else None,
+                                 prior_information=prior_information if keep_information and prior is not None
+                                 else None)
+
+
+def _raise_mismatch(n_apogee: int, n_galah: int):
+    raise InvalidInputError(f"apogee_flux has {n_apogee} stars but galah_flux has {n_galah}: "
+                            "rows must be the same stars in the same order")
+
+
+def _flags(fitted, surveys, labels, converged, singular, n_used, backend):
+    """:func:`~cannon_bridge.engine.star_flags` against the GALAH model's training domain (it uses every
+    label); LOW_SNR when a given survey's median S/N over its used pixels is below its model's ``low_snr``."""
+    galah = fitted.galah.model
+    index = fitted.galah.label_index
+    snr = None
+    for _, model, flux, ivar, _ in surveys:
+        if ivar is None:
+            continue
+        used = (model.pixel_flags_ == 0)[None, :] & (ivar > 0)
+        ratio = backend.median_snr(flux, ivar, used) / model.low_snr
+        snr = ratio if snr is None else np.minimum(snr, ratio)
+    return star_flags(labels[:, index], converged, singular, n_used, galah.training_label_min_,
+                      galah.training_label_max_, galah.training_label_mean_, galah.training_label_covariance_,
+                      snr, 1.0)
+
+
+def _starts(fitted, projected, linear_blocks, linear_index, grid, prior, xp):
+    """Two starts for a chunk, from its projected statistics: the best training-grid template, and the
+    linear estimate of the labels ``linear_index`` from ``linear_blocks`` (+ the prior mean of the heavy
+    labels those blocks do not constrain)."""
+    n_labels = fitted.n_labels
+    template, estimate = projected_starts(projected, grid, n_labels, xp, linear_blocks=linear_blocks)
+    linear = np.zeros((len(template), n_labels))
+    linear[:, linear_index] = estimate[:, linear_index]
+    if prior is not None:
+        heavy = np.arange(fitted.n_core, n_labels)
+        unconstrained = np.setdiff1d(heavy, linear_index)
+        if unconstrained.size:
+            mean = prior.mean(linear[:, : fitted.n_core])
+            linear[:, unconstrained] = mean[:, unconstrained - fitted.n_core]
+    return [template, linear]
+
+
+def _grid_labels(fitted):
+    """Scaled start grid: a spread of complete training label vectors kept by the GALAH model."""
+    start = fitted.galah.model.start_labels_
+    index = fitted.galah.label_index
+    full = np.zeros((len(start), fitted.n_labels))
+    full[:, index] = (start - fitted.pivots[index]) / fitted.scales[index]
+    return full
+
+
+def tempered_covariance(likelihood_information, prior_information, factor, scales):
+    """Label covariance (label units) from the spectra's information divided by ``factor`` plus the prior's."""
+    information = likelihood_information / np.asarray(factor, float)[:, None, None]
+    if prior_information is not None:
+        information = information + prior_information
+    return scaled_covariance(information, scales)
+
+
+def label_covariance(fitted, likelihood_information, prior_information, misfit, mode):
+    """(covariance in label units, singular): tempered by ``misfit``, scaled by the mode's calibration."""
+    covariance, singular = tempered_covariance(likelihood_information, prior_information, misfit, fitted.scales)
+    factor = fitted.calibration.uncertainty_scale[mode]
+    return covariance * factor[None, :, None] * factor[None, None, :], singular
+
+
+def misfit_factor(calibration: Calibration, mode, data_chi2, dof):
+    """Per star, 1 + (chi^2 above the held-out training stars' range) / D (1 where the fit is normal).
+
+    A star the model fits worse than ``threshold`` (reduced chi^2) carries model error the chi^2
+    surface does not show: the error it puts into the labels is correlated over many pixels,
+    so the labels can be off by many sigma while the chi^2 rises by a few per cent. Its spectra's
+    information is divided by this factor (the prior is kept), with ``D`` set by cross-validation
+    so that held-out training stars have no such outliers
+    (:func:`cannon_bridge.bridge.calibration.fit_misfit_reference`).
+    """
+    reference = calibration.misfit_reference
+    if not reference or mode not in reference:
+        return np.ones(len(data_chi2))
+    threshold, scale = reference[mode]
+    if not (np.isfinite(threshold) and np.isfinite(scale) and scale > 0):
+        return np.ones(len(data_chi2))
+    return 1.0 + np.maximum(np.asarray(data_chi2) - threshold * np.asarray(dof), 0.0) / scale
+
+
+def tempered(fitted: FittedBridge, result: BridgeInferenceResult) -> BridgeInferenceResult:
+    """``result`` with the bridge's misfit tempering applied (it needs the kept information)."""
+    if result.likelihood_information is None:
+        return result
+    misfit = misfit_factor(fitted.calibration, result.mode, result.data_chi2, result.dof)
+    if not np.any(misfit > 1):
+        return result
+    covariance, _ = label_covariance(fitted, result.likelihood_information, result.prior_information, misfit,
+                                     result.mode)
+    flags = result.flags | np.where(misfit > 1, StarFlag.POOR_FIT, 0)
+    return replace(result, covariance=covariance, misfit_factor=misfit, flags=flags)

@@ -1,0 +1,218 @@
+"""The test step both models run: labels from spectra, batched over stars.
+
+A model hands :func:`run_test_step` a builder of likelihood blocks (its coefficients, the chunk's
+weights and flux) and its starts; the driver projects each chunk onto its sufficient statistics,
+runs Levenberg-Marquardt from every start (the backend's fused kernel or the array code) and
+keeps the best chi^2 per star. :func:`projected_starts` gives the starts that cost no pass over
+the pixels, :func:`star_flags` the flags, :func:`scaled_covariance` the covariance in label units,
+:func:`in_batches` bounds the work arrays of a large call.
+"""
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+from typing import Callable
+
+import numpy as np
+from scipy import stats
+
+from ..backends import to_numpy
+from ..backends.inference import (LikelihoodBlock, evaluate, levenberg_marquardt, linear_estimate, merge_projected,
+                                  template_chi2)
+from ..backends.packed import packed_products
+from .results import StarFlag, concatenate_results
+
+__all__ = ["INFER_BATCH", "batches", "in_batches", "label_domain", "packed_coefficients", "projected_starts",
+           "run_test_step", "scaled_covariance", "star_flags"]
+
+#: Stars per top-level inference batch: the float64 work arrays (weights, a copy of the flux) then
+#: take O(batch x pixels) memory however many stars are passed (30,000 APOGEE stars: 16 GB -> ~1 GB).
+INFER_BATCH = 4096
+
+
+def batches(n_stars: int) -> list[slice]:
+    """Consecutive slices of at most :data:`INFER_BATCH` stars."""
+    return [slice(start, start + INFER_BATCH) for start in range(0, n_stars, INFER_BATCH)]
+
+
+def in_batches(infer: Callable, n_stars: int, *arrays):
+    """``infer(*arrays)`` run on :data:`INFER_BATCH` stars at a time (None arrays passed as None), the
+    results concatenated: the float64 work arrays stay O(batch x pixels) however many stars are given."""
+    return concatenate_results([infer(*(None if a is None else a[rows] for a in arrays))
+                                for rows in batches(n_stars)])
+
+
+_PACKED_CACHE: "OrderedDict[int, tuple]" = OrderedDict()
+
+
+def packed_coefficients(coef: np.ndarray) -> np.ndarray:
+    """Products c_i c_j (i <= j) of every pixel's coefficients, the test step's only per-pixel input.
+
+    Kept between calls for the two most recent coefficient arrays (M x P(P+1)/2: ~270 MB for 8,000
+    pixels at 12 labels), outside the estimator so that predict leaves its ``__dict__`` unchanged;
+    an entry dies with its array.
+    """
+    key = id(coef)
+    entry = _PACKED_CACHE.get(key)
+    if entry is not None and entry[0]() is coef:
+        _PACKED_CACHE.move_to_end(key)
+        return entry[1]
+    packed = packed_products(coef)
+    _PACKED_CACHE[key] = (weakref.ref(coef), packed)
+    weakref.finalize(coef, _PACKED_CACHE.pop, key, None)
+    while len(_PACKED_CACHE) > 2:
+        _PACKED_CACHE.popitem(last=False)
+    return packed
+
+
+def run_test_step(block_builder, starts, n_stars, xp, max_iter, chunk_size, progress, prior_builder=None,
+                  projected_lm=None, block_chi2=None, n_labels=None):
+    """Run LM from every start for chunks of stars and keep the best chi^2 per star.
+
+    ``starts``: a list of (n_stars, n_labels) start points, or ``starts(rows, projected)`` returning that
+    list for the chunk's rows from its projected blocks (``template_chi2``, ``linear_estimate``: starts
+    that cost no pass over the pixels; ``n_labels`` must then be given). ``projected_lm`` (the numba
+    backend's ``lm_projected``) runs the same LM star by star on one block over every label: the blocks
+    summed (``merge_projected``) with the prior when it is a quadratic form in monomials of the labels
+    (``prior.quadratic_form``; a prior without one runs the array code). ``block_chi2`` (n_stars,
+    n_blocks), optional, receives each block's chi^2 at the labels returned (without the prior)."""
+    from tqdm import tqdm  # plain: tqdm.auto warns in notebooks without ipywidgets
+
+    if not callable(starts):
+        n_labels = starts[0].shape[1]
+    elif n_labels is None:
+        raise TypeError("run_test_step: n_labels is required when starts is a callable")
+    x_best = np.zeros((n_stars, n_labels))
+    chi2_best = np.full(n_stars, np.inf)
+    hessian_best = np.zeros((n_stars, n_labels, n_labels))
+    converged_best = np.zeros(n_stars, dtype=bool)
+    n_iter_best = np.zeros(n_stars, dtype=np.int64)
+    packed_cache = {}  # id(coef) -> (coef kept alive so the id stays unique, packed products)
+    for start in tqdm(range(0, n_stars, chunk_size), desc="inferring labels", disable=not progress, unit="chunk"):
+        rows = np.arange(start, min(start + chunk_size, n_stars))
+        n_rows = len(rows)
+        # project each star once, then replicate the (small) sufficient statistics for every start
+        projected = []
+        for block in block_builder(rows):
+            key = id(block.coef)
+            if key not in packed_cache:
+                # the coefficients and their products are the same for every chunk: move/build them once
+                coef = xp.asarray(block.coef)
+                packed = xp.asarray(block.packed_coef) if block.packed_coef is not None else packed_products(coef, xp)
+                packed_cache[key] = (block.coef, coef, packed)
+            _, coef, packed = packed_cache[key]
+            on_device = LikelihoodBlock(coef, xp.asarray(block.weights), xp.asarray(block.flux), block.exponents,
+                                        block.label_index, packed)
+            projected.append(on_device.project(xp))
+        chunk_starts = starts(rows, projected) if callable(starts) else [s[rows] for s in starts]
+        replicate = np.tile(np.arange(n_rows), len(chunk_starts))
+        x0 = np.concatenate([to_numpy(s) for s in chunk_starts])
+        prior = prior_builder(np.concatenate([rows] * len(chunk_starts))) if prior_builder is not None else None
+        form = getattr(prior, "quadratic_form", None)
+        if projected_lm is not None and xp is np and (prior is None or form is not None):
+            # one block over every label: the blocks (surveys, pixel groups) and a prior that is a quadratic
+            # form in monomials add up (``merge_projected``); every start reads its star's statistics in
+            # place (no replicated (S, P, P) copies)
+            if len(projected) == 1 and prior is None and np.array_equal(projected[0].label_index,
+                                                                        np.arange(n_labels)):
+                block = projected[0]
+            else:
+                block = merge_projected(projected, n_labels, [form(n_labels)] if prior is not None else ())
+            x, chi2, hessian, converged, n_iter = projected_lm(x0, replicate, block.gram, block.rhs,
+                                                               block.flux_norm, block.exponents, max_iter=max_iter)
+        else:
+            blocks = [block.subset(xp.asarray(replicate)) for block in projected]
+            x, chi2, hessian, converged, n_iter = (to_numpy(a) for a in levenberg_marquardt(
+                xp.asarray(x0), blocks, prior, max_iter=max_iter, xp=xp))
+        chi2 = np.where(np.isfinite(chi2), chi2, np.inf).reshape(len(chunk_starts), n_rows)
+        best = np.argmin(chi2, axis=0)
+        pick = best * n_rows + np.arange(n_rows)
+        x_best[rows] = x[pick]
+        chi2_best[rows] = chi2[best, np.arange(n_rows)]
+        hessian_best[rows] = hessian[pick]
+        converged_best[rows] = converged[pick]
+        n_iter_best[rows] = n_iter[pick]
+        if block_chi2 is not None:
+            x_rows = xp.asarray(x_best[rows])
+            for b, block in enumerate(projected):
+                block_chi2[rows, b] = to_numpy(evaluate(x_rows, [block], xp=xp, with_derivatives=False)[0])
+    return x_best, chi2_best, hessian_best, converged_best, n_iter_best
+
+
+def scaled_covariance(hessian, scales):
+    """Invert chi^2/2 curvature (scaled units) and convert to label units.
+
+    The Gauss-Newton matrix returned by the test step is J^T W J, the Fisher
+    information; its inverse is the covariance of the scaled labels, and
+    ``cov(label) = diag(scale) cov(x) diag(scale)``.
+    """
+    n_stars, n_labels, _ = hessian.shape
+    singular = np.zeros(n_stars, dtype=bool)
+    diag = np.sqrt(np.abs(np.einsum("sii->si", hessian)))
+    diag = np.where(diag > 0, diag, 1.0)
+    normalised = hessian / diag[:, :, None] / diag[:, None, :]  # Jacobi scaling for conditioning
+    eigenvalues = np.linalg.eigvalsh(normalised)
+    well_posed = eigenvalues[:, 0] > 1e-12 * np.maximum(eigenvalues[:, -1], 1e-300)
+    covariance = np.zeros_like(hessian)
+    if well_posed.any():
+        covariance[well_posed] = np.linalg.inv(normalised[well_posed])
+    if (~well_posed).any():
+        covariance[~well_posed] = np.linalg.pinv(normalised[~well_posed], hermitian=True)
+        singular |= ~well_posed
+    covariance = covariance / diag[:, :, None] / diag[:, None, :]
+    # unconstrained directions: pinv gives 0 variance there, which would be dishonest
+    zero = np.einsum("sii->si", covariance) <= 0
+    if zero.any():
+        idx = np.nonzero(zero)
+        covariance[idx[0], idx[1], idx[1]] = np.inf
+        singular |= zero.any(axis=1)
+    return covariance * scales[None, :, None] * scales[None, None, :], singular
+
+
+def projected_starts(projected, grid, n_labels: int, xp, linear_blocks=None):
+    """(template start, linear start) of a chunk from its projected statistics, as numpy arrays.
+
+    The template start is the best of ``grid`` (scaled label vectors, e.g. a spread of training
+    labels) by chi^2; the linear estimate keeps the constant and linear terms of ``linear_blocks``
+    (default: every block). Neither costs a pass over the pixels.
+    """
+    best = to_numpy(xp.argmin(template_chi2(projected, grid, xp), axis=1))
+    linear = to_numpy(linear_estimate(projected if linear_blocks is None else linear_blocks, n_labels, xp))
+    return grid[best], linear
+
+
+def label_domain(labels: np.ndarray, n_starts: int = 48, seed: int = 0) -> dict:
+    """The training labels' domain the flags and starts use: ``min``, ``max``, ``mean``, ``covariance``
+    (of the stars with every label; the variances when too few) and ``starts`` (a spread of up to
+    ``n_starts`` complete training label vectors)."""
+    complete = labels[np.all(np.isfinite(labels), axis=1)]
+    if len(complete) > labels.shape[1]:
+        covariance = np.atleast_2d(np.cov(complete, rowvar=False))
+    else:
+        covariance = np.diag(np.nanvar(labels, axis=0) + 1e-12)
+    source = complete if len(complete) else np.nan_to_num(labels[:1], nan=0.0)
+    pick = np.random.default_rng(seed).choice(len(source), size=min(len(source), n_starts), replace=False)
+    return {"min": np.nanmin(labels, axis=0), "max": np.nanmax(labels, axis=0), "mean": np.nanmean(labels, axis=0),
+            "covariance": covariance, "starts": source[np.sort(pick)]}
+
+
+def star_flags(labels, converged, singular, n_used, domain_min, domain_max, domain_mean, domain_covariance,
+               snr=None, low_snr: float = 10.0) -> np.ndarray:
+    """Bits of :class:`StarFlag` per star.
+
+    ``labels`` are the labels the domain describes (physical units); ``n_used`` the pixels each star
+    used; ``snr`` its median S/N over them (None: no LOW_SNR test, e.g. without ivar).
+    """
+    flags = np.zeros(labels.shape[0], dtype=np.int64)
+    flags[~converged] |= StarFlag.NOT_CONVERGED
+    flags[singular] |= StarFlag.SINGULAR
+    outside = np.any((labels < domain_min) | (labels > domain_max), axis=1)
+    flags[outside] |= StarFlag.OUTSIDE_RANGE
+    delta = labels - domain_mean
+    precision = np.linalg.pinv(domain_covariance)
+    distance2 = np.einsum("sk,kl,sl->s", delta, precision, delta)
+    flags[distance2 > stats.chi2.ppf(0.999, labels.shape[1])] |= StarFlag.OUTSIDE_HULL
+    if snr is not None:
+        flags[snr < low_snr] |= StarFlag.LOW_SNR
+    flags[n_used < labels.shape[1]] |= StarFlag.FEW_PIXELS
+    return flags
