@@ -236,7 +236,7 @@ class BridgeModel(BaseEstimator):
             parts = fit_surveys(self, setup, sources, labels, prepared=prepared)
         finally:
             backend.clear_caches()  # the design products kept between the groups' fits
-        prior = PopulationPrior.fit((labels - setup.pivots) / setup.scales, np.arange(n_core),
+        prior = PopulationPrior.fit(vectorizer.scale(labels), np.arange(n_core),
                                     np.arange(n_core, len(names)))
         fitted = self._settings(FittedBridge(names, n_core, setup.pivots, setup.scales, parts["apogee"],
                                              parts["galah"], prior, Calibration.identity(len(names))))

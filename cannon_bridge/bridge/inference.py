@@ -197,10 +197,9 @@ def _starts(fitted, projected, linear_blocks, linear_index, grid, prior, xp):
 
 def _grid_labels(fitted):
     """Scaled start grid: a spread of complete training label vectors kept by the GALAH model."""
-    start = fitted.galah.model.start_labels_
-    index = fitted.galah.label_index
-    full = np.zeros((len(start), fitted.n_labels))
-    full[:, index] = (start - fitted.pivots[index]) / fitted.scales[index]
+    model, index = fitted.galah.model, fitted.galah.label_index
+    full = np.zeros((len(model.start_labels_), fitted.n_labels))
+    full[:, index] = model.vectorizer_.scale(model.start_labels_)
     return full
 
 

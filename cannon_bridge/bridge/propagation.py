@@ -29,7 +29,8 @@ def generate(fitted: FittedBridge, survey: str, labels, covariance=None, propaga
     labels = check_labels(labels, n_labels=fitted.n_labels)
     part = fitted.survey(survey)
     model, index = part.model, part.label_index
-    x = (labels[:, index] - model.label_pivots_) / model.label_scales_
+    scale = model.vectorizer_.scale
+    x = scale(labels[:, index])
     if covariance is None:
         return monomials(x, model.term_exponents_) @ model.coef_.T
     # each star's spectrum is written once, in place (a (stars, pixels) temporary is fresh memory, whose
@@ -40,8 +41,7 @@ def generate(fitted: FittedBridge, survey: str, labels, covariance=None, propaga
     draws = _standard_draws(n_samples, len(index)) if n_samples > 0 else None
     # flux is linear in the monomials v(x): its variance is c^T Cov(v) c, i.e. packed Cov(v) times the
     # packed products c_i c_j of every pixel (Cov(v) from the draws, or J C J^T when linearised)
-    low = (np.asarray(model.training_label_min_, float) - model.label_pivots_) / model.label_scales_
-    high = (np.asarray(model.training_label_max_, float) - model.label_pivots_) / model.label_scales_
+    low, high = scale(model.training_label_min_), scale(model.training_label_max_)
     step = fitted.chunk_size * 8
     groups = _term_groups(model.coef_)  # the same for every chunk of stars
     for start in range(0, len(labels), step):
