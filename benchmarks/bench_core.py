@@ -225,11 +225,15 @@ def install_timers(backend_name):
                if getattr(ns, "fit_fused", None) is not None else {})})
 
     model_module.get_backend = get_backend
-    for name in ("check_spectra", "typical_noise_variance"):  # the latter exists in newer versions only
-        if hasattr(model_module, name):
-            original = getattr(model_module, name)
-            setattr(model_module, name, timers.wrap(name, original))
-            undo.append(lambda name=name, original=original: setattr(model_module, name, original))
+    try:  # newer versions: fit_pixels and typical_noise_variance live in the engine
+        import cannon_bridge.engine.training as training_module
+    except ImportError:
+        training_module = model_module
+    for module, name in ((model_module, "check_spectra"), (training_module, "typical_noise_variance")):
+        if hasattr(module, name):  # typical_noise_variance exists in newer versions only
+            original = getattr(module, name)
+            setattr(module, name, timers.wrap(name, original))
+            undo.append(lambda module=module, name=name, original=original: setattr(module, name, original))
     if backend_name == "numba":
         from cannon_bridge.backends import _numba as kernel_module
 

@@ -132,9 +132,11 @@ def main(argv=None) -> int:
     bridge = BridgeModel(CORE_LABELS + ABUNDANCE_LABELS[:args.abundances], HEAVY_LABELS, apogee_order=2,
                          galah_order=2, calibrate=args.calibrate, backend="numba")
     timers = {}
-    from cannon_bridge.bridge import estimator
-    for name in ("select_regularization", "fit_surveys"):  # the functions BridgeModel.fit calls
-        original = getattr(estimator, name)
+    from cannon_bridge.bridge import calibration, estimator
+    # the functions BridgeModel.fit calls (with --calibrate, fit_surveys also times the folds' fits)
+    for module, name in ((estimator, "select_regularization"), (estimator, "fit_surveys"),
+                         (calibration, "fit_surveys")):
+        original = getattr(module, name)
 
         def timed(*a, _original=original, _name=name, **k):
             start = time.perf_counter()
@@ -142,7 +144,7 @@ def main(argv=None) -> int:
                 return _original(*a, **k)
             finally:
                 timers[_name] = timers.get(_name, 0.0) + time.perf_counter() - start
-        setattr(estimator, name, timed)
+        setattr(module, name, timed)
     step("fit", bridge.fit, crossmatch)
     groups = training_groups(bridge, crossmatch)
     flop = training_flop(groups)

@@ -2,7 +2,7 @@
 
 A :class:`SpectraBlocks` stands for a (flux, ivar) pair restricted to some stars
 (a cross-validation fold) and some pixels (one censoring group), optionally
-band-limited (:func:`cannon_bridge.preprocess.band_limit`). Nothing is read until
+band-limited (:func:`cannon_bridge.bandlimit.band_limit`). Nothing is read until
 :meth:`SpectraBlocks.read` asks for a block of its columns, so the training of
 a 30,000-star cross-match holds the caller's arrays and one block, not copies of
 them per fold, per group and per filter.
@@ -24,15 +24,19 @@ class SpectraBlocks:
     ----------
     flux, ivar : array (n_stars, n_pixels), any float dtype (ivar None: noise-free)
     rows, columns : int arrays, optional: the stars and pixels this object stands for
-    band : (filter_index, taps) from :func:`cannon_bridge.preprocess.band_limit_plan`, optional
+    band : (filter_index, taps) from :func:`cannon_bridge.bandlimit.band_limit_plan`, optional
+    band_kernel : callable, optional
+        The backend's ``band_limited_block`` that applies ``band`` (default: that of
+        :func:`cannon_bridge.backends.host_backend`).
     """
 
-    def __init__(self, flux, ivar=None, rows=None, columns=None, band=None):
+    def __init__(self, flux, ivar=None, rows=None, columns=None, band=None, band_kernel=None):
         self.flux = flux
         self.ivar = ivar
         self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
         self.columns = None if columns is None else np.asarray(columns, dtype=np.int64)
         self.band = band if ivar is not None else None  # noise-free spectra are never filtered
+        self.band_kernel = band_kernel
 
     # ------------------------------------------------------------ description
     @property
@@ -68,17 +72,19 @@ class SpectraBlocks:
         if rows.dtype == bool:
             rows = np.flatnonzero(rows)
         rows = rows if self.rows is None else self.rows[rows]
-        return SpectraBlocks(self.flux, self.ivar, rows, self.columns, self.band)
+        return SpectraBlocks(self.flux, self.ivar, rows, self.columns, self.band, self.band_kernel)
 
     def take_columns(self, columns) -> "SpectraBlocks":
         columns = np.asarray(columns)
         if columns.dtype == bool:
             columns = np.flatnonzero(columns)
         columns = columns if self.columns is None else self.columns[columns]
-        return SpectraBlocks(self.flux, self.ivar, self.rows, columns, self.band)
+        return SpectraBlocks(self.flux, self.ivar, self.rows, columns, self.band, self.band_kernel)
 
-    def band_limited(self, band) -> "SpectraBlocks":
-        return SpectraBlocks(self.flux, self.ivar, self.rows, self.columns, band)
+    def band_limited(self, band, kernel=None) -> "SpectraBlocks":
+        """The same spectra low-pass filtered by ``band`` when read (``kernel``: a backend's
+        ``band_limited_block``, default the host backend's)."""
+        return SpectraBlocks(self.flux, self.ivar, self.rows, self.columns, band, kernel)
 
     # ---------------------------------------------------------------- reads
     def read(self, columns=slice(None), rows=slice(None)):
@@ -94,10 +100,12 @@ class SpectraBlocks:
         global_columns = np.asarray(local if self.columns is None else self.columns[local], dtype=np.int64)
         global_rows = (np.arange(self.flux.shape[0]) if self.rows is None else self.rows)[rows]
         if self.band is not None:
-            from .backends import host_backend
+            if self.band_kernel is None:
+                from .backends import host_backend
 
-            return host_backend().band_limited_block(self.flux, self.ivar, global_rows, global_columns,
-                                                     self.band[0], self.band[1], self.dtype)
+                self.band_kernel = host_backend().band_limited_block
+            return self.band_kernel(self.flux, self.ivar, global_rows, global_columns, self.band[0], self.band[1],
+                                    self.dtype)
         return _gather(self.flux, global_rows, global_columns, self.dtype), (
             None if self.ivar is None else _gather(self.ivar, global_rows, global_columns, self.dtype))
 

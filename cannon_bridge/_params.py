@@ -20,13 +20,7 @@ from sklearn.utils._param_validation import validate_parameter_constraints
 
 from .backends import BACKEND_NAMES
 
-try:
-    from .errors import InvalidParameterError
-except ImportError:  # errors.py without it yet: the same class, defined here
-    from .errors import InvalidInputError
-
-    class InvalidParameterError(InvalidInputError, _SkInvalidParameterError):
-        """An estimator parameter breaks its declared rule (type, range or allowed values)."""
+from .errors import InvalidParameterError
 
 
 __all__ = ["BRIDGE_MODEL_CONSTRAINTS", "CANNON_MODEL_CONSTRAINTS", "InvalidParameterError", "validate_parameters"]

@@ -94,7 +94,7 @@ def band_limit_plan(wavelength, resolution: float, cutoff: float = 0.5,
     used at that pixel, or -1 where the pixel is never filtered (the filter would
     reach past its piece of the grid, the piece is shorter than the filter, or it
     is undersampled). With it, any block of pixels can be band-limited on its own
-    (``backends._numba.band_limited_block``), so a training set is never copied whole.
+    (``Backend.band_limited_block``), so a training set is never copied whole.
     """
     values = _wavelength_angstrom(wavelength)
     half = int(n_taps) // 2

@@ -92,3 +92,15 @@ def test_modules_classes_and_functions_stay_small(path):
             assert length <= MAX_CLASS, f"class {node.name} in {_name(path)} has {length} lines"
         elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name not in LONG_FUNCTIONS:
             assert length <= MAX_FUNCTION, f"function {node.name} in {_name(path)} has {length} lines"
+
+
+@pytest.mark.parametrize("path", _modules(), ids=_name)
+def test_models_and_engine_import_no_files_figures_or_entry_points(path):
+    layer = _layer(_name(path))
+    if layer not in MODELS:
+        return
+    above = ("io", "plots", "cli", "scale", "demo", "validation", "datasets")
+    bad = [m for m in _imports(path) if _layer(m) in above]
+    if layer == "engine":  # the engine sits below the models
+        bad += [m for m in _imports(path) if _layer(m) in ("model", "bridge", "baselines")]
+    assert not bad, f"{_name(path)} imports {bad}"

@@ -41,8 +41,6 @@ def to_numpy(array):
     return array.get() if hasattr(array, "get") else np.asarray(array)
 
 
-
-
 def _regularise_system(normal, rhs, active, diagonal, xp):
     """Apply ridge/L1 diagonal and censoring to full normal matrices in place."""
     n_terms = normal.shape[-1]
@@ -270,7 +268,7 @@ def gather_weighted(flux, ivar, rows, columns, scatter_variance):
 def band_limited_block(flux, ivar, rows, columns, filter_index, taps, dtype):
     """Band-limited ``(flux, ivar)`` of the given rows and columns, (len(rows), len(columns)) in ``dtype``.
 
-    ``preprocess.band_limit`` with the plan of ``preprocess.band_limit_plan``: column ``c`` with
+    ``bandlimit.band_limit`` with the plan of ``bandlimit.band_limit_plan``: column ``c`` with
     ``k = filter_index[c] >= 0`` becomes ``sum_t taps[k, t] flux[c - half + t]`` with inverse variance
     ``1 / sum_t taps[k, t]^2 / ivar[c - half + t]`` (half = n_taps // 2; the plan keeps the window inside
     the array) where every pixel of the window is used (0 < ivar < inf, finite flux); other pixels keep

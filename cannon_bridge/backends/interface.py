@@ -83,8 +83,8 @@ class Backend:
         column) and flux of ``rows`` x ``columns``, and each row's number of positive weights.""")
     band_limited_block: Callable = _kernel("""
         ``(flux, ivar, rows, columns, filter_index, taps, dtype) -> (flux, ivar)``: the band-limited
-        (``preprocess.band_limit``) flux and ivar of ``rows`` x ``columns`` in ``dtype``, with the plan
-        ``(filter_index, taps)`` of ``preprocess.band_limit_plan``: a pixel is filtered where every pixel
+        (``bandlimit.band_limit``) flux and ivar of ``rows`` x ``columns`` in ``dtype``, with the plan
+        ``(filter_index, taps)`` of ``bandlimit.band_limit_plan``: a pixel is filtered where every pixel
         its filter reaches is used (0 < ivar < inf, finite flux) and keeps its values elsewhere.""")
     spectra_summary: Callable = _kernel("""
         ``(flux, ivar=None) -> (9,) float64``: counts of NaN, +inf and negative ivar, of non-finite flux

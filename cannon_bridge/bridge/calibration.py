@@ -1,6 +1,6 @@
 """Cross-validated calibration of a bridge: what the training fit cannot know about itself.
 
-K-fold CV on the training stars (:func:`calibrate`), in four steps, each a function:
+K-fold CV on the training stars (:func:`calibrate`), in three steps, each a function:
 
 1. :func:`fit_folds`: each fold's bridge, and the out-of-sample excess of squared residuals over
    the noise, which sets every pixel's scatter (:func:`out_of_sample_scatter`);

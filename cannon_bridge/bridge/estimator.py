@@ -72,7 +72,7 @@ class BridgeModel(BaseEstimator):
         Keep line-list lines at most this many dex weaker than the element's strongest.
     band_limit_training : bool, default True
         Before the per-pixel fits, low-pass filter the training spectra at the band
-        limit that each survey's resolving power sets (:func:`cannon_bridge.preprocess.band_limit`;
+        limit that each survey's resolving power sets (:func:`cannon_bridge.bandlimit.band_limit`;
         needs the wavelengths and ivar). The line-spread function leaves no signal above
         it, so this only removes noise: 40% of GALAH's and 30% of APOGEE's noise
         variance at ~2e-4 rms change to a noise-free spectrum. Spectra given at

@@ -112,7 +112,7 @@ def calibrate_fusion(fitted: FittedBridge, held, labels) -> tuple[FusionChoice, 
     """Choose, per label, how the joint mode combines the two single-survey estimates.
 
     Labels both surveys measure use the update with the measured correlation of the two
-    surveys' errors (``fusion_correlation_``, see :func:`correlated_update`); for the others
+    surveys' errors (``FusionChoice.correlation``, see :func:`correlated_update`); for the others
     cross-validation picks the Kalman update of independent errors or the best fixed blend
     ``w * apogee + (1 - w) * galah``, whichever has the lower held-out error. The correlation
     used for a fold is measured on the other folds. Reuses the single-survey held-out results ``held[mode]``, lists of (test rows, fold's

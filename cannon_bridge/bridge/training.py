@@ -73,7 +73,8 @@ def band_limited(params, setup: TrainingSetup, survey: str, source: SpectraBlock
     """``source`` band-limited at the survey's resolving power (block by block when read), when asked."""
     wavelength = setup.wavelength[survey]
     if params.band_limit_training and wavelength is not None and source.has_ivar:
-        return source.band_limited(band_limit_plan(wavelength, float(getattr(params, f"{survey}_resolution"))))
+        plan = band_limit_plan(wavelength, float(getattr(params, f"{survey}_resolution")))
+        return source.band_limited(plan, get_backend(params.backend).band_limited_block)
     return source
 
 

@@ -184,8 +184,6 @@ def _fit_pixels_fused(design, source, active, backend, scatter_iterations, block
                 observed = observed & np.asarray(star_mask[:, columns], dtype=bool)
             flux_bad = np.where(observed, np.asarray(flux_bad, dtype=np.float64), 0.0)
             fill_unfittable(theta, s2, bad, flux_bad.T, observed.T, design, np)
-        else:
-            theta[bad], s2[bad] = 0.0, 0.0
         coef[block] = theta
         scatter_variance[block] = s2
         flags[block] = np.where(no_data, PixelFlag.NO_DATA, np.where(~ok, PixelFlag.SOLVE_FAILED, 0))

@@ -1,4 +1,4 @@
-"""Band-limited blocks of training spectra: ``preprocess.band_limit``, one block of rows and columns at a time."""
+"""Band-limited blocks of training spectra: ``bandlimit.band_limit``, one block of rows and columns at a time."""
 from __future__ import annotations
 
 import numba
@@ -119,8 +119,8 @@ def _band_limited_block(flux, ivar, rows, columns, filter_index, taps, run_start
 def band_limited_block(flux, ivar, rows, columns, filter_index, taps, dtype):
     """Band-limited ``(flux, ivar)`` of the given rows and columns, (len(rows), len(columns)) in ``dtype``.
 
-    The block-by-block equivalent of ``preprocess.band_limit`` with the plan of
-    ``preprocess.band_limit_plan`` (``filter_index``, ``taps``; the taps are
+    The block-by-block equivalent of ``bandlimit.band_limit`` with the plan of
+    ``bandlimit.band_limit_plan`` (``filter_index``, ``taps``; the taps are
     symmetric, so correlation and convolution agree): a pixel is filtered where
     every pixel the filter reaches is used, and keeps its value elsewhere.
     ``flux`` and ``ivar`` are read in place (any float dtype, any row stride).

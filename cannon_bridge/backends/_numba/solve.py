@@ -198,7 +198,7 @@ def training_products(design):
 def solve_reweighted(design, weights, flux, active, regularization=0.0, n_reweight=6, products=None):
     """Per-pixel weighted least squares with reweighted-L1 regularisation in one kernel call.
 
-    The maths of ``model._solve_with_regularization`` on the numpy backend: one solve without a
+    The maths of ``engine.solve_with_regularization`` on the numpy backend: one solve without a
     diagonal, then (if ``regularization`` > 0) ``n_reweight`` solves with the ridge diagonal
     ``regularization / (2 max(|coef|, 1e-6))`` from the previous solve (none on term 0), all on the same
     normal matrices. Those come from one GEMM on the distinct products (``training_products``); each

@@ -130,7 +130,7 @@ def _median_snr(flux, ivar, used, out):
         count = 0
         for m in range(n_cols):
             if used[n, m]:
-                values[count] = abs(flux[n, m]) * np.sqrt(ivar[n, m])
+                values[count] = abs(np.float64(flux[n, m])) * np.sqrt(np.float64(ivar[n, m]))
                 count += 1
         out[n] = np.median(values[:count]) if count > 0 else 0.0
 
@@ -138,10 +138,12 @@ def _median_snr(flux, ivar, used, out):
 def median_snr(flux, ivar, used) -> np.ndarray:
     """Median over the ``used`` pixels of |flux| sqrt(ivar), per star (0 for a star with none): the
     value of ``np.nanmedian`` on the masked S/N array, without its (n_stars, n_pixels) temporaries
-    (0.27 -> 0.03 s for 1,000 stars x 8,000 pixels here)."""
-    flux = np.ascontiguousarray(flux, dtype=np.float64)
+    (0.27 -> 0.03 s for 1,000 stars x 8,000 pixels here). Float32 inputs are read as they are (each value
+    converted in the kernel: no float64 copies, 0.48 -> 0.13 s for 4,096 x 8,575 float32 spectra)."""
+    flux, ivar = (np.ascontiguousarray(a) if np.asarray(a).dtype.kind == "f" else np.ascontiguousarray(a, np.float64)
+                  for a in (flux, ivar))
     out = np.empty(flux.shape[0])
-    _median_snr(flux, np.ascontiguousarray(ivar, dtype=np.float64), np.ascontiguousarray(used, dtype=np.bool_), out)
+    _median_snr(flux, ivar, np.ascontiguousarray(used, dtype=np.bool_), out)
     return out
 
 
