@@ -196,8 +196,8 @@ class CannonModel(RegressorMixin, BaseEstimator):
         self._set_training_domain(labels)
         return self
 
-    def _set_training_domain(self, labels):
-        domain = label_domain(labels)
+    def _set_training_domain(self, labels, box=None):
+        domain = label_domain(labels, box=box)
         self.training_label_min_, self.training_label_max_ = domain["min"], domain["max"]
         self.training_label_mean_, self.training_label_covariance_ = domain["mean"], domain["covariance"]
         self.start_labels_ = domain["starts"]  # a spread of training labels: the test step's template starts
@@ -254,7 +254,8 @@ class CannonModel(RegressorMixin, BaseEstimator):
         dof = np.maximum(n_used - len(self.label_names_), 1)
         snr = backend.median_snr(flux, ivar, used) if ivar is not None else None
         flags = star_flags(labels, converged, singular, n_used, self.training_label_min_, self.training_label_max_,
-                           self.training_label_mean_, self.training_label_covariance_, snr, self.low_snr)
+                           self.training_label_mean_, self.training_label_covariance_, snr, self.low_snr,
+                           chi2=chi2 if ivar is not None else None, dof=dof)
         return InferenceResult(labels, covariance, chi2, chi2 / dof, n_iter, flags, list(self.label_names_))
 
     def predict(self, flux, ivar=None) -> np.ndarray:
@@ -348,13 +349,17 @@ class CannonModel(RegressorMixin, BaseEstimator):
     @classmethod
     def from_theta(cls, theta, scatter, label_names, pivots, scales, term_exponents,
                    wavelength=None, training_labels=None, backend: str = "auto", *, pixel_flags=None,
-                   censors=None, noise_variance=None, **params) -> "CannonModel":
+                   censors=None, noise_variance=None, label_domain=None, **params) -> "CannonModel":
         """Import a model trained elsewhere (AnniesLasso layout).
 
         ``flux = A . theta^T`` with column ``j`` of ``A`` equal to
         ``prod_i ((label_i - pivot_i) / scale_i) ** term_exponents[j, i]``.
         ``scatter`` is the intrinsic standard deviation per pixel (``sqrt(s2)``).
-        ``training_labels`` (optional) sets the training domain used by the flags.
+        ``training_labels`` (optional) sets the training domain used by the flags and the test step's starts;
+        without it, declare the labels' domain ``label_domain=(low, high)`` (physical units, one value per
+        label: the range the model is valid in), else pivot +- scale is taken. The test step starts from the
+        best of a spread of points over the domain, so a model imported without its training set does not
+        end in a wrong minimum.
         ``pixel_flags``, ``censors`` (n_pixels, n_labels) and ``noise_variance``, when known (the bridge's
         per-survey fits), become the fitted attributes of those names; other keywords are constructor
         parameters (default ``order``: the terms' highest degree).
@@ -382,10 +387,12 @@ class CannonModel(RegressorMixin, BaseEstimator):
         model.noise_variance_ = np.zeros(theta.shape[0]) if noise_variance is None else noise_variance
         model.wavelength_ = None if wavelength is None else np.asarray(wavelength, dtype=float)
         if training_labels is None:
-            # without the training set, take +-1 scale around the pivot as the domain
-            training_labels = np.vstack([vectorizer.pivots - vectorizer.scales, vectorizer.pivots,
-                                         vectorizer.pivots + vectorizer.scales])
-        model._set_training_domain(np.asarray(training_labels, dtype=float))
+            # without the training set: the declared domain, else +-1 scale around the pivot
+            box = label_domain if label_domain is not None else (vectorizer.pivots - vectorizer.scales,
+                                                                 vectorizer.pivots + vectorizer.scales)
+            model._set_training_domain(np.zeros((0, vectorizer.n_labels)), box=box)
+        else:
+            model._set_training_domain(np.asarray(training_labels, dtype=float), box=label_domain)
         model._single_output_ = False
         return model
 

@@ -129,7 +129,9 @@ def test_inference_equals_scipy_least_squares(toy_survey, rng):
 
         fit = least_squares(residuals, vec.scale(labels[s]), jac=jacobian, method="lm", xtol=1e-15, ftol=1e-15,
                             gtol=1e-15)
-        assert np.all(np.abs(result.labels[s] - vec.unscale(fit.x)) <= 1e-5 * vec.scales)
+        # the test step stops when chi^2 improves by < 1e-4: within ~0.014 sigma of the minimum (a tolerance
+        # in label scales passed or failed with the choice of starts)
+        assert np.all(np.abs(result.labels[s] - vec.unscale(fit.x)) <= 0.02 * result.uncertainties[s])
         assert np.all(np.abs(result.labels[s] - labels[s]) < 0.1 * vec.scales)  # and near the truth
         assert result.chi2[s] == pytest.approx(2 * fit.cost, rel=1e-8)
         jac = jacobian(fit.x)
@@ -568,3 +570,37 @@ def test_large_inputs_are_inferred_in_batches_with_the_same_result(toy_survey, m
     np.testing.assert_allclose(batched.labels, whole.labels, rtol=0, atol=1e-3 * model.label_scales_.max())
     np.testing.assert_array_equal(batched.flags, whole.flags)
     assert batched.label_names == whole.label_names
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("declared", [False, True], ids=["default-domain", "declared-domain"])
+def test_imported_model_finds_the_global_minimum_or_flags_the_star(doppler, declared):
+    """The external cubic model imported without its training set (so the model is exact), 1,000 stars
+    drawn over its label box at noise 0.02: at most 0.5% of the stars end in a wrong minimum (chi^2 well
+    above the chi^2 at their true labels), and every one of those is flagged POOR_FIT. Before the starts
+    spread over the label domain, 5.6% of the stars (logg ~6 instead of ~1) ended in a wrong minimum with
+    no flag."""
+    from cannon_bridge import StarFlag
+
+    model, _ = doppler
+    wavelength = model["dispersion_air_A"]
+    pixels = np.arange(0, wavelength.size, 50)[:3000]
+    pixels = pixels[np.all(np.isfinite(model["theta"][pixels]), axis=1)]
+    grid = model["training_set_labels"]
+    low, high = grid.min(axis=0), grid.max(axis=0)
+    cannon = CannonModel.from_theta(model["theta"][pixels], np.sqrt(model["s2"][pixels]),
+                                    [str(n) for n in model["label_names"]], model["fiducials"], model["scales"],
+                                    model["term_exponents"], backend="numba",
+                                    label_domain=(low, high) if declared else None)
+    gen = np.random.default_rng(7)
+    truth = gen.uniform(low, high, (1000, 3))
+    clean = cannon.generate(truth)
+    flux = clean + gen.normal(size=clean.shape) * 0.02
+    ivar = np.full_like(flux, 1 / 0.02**2)
+    result = cannon.infer(flux, ivar)
+    chi2_truth = np.sum((flux - clean) ** 2 / (0.02**2 + cannon.scatter_**2), axis=1)
+    wrong = result.chi2 > chi2_truth + 25.0
+    assert wrong.mean() <= 0.005, wrong.sum()
+    assert np.all(result.flags[wrong] & StarFlag.POOR_FIT), "a wrong minimum is not flagged"
+    # well-fitted stars are rarely flagged: the tail probability is 1e-6
+    assert np.mean(result.flags[~wrong] & StarFlag.POOR_FIT > 0) < 0.01

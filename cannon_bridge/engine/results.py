@@ -30,7 +30,9 @@ class StarFlag:
     LOW_SNR = 1 << 3  #: median S/N over used pixels below ``low_snr``
     SINGULAR = 1 << 4  #: the labels are not all constrained (covariance from a pseudo-inverse)
     FEW_PIXELS = 1 << 5  #: fewer usable pixels than labels
-    POOR_FIT = 1 << 6  #: fitted worse than held-out training stars: uncertainties inflated (BridgeModel)
+    #: CannonModel: chi^2 improbable for the star's noise (a wrong minimum, or a spectrum the model does not
+    #: describe); BridgeModel: fitted worse than held-out training stars, uncertainties inflated
+    POOR_FIT = 1 << 6
 
     @classmethod
     def names(cls, value: int) -> list[str]:

@@ -181,10 +181,31 @@ def projected_starts(projected, grid, n_labels: int, xp, linear_blocks=None):
     return grid[best], linear
 
 
-def label_domain(labels: np.ndarray, n_starts: int = 48, seed: int = 0) -> dict:
-    """The training labels' domain the flags and starts use: ``min``, ``max``, ``mean``, ``covariance``
-    (of the stars with every label; the variances when too few) and ``starts`` (a spread of up to
-    ``n_starts`` complete training label vectors)."""
+#: template starts spread over the label domain's box (a scrambled Sobol sequence), besides the training labels
+N_BOX_STARTS = 64
+#: a star whose chi^2 is above its noise's chi^2 distribution at this tail probability gets POOR_FIT
+POOR_FIT_PROBABILITY = 1e-6
+
+
+def label_domain(labels: np.ndarray, n_starts: int = 48, seed: int = 0, box=None) -> dict:
+    """The label domain the flags and starts use.
+
+    From training ``labels`` (n_stars, n_labels): ``min``, ``max``, ``mean``, ``covariance`` (of the stars
+    with every label; the variances when too few) and ``starts``: a spread of up to ``n_starts`` complete
+    training label vectors plus :data:`N_BOX_STARTS` points spread over the min-max box, so that the best
+    template start is near every star, wherever the training labels are sparse. With ``box`` = (low, high)
+    (a declared domain, e.g. of an imported model without its training set) the domain is that box:
+    uniform mean and covariance, the box points as starts.
+    """
+    if box is not None:
+        low, high = (np.asarray(b, dtype=float) for b in box)
+        if low.shape != high.shape or low.shape != (labels.shape[1],) or not np.all(high > low):
+            from ..errors import InvalidInputError
+
+            raise InvalidInputError(f"label_domain must be (low, high) with {labels.shape[1]} values each and "
+                                    f"high > low; got {low!r}, {high!r}")
+        return {"min": low, "max": high, "mean": 0.5 * (low + high), "covariance": np.diag((high - low) ** 2 / 12.0),
+                "starts": np.vstack([0.5 * (low + high), _box_points(low, high, N_BOX_STARTS, seed)])}
     complete = labels[np.all(np.isfinite(labels), axis=1)]
     if len(complete) > labels.shape[1]:
         covariance = np.atleast_2d(np.cov(complete, rowvar=False))
@@ -192,16 +213,29 @@ def label_domain(labels: np.ndarray, n_starts: int = 48, seed: int = 0) -> dict:
         covariance = np.diag(np.nanvar(labels, axis=0) + 1e-12)
     source = complete if len(complete) else np.nan_to_num(labels[:1], nan=0.0)
     pick = np.random.default_rng(seed).choice(len(source), size=min(len(source), n_starts), replace=False)
-    return {"min": np.nanmin(labels, axis=0), "max": np.nanmax(labels, axis=0), "mean": np.nanmean(labels, axis=0),
-            "covariance": covariance, "starts": source[np.sort(pick)]}
+    low, high = np.nanmin(labels, axis=0), np.nanmax(labels, axis=0)
+    starts = source[np.sort(pick)]
+    if np.all(np.isfinite(low)) and np.all(high > low):
+        starts = np.vstack([starts, _box_points(low, high, N_BOX_STARTS, seed)])
+    return {"min": low, "max": high, "mean": np.nanmean(labels, axis=0), "covariance": covariance, "starts": starts}
+
+
+def _box_points(low, high, n, seed):
+    """``n`` (a power of 2) points of a scrambled Sobol sequence in the box [low, high]."""
+    from scipy.stats import qmc
+
+    unit = qmc.Sobol(len(low), scramble=True, seed=seed).random_base2(int(np.log2(n)))
+    return qmc.scale(unit, low, high)
 
 
 def star_flags(labels, converged, singular, n_used, domain_min, domain_max, domain_mean, domain_covariance,
-               snr=None, low_snr: float = 10.0) -> np.ndarray:
+               snr=None, low_snr: float = 10.0, chi2=None, dof=None) -> np.ndarray:
     """Bits of :class:`StarFlag` per star.
 
     ``labels`` are the labels the domain describes (physical units); ``n_used`` the pixels each star
-    used; ``snr`` its median S/N over them (None: no LOW_SNR test, e.g. without ivar).
+    used; ``snr`` its median S/N over them (None: no LOW_SNR test, e.g. without ivar). With ``chi2`` and
+    ``dof``, POOR_FIT marks a chi^2 improbable for the star's noise (above the chi^2 distribution's
+    :data:`POOR_FIT_PROBABILITY` tail): a wrong minimum, or a spectrum the model does not describe.
     """
     flags = np.zeros(labels.shape[0], dtype=np.int64)
     flags[~converged] |= StarFlag.NOT_CONVERGED
@@ -215,4 +249,6 @@ def star_flags(labels, converged, singular, n_used, domain_min, domain_max, doma
     if snr is not None:
         flags[snr < low_snr] |= StarFlag.LOW_SNR
     flags[n_used < labels.shape[1]] |= StarFlag.FEW_PIXELS
+    if chi2 is not None:
+        flags[np.asarray(chi2) > stats.chi2.isf(POOR_FIT_PROBABILITY, np.maximum(dof, 1))] |= StarFlag.POOR_FIT
     return flags
