@@ -474,3 +474,20 @@ def test_calibrated_device_fit_equals_the_numpy_backend(mock_pair, monkeypatch):
     np.testing.assert_allclose(on_device.labels, on_host.labels, rtol=1e-7, atol=1e-9)
     np.testing.assert_allclose(on_device.covariance, on_host.covariance, rtol=1e-6, atol=1e-12)
     np.testing.assert_array_equal(on_device.flags, on_host.flags)
+
+
+def test_spectra_whose_model_has_no_usable_pixel_give_nan_labels_and_flags(fitted, mock_pair):
+    """A survey model without a usable pixel (trained on fewer stars than its terms) constrains nothing:
+    inference from that survey alone returns NaN labels and covariance flagged FEW_PIXELS and SINGULAR
+    instead of failing (the calibration of such a model used to stop with an AxisError)."""
+    import copy
+
+    from cannon_bridge.model import StarFlag
+
+    data, _ = mock_pair
+    test = data.subset(np.arange(200, 205))
+    model = copy.deepcopy(fitted)
+    model.apogee_model_.pixel_flags_ = np.ones_like(model.apogee_model_.pixel_flags_)
+    result = model.infer(apogee_flux=test.apogee_flux, apogee_ivar=test.apogee_ivar)
+    assert np.all(np.isnan(result.labels)) and np.all(np.isnan(result.covariance))
+    assert np.all(result.flags & StarFlag.FEW_PIXELS) and np.all(result.flags & StarFlag.SINGULAR)

@@ -240,7 +240,11 @@ def galah_variance_scale(fitted: FittedBridge, results, galah_spectra) -> np.nda
     for test, sub, result in results:
         s2 = sub.galah.model.scatter_**2
         for start in range(0, len(test), 1024):
-            within = slice(start, start + 1024)
+            within = np.arange(start, min(start + 1024, len(test)))
+            # stars without labels (a fold model with no usable APOGEE pixel) say nothing here
+            within = within[np.all(np.isfinite(result.labels[within]), axis=1)]
+            if within.size == 0:
+                continue
             rows = test[within]
             covariance = result.covariance[within] * factor[None, :, None] * factor[None, None, :]
             flux, variance = generate(sub, "galah", result.labels[within], covariance, propagation_scale=1.0)

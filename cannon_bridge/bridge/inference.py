@@ -85,6 +85,8 @@ def infer_single(fitted: FittedBridge, apogee_flux=None, apogee_ivar=None, galah
         for pixels, terms, local in pixel_groups(model.censors_, model.term_exponents_, model.pixel_flags_ == 0):
             groups.append((position, pixels, model.coef_[np.ix_(pixels, terms)],
                            model.term_exponents_[np.ix_(terms, local)], index[local]))
+    if not groups:  # no usable pixel in the given spectra (e.g. a model trained on fewer stars than terms)
+        return _unconstrained(fitted, mode, n_stars)
     n_used = np.zeros(n_stars, dtype=np.int64)
     # each survey's groups, its pixels in group order (the groups cover its usable pixels) with their
     # scatter variance, and each group's columns in that order: a chunk's weights and flux are gathered
@@ -154,6 +156,18 @@ def infer_single(fitted: FittedBridge, apogee_flux=None, apogee_ivar=None, galah
                                  likelihood_information=likelihood_information if keep_information else None,
                                  prior_information=prior_information if keep_information and prior is not None
                                  else None)
+
+
+def _unconstrained(fitted, mode, n_stars) -> BridgeInferenceResult:
+    """The result for spectra whose models have no usable pixel: NaN labels and covariance, flagged
+    FEW_PIXELS and SINGULAR (the spectra say nothing; a model trained on fewer stars than its terms)."""
+    n_labels = fitted.n_labels
+    nan = np.full(n_stars, np.nan)
+    flags = np.full(n_stars, StarFlag.FEW_PIXELS | StarFlag.SINGULAR, dtype=np.int64)
+    return BridgeInferenceResult(np.full((n_stars, n_labels), np.nan), np.full((n_stars, n_labels, n_labels), np.nan),
+                                 nan.copy(), nan.copy(), np.zeros(n_stars, dtype=np.int64), flags,
+                                 list(fitted.label_names), mode=mode, misfit_factor=np.ones(n_stars),
+                                 data_chi2=np.zeros(n_stars), dof=np.ones(n_stars))
 
 
 def _raise_mismatch(n_apogee: int, n_galah: int):

@@ -152,6 +152,10 @@ def fit_surveys(params, setup: TrainingSetup, sources: dict, labels, prepared: d
             training_labels=labels[:, used], backend=params.backend, pixel_flags=flags, censors=sub_allowed,
             noise_variance=noise_variance, order=survey_order(params, survey),
             regularization=float(np.median(strengths)), chunk_size=params.chunk_size, max_iter=params.max_iter)
+        if not np.any(flags == 0):
+            logger.warning("%s: no pixel could be fitted (%d training stars for %d terms): inference from %s "
+                           "spectra gives NaN labels; lower %s_order or train on more stars", survey,
+                           labels.shape[0], vectorizer.n_terms, survey.upper(), survey)
         parts[survey] = SurveyPart(model, used)
     return parts
 
