@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 from astropy.io import fits
 
-from ._fitsio import write_hdus_atomically
+from ._fitsio import damage_message, file_problem, kind_hint, missing_hdus_problem, scan_fits, write_hdus_atomically
 from .errors import InvalidInputError
 
 __all__ = ["CrossMatch", "APOGEE_CHIP_GAPS", "GALAH_CCD_COVERAGE", "GALAH_CCD_ENVELOPE", "apogee_gap_mask"]
@@ -211,32 +211,99 @@ class CrossMatch:
         if self.is_giant is not None:
             table["is_giant"] = self.is_giant
         hdus = [primary, fits.BinTableHDU(table, name="LABELS")]
-        for name in ("apogee_wavelength", "apogee_flux", "apogee_ivar", "galah_wavelength", "galah_flux",
-                     "galah_ivar", "galah_ccd"):
+        for name in _ARRAYS:
             hdus.append(fits.ImageHDU(np.asarray(getattr(self, name)), name=name.upper()))
         return write_hdus_atomically(hdus, path)
 
     @classmethod
     def load(cls, path) -> "CrossMatch":
-        """Read a file written by :meth:`save`."""
+        """Read a file written by :meth:`save`.
+
+        A damaged file is refused with :class:`~cannon_bridge.errors.InvalidInputError` naming the
+        file, what is wrong and what to do: empty, truncated (the size its headers promise is
+        compared with the file's; a cut between two HDUs leaves HDUs missing), changed bytes (the
+        FITS checksums :meth:`save` writes), a missing HDU or column, or a file of another kind.
+        """
+        import warnings
+
         from astropy.table import Table
 
         path = Path(path)
-        try:
-            with fits.open(path, memmap=False) as hdul:
-                if hdul[0].header.get("CB_KIND") != "CrossMatch":
-                    raise InvalidInputError(f"{path} is not a CrossMatch file")
-                table = Table.read(hdul["LABELS"])
-                arrays = {name: np.array(hdul[name.upper()].data) for name in (
-                    "apogee_wavelength", "apogee_flux", "apogee_ivar", "galah_wavelength", "galah_flux",
-                    "galah_ivar", "galah_ccd")}
-                meta = {key[len("CB_META_"):].lower(): value for key, value in hdul[0].header.items()
-                        if key.startswith("CB_META_")}
-        except (OSError, KeyError) as exc:
-            raise InvalidInputError(f"could not read CrossMatch file {path}: {exc}") from None
+        fix = ("copy the file again from where it was saved, or re-create it and write it with CrossMatch.save "
+               "(e.g. from CrossMatch.from_physset or cannon_bridge.mock.make_crossmatch)")
+        if not path.exists():
+            raise InvalidInputError(f"CrossMatch file {path} does not exist")
+        if path.is_dir():
+            raise InvalidInputError(f"CrossMatch file {path} is a directory, not a file")
+        scan = scan_fits(path)
+        if scan.damage is not None:
+            raise InvalidInputError(damage_message(path, "CrossMatch", scan.damage, fix,
+                                                   "pass a file written by CrossMatch.save"))
+        if scan.trailing:
+            raise InvalidInputError(file_problem(path, "CrossMatch", f"the file is damaged: {scan.trailing:,} "
+                                                 "unexpected bytes follow its last HDU", fix))
+        error = None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                with fits.open(path, memmap=False) as hdul:
+                    header = hdul[0].header
+                    if header.get("CB_KIND") != "CrossMatch":
+                        what, how = kind_hint(header)
+                        raise InvalidInputError(file_problem(
+                            path, "CrossMatch", f"{what} (" + (f"CB_KIND={header['CB_KIND']!r}" if "CB_KIND" in header
+                            else "no CB_KIND card") + ")",
+                            (f"{how}; " if how else "") + "CrossMatch.load takes files written by CrossMatch.save",
+                            head=f"{path} is not a CrossMatch file"))
+                    problem = missing_hdus_problem(["LABELS", *(name.upper() for name in _ARRAYS)],
+                                                   [hdu.name for hdu in hdul], scan, "a CrossMatch file")
+                    if problem is not None:
+                        raise InvalidInputError(file_problem(path, "CrossMatch", problem, fix))
+                    if not isinstance(hdul["LABELS"], fits.BinTableHDU):
+                        raise InvalidInputError(file_problem(path, "CrossMatch", "its LABELS HDU holds no table "
+                                                             "(the file is damaged)", fix))
+                    table = Table.read(hdul["LABELS"])
+                    arrays = {}
+                    for name in _ARRAYS:
+                        data = hdul[name.upper()].data
+                        if not isinstance(data, np.ndarray) or data.dtype.kind not in "biuf":
+                            raise InvalidInputError(file_problem(
+                                path, "CrossMatch", f"HDU {name.upper()} holds no numeric image (the file is "
+                                "damaged)", fix))
+                        arrays[name] = np.array(data)
+                    meta = {key[len("CB_META_"):].lower(): value for key, value in header.items()
+                            if key.startswith("CB_META_")}
+            except InvalidInputError as exc:
+                error = exc
+            except Exception as exc:  # astropy raises many types (OSError, VerifyError, ValueError, ...)
+                error = InvalidInputError(file_problem(path, "CrossMatch", "the file is damaged "
+                                                       f"({type(exc).__name__}: {exc})", fix))
+        problems = [item for item in caught if "astropy" in item.category.__module__]
+        for item in caught:
+            if item not in problems:
+                warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
+        if error is not None:
+            raise error
+        if problems:
+            message = " ".join(str(problems[0].message).split())
+            raise InvalidInputError(file_problem(path, "CrossMatch", f"the file is damaged or truncated ({message})",
+                                                 fix))
+        if "id" not in table.colnames:
+            raise InvalidInputError(file_problem(path, "CrossMatch", "its LABELS table lacks the 'id' column "
+                                                 f"(it has {table.colnames[:12]})", fix))
         names = [name for name in table.colnames if name not in ("id", "is_giant")]
         arrays = {k: v.astype(v.dtype.newbyteorder("=")) for k, v in arrays.items()}
-        return cls(label_names=names, labels=np.column_stack([np.asarray(table[n], float) for n in names]),
-                   ids=np.asarray(table["id"]).astype(str),
-                   is_giant=np.asarray(table["is_giant"]) if "is_giant" in table.colnames else None,
-                   meta=meta, **arrays)
+        try:
+            return cls(label_names=names, labels=np.column_stack([np.asarray(table[n], float) for n in names])
+                       if names else np.zeros((len(table), 0)),
+                       ids=np.asarray(table["id"]).astype(str),
+                       is_giant=np.asarray(table["is_giant"]) if "is_giant" in table.colnames else None,
+                       meta=meta, **arrays)
+        except (InvalidInputError, TypeError, ValueError) as exc:
+            raise InvalidInputError(file_problem(path, "CrossMatch", f"its contents do not fit together ({exc})",
+                                                 fix)) from None
+
+
+#: the image HDUs of a CrossMatch file, in the order :meth:`CrossMatch.save` writes them
+_ARRAYS = ("apogee_wavelength", "apogee_flux", "apogee_ivar", "galah_wavelength", "galah_flux", "galah_ivar",
+           "galah_ccd")

@@ -307,19 +307,19 @@ class CannonModel(RegressorMixin, BaseEstimator):
     def load(cls, path) -> "CannonModel":
         """Read a model written by :meth:`save` (refuses tampered or truncated files)."""
         metadata, arrays = read_model_file(path, "CannonModel", bool_arrays=("censors",))
-        return cls._from_parts(metadata, arrays)
+        return cls._from_parts(metadata, arrays, path)
 
     @classmethod
-    def _from_parts(cls, metadata, arrays):
+    def _from_parts(cls, metadata, arrays, path=None):
         required = ("censors", "coef", "scatter", "term_exponents", "pixel_flags", "pivots", "scales", "label_min",
                     "label_max", "label_mean", "label_covariance", "start_labels")
         missing = [name for name in required if name not in arrays]
         if missing or "label_names" not in metadata or "params" not in metadata:
-            raise ModelFileError(f"model file lacks {missing or 'label_names/params'}: it was not written by "
-                                 "CannonModel.save of this version; retrain or re-export the model")
+            raise ModelFileError(f"model file {path or ''} lacks {missing or 'label_names/params'}: it was not "
+                                 "written by CannonModel.save of this version; retrain or re-export the model")
         if not (np.all(np.isfinite(arrays["coef"])) and np.all(np.isfinite(arrays["scatter"]))):
-            raise ModelFileError("model file has non-finite coefficients or scatter: the file is damaged or was "
-                                 "written by a faulty exporter; retrain the model")
+            raise ModelFileError(f"model file {path or ''} has non-finite coefficients or scatter: the file is "
+                                 "damaged or was written by a faulty exporter; retrain the model")
         names = metadata["label_names"]
         censors_allowed = arrays["censors"]
         model = cls(label_names=names, **metadata["params"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._fitsio import read_model_file, write_model_file
+from ..errors import ModelFileError
 from ..model import CannonModel
 from .prior import PopulationPrior
 from .state import MODES, SURVEYS, Calibration, FittedBridge, SurveyPart
@@ -58,6 +59,14 @@ def load_bridge(path) -> tuple[dict, FittedBridge, dict]:
     """(constructor parameters, FittedBridge, per-pixel L1 strengths per survey) read from a file written by
     :func:`save_bridge` (refuses tampered, truncated or foreign files)."""
     metadata, arrays = read_model_file(path, "BridgeModel", bool_arrays=("apogee_censors", "galah_censors"))
+    try:
+        return _from_parts(path, metadata, arrays)
+    except KeyError as missing:  # a digest-valid file written by another program or version
+        raise ModelFileError(f"could not read model file {path}: it lacks {missing} of a BridgeModel file. What to "
+                             "do: re-save the model with BridgeModel.save of this version, or retrain it") from None
+
+
+def _from_parts(path, metadata, arrays):
     params = metadata["params"]
     label_names, n_core = metadata["label_names"], metadata["n_core"]
     parts = {}
@@ -67,7 +76,8 @@ def load_bridge(path) -> tuple[dict, FittedBridge, dict]:
                     "params": {"order": int(stored["term_exponents"].sum(axis=1).max()),
                                "backend": params.get("backend", "auto"), "max_iter": params.get("max_iter", 100),
                                "chunk_size": params.get("chunk_size", 128)}}
-        parts[survey] = SurveyPart(CannonModel._from_parts(sub_meta, stored), stored["label_index"].astype(np.int64))
+        parts[survey] = SurveyPart(CannonModel._from_parts(sub_meta, stored, path),
+                                   stored["label_index"].astype(np.int64))
     prior = PopulationPrior(arrays["prior_exponents"].astype(np.int64), arrays["prior_coef"],
                             arrays["prior_cholesky_inverse"], np.arange(n_core), np.arange(n_core, len(label_names)))
     calibration = Calibration(

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import zipfile
 
 import astropy.units as u
 import numpy as np
@@ -33,8 +34,8 @@ from ..data import APOGEE_CHIP_GAPS
 from ..errors import InvalidInputError
 from ..preprocess import segment_index, snr_estimate
 from ..spectrum import Spectrum
-from . import (_check_path, _header_number, _header_value, _ivar_from_sigma, _read_fits, _read_table,
-               _replace_float_column, _sniff, _spectrum)
+from . import (_check_path, _header_number, _header_value, _ivar_from_sigma, _other_kind, _read_fits,
+               _read_table, _remedy, _replace_float_column, _sniff, _spectrum)
 
 logger = logging.getLogger(__name__)
 
@@ -122,8 +123,7 @@ def _ivar_from_error(flux, error, bitmask=None, bad_bits=APOGEE_PIXMASK_BAD):
 def _identify_apogee(hdus) -> str | None:
     """'apStar', 'apVisit' or None from the HDUs of a FITS file."""
     header = hdus[0].header
-    ctype = str(header.get("CTYPE1", "")).upper()
-    if "NWAVE" in header or ("CRVAL1" in header and "CDELT1" in header and "LOG" in ctype):
+    if _apstar_header(header):
         if len(hdus) > 1 and not hdus[1].is_table:
             return "apStar"
     if len(hdus) > 4 and all(not hdu.is_table for hdu in hdus[1:5]):
@@ -133,6 +133,31 @@ def _identify_apogee(hdus) -> str | None:
                 and flux.shape[0] == 3 and ("wave" in bunit or 14000 < np.nanmedian(wave) < 18000)):
             return "apVisit"
     return None
+
+
+def _apstar_header(header) -> bool:
+    ctype = str(header.get("CTYPE1", "")).upper()
+    return "NWAVE" in header or ("CRVAL1" in header and "CDELT1" in header and "LOG" in ctype)
+
+
+_HDU_LIST_CARD = re.compile(r"\bHDU\s?(\d{1,2})\s*[:=-]")
+
+
+def _listed_hdus(header) -> int:
+    """How many HDUs the primary header's HISTORY / COMMENT cards describe ("HDU10 : RV table"); 0 if none."""
+    numbers = [int(match.group(1)) for key in ("HISTORY", "COMMENT") if key in header
+               for value in header[key] for match in [_HDU_LIST_CARD.search(str(value))] if match]
+    return max(numbers) + 1 if numbers else 0
+
+
+def _check_listed_hdus(path, hdus, fmt) -> None:
+    """Refuse a file with fewer HDUs than its primary header lists: it was cut between two HDUs."""
+    listed = _listed_hdus(hdus[0].header)
+    if listed > len(hdus):
+        raise InvalidInputError(
+            f"could not read APOGEE file {path}: the file is truncated: it ends after HDU{len(hdus) - 1} but its "
+            f"primary header lists HDU0 to HDU{listed - 1} of the {fmt} layout (HISTORY cards), so "
+            f"HDU{len(hdus)}-HDU{listed - 1} are missing." + _remedy(path, "APOGEE", damaged=True))
 
 
 def _integer_mask(path, mask, fmt):
@@ -146,15 +171,25 @@ def _integer_mask(path, mask, fmt):
 def _layout_error(path, hdus, detail=""):
     names = [f"{hdu.index}:{hdu.name or '-'}{'' if hdu.data is None else list(np.shape(hdu.data))}"
              for hdu in hdus[:12]]
+    flux = hdus[1].data if len(hdus) > 1 and not hdus[1].is_table else None
+    cut_visit = len(hdus) < 5 and flux is not None and np.ndim(flux) == 2 and np.shape(flux)[0] == 3
+    what = (f": it looks like an apVisit file cut short: it ends after HDU{len(hdus) - 1}, but an apVisit file has "
+            "flux, error, mask and wavelength in HDU1-4 (the file is truncated)") if cut_visit else _other_kind(hdus)
+    damaged = cut_visit or (len(hdus) == 1 and hdus[0].data is None)
     return InvalidInputError(
         f"{path} is not an APOGEE apStar or apVisit file{': ' + detail if detail else ''} "
         f"(expected apStar: log-linear grid CRVAL1/CDELT1 in HDU0 and flux/error/mask in HDU1-3; "
-        f"apVisit: flux/error/mask/wavelength of shape (3, 4096) in HDU1-4). Found HDUs {names}")
+        f"apVisit: flux/error/mask/wavelength of shape (3, 4096) in HDU1-4). Found HDUs {names}{what}."
+        + _remedy(path, "APOGEE", damaged))
 
 
 def _require(path, hdus, index, what, fmt):
     if len(hdus) <= index or hdus[index].data is None or hdus[index].is_table:
-        raise InvalidInputError(f"{fmt} file {path} is missing HDU{index} ({what}): it has {len(hdus)} HDUs")
+        cut = (f"; the file ends after HDU{len(hdus) - 1}, so it is probably truncated" if len(hdus) <= index
+               else f"; HDU{index} holds {'a table' if hdus[index].is_table else 'no data'}, so the file is damaged "
+                    "or not an APOGEE product")
+        raise InvalidInputError(f"{fmt} file {path} is missing HDU{index} ({what}): it has {len(hdus)} HDUs{cut}."
+                                + _remedy(path, "APOGEE", damaged=True))
     return hdus[index].data
 
 
@@ -194,11 +229,16 @@ def read_apogee(path, visits: bool = False, bad_bits: int = APOGEE_PIXMASK_BAD) 
         return _read_dr14_npz(path)
     hdus = _read_fits(path, "APOGEE")
     fmt = _identify_apogee(hdus)
+    if fmt is None and len(hdus) < 4 and _apstar_header(hdus[0].header):
+        fmt = "apStar"  # an apStar primary header, but HDUs missing: refused by _require (truncated)
+    if fmt is not None:
+        _check_listed_hdus(path, hdus, fmt)
     if fmt == "apStar":
         return _read_apstar(path, hdus, visits, bad_bits)
     if fmt == "apVisit":
         if visits:
-            raise InvalidInputError(f"{path} is an apVisit file (a single visit); visits=True applies to apStar files")
+            raise InvalidInputError(f"{path} is an apVisit file (a single visit); visits=True applies to apStar files. "
+                                    "What to do: call read_apogee without visits=True, or pass an apStar file")
         return _read_apvisit(path, hdus, bad_bits)
     raise _layout_error(path, hdus)
 
@@ -340,15 +380,20 @@ def _read_dr14_npz(path) -> Spectrum:
         with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as data:
             arrays = {key: np.array(data[key]) for key in data.files}
     except Exception as exc:  # numpy / zipfile raise many types for a corrupt archive (even SyntaxError)
+        what = ("the file is truncated: it starts like an .npz (zip) archive but the archive's directory, "
+                "stored at its end, is missing" if not zipfile.is_zipfile(path) else "the archive is damaged")
         raise InvalidInputError(
-            f"could not read APOGEE npz file {path}: corrupt or truncated archive ({type(exc).__name__}: {exc})"
+            f"could not read APOGEE npz file {path}: {what} (corrupt or truncated archive; "
+            f"{type(exc).__name__}: {exc})." + _remedy(path, "APOGEE", damaged=True)
         ) from None
     missing = [key for key in ("wavelength_nm", "normalized_flux") if key not in arrays]
     if "inverse_variance" not in arrays and "normalized_error" not in arrays:
         missing.append("inverse_variance or normalized_error")
     if missing:
         raise InvalidInputError(
-            f"{path} is not an APOGEE normalised-spectrum npz: missing arrays {missing} (has {sorted(arrays)})")
+            f"{path} is not an APOGEE normalised-spectrum npz: missing arrays {missing} (has {sorted(arrays)}). "
+            "What to do: pass an aspcapStar-style .npz with the arrays wavelength_nm, normalized_flux and "
+            "inverse_variance (or normalized_error), or read other spectra with read_spectrum")
     wavelength = arrays["wavelength_nm"].astype(np.float64) * 10.0
     flux = arrays["normalized_flux"].astype(np.float64)
     if flux.shape[-1] != wavelength.size:
@@ -432,7 +477,8 @@ def read_apogee_allstar(path, sentinel: float = -9999.0):
     if galah_columns:
         raise InvalidInputError(
             f"{path} looks like a GALAH catalogue (it has the column(s) {galah_columns}), not an APOGEE allStar "
-            "table: read it with read_galah_allstar, which applies GALAH's flags")
+            "table: read it with read_galah_allstar, which applies GALAH's flags."
+            + _remedy(path, "APOGEE allStar", damaged=False))
     table = table.copy(copy_data=True)
     upper = {name.upper(): name for name in table.colnames}
 
@@ -442,7 +488,7 @@ def read_apogee_allstar(path, sentinel: float = -9999.0):
     if not label_keys:
         raise InvalidInputError(
             f"{path} is not an APOGEE allStar table: none of the label columns {list(_BASE_LABELS)} "
-            f"or X_FE abundances found (columns: {table.colnames[:20]})")
+            f"or X_FE abundances found (columns: {table.colnames[:20]})." + _remedy(path, "APOGEE allStar", False))
     with_errors = {key: [key] + ([key + "_ERR"] if key + "_ERR" in upper else []) for key in label_keys}
     counts: dict[str, int] = {}
 

@@ -34,8 +34,8 @@ from ..data import GALAH_CCD_ENVELOPE
 from ..errors import InvalidInputError
 from ..preprocess import segment_index, snr_estimate
 from ..spectrum import Spectrum
-from . import (_check_path, _header_number, _header_value, _ivar_from_sigma, _read_fits, _read_table,
-               _replace_float_column, _spectrum)
+from . import (_check_path, _header_number, _header_value, _ivar_from_sigma, _other_kind, _read_fits,
+               _read_table, _remedy, _replace_float_column, _spectrum)
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,11 @@ REDUCTION_FLAG_NO_PARAMETERS = 1 << 17
 REDUCTION_FLAG_NO_RV = 1 << 16
 
 _SOBJECT_FILE = re.compile(r"^(\d{15})([1-4])$")
+#: the HDUs of a v6.0 per-CCD file after HDU0, in order (every file of that reduction has all of them)
+_V60_LAYOUT = ("NORMALIZED", "RELATIVE_ERROR", "SKY", "TELURIC", "SCATTERED", "CROSS_TALK", "RESOLUTION_PROFILE")
+#: the named HDUs of a v5.3 per-CCD file after HDU0; HDU4 (unnamed) holds the normalised flux
+_V53_LAYOUT = ("INPUT_SIGMA", "NO_SKY_SUBSPECTRUM", "NO_SKY_SIGMA")
+_DR4_COLUMNS = ("wave", "sob", "uob")
 _CCD_CENTRES = np.array([(lo + hi) / 2 for lo, hi in GALAH_CCD_ENVELOPE])
 
 
@@ -74,6 +79,45 @@ def _identify_galah(hdus) -> str | None:
     return None
 
 
+def _cut_layout(hdus) -> str | None:
+    """Words for a per-CCD file whose HDUs are the start of a known layout but stop early (cut between HDUs)."""
+    names = [hdu.name for hdu in hdus[1:]]
+    if not names:
+        return None
+    if tuple(names) == _V60_LAYOUT[:len(names)] and len(names) < len(_V60_LAYOUT):
+        return (f"it is a GALAH v6.0 file cut short: it ends after HDU{len(names)} ('{names[-1].lower()}') and lacks "
+                f"the HDUs {[name.lower() for name in _V60_LAYOUT[len(names):]]} that every v6.0 file has after it "
+                "(the file is truncated)")
+    if tuple(names) == _V53_LAYOUT[:len(names)]:
+        return (f"it is a GALAH v5.3 file cut short: it ends after HDU{len(names)} ('{names[-1].lower()}') and lacks "
+                "HDU4 (the normalised flux) that every v5.3 file has (the file is truncated)")
+    return None
+
+
+def _not_galah_error(path, hdus) -> InvalidInputError:
+    """The error for a file that is not a GALAH spectrum: what it is (or that it is cut short) and what to do."""
+    names = [f"{hdu.index}:{hdu.name or '-'}" for hdu in hdus[:10]]
+    cut = _cut_layout(hdus)
+    detail = f": {cut}" if cut else _other_kind(hdus)
+    damaged = cut is not None or (len(hdus) == 1 and hdus[0].data is None)
+    present = {hdu.name for hdu in hdus}
+    partial = [name.lower() for name in _V60_LAYOUT[:2] if name not in present]
+    if not cut and len(partial) == 1 and present & set(_V60_LAYOUT):
+        detail = f": it has HDUs of the v6.0 layout but lacks the HDU '{partial[0]}' (the file is damaged)"
+        damaged = True
+    for hdu in hdus:
+        if hdu.is_table and hdu.data is not None and {"wave", "sob"} & set(hdu.data.colnames):
+            lacking = [column for column in _DR4_COLUMNS if column not in hdu.data.colnames]
+            detail = (f": its table HDU{hdu.index} lacks the column(s) {lacking} of a DR4 allstar_fit_spectrum table "
+                      f"(it has {hdu.data.colnames[:12]}; the file is damaged)")
+            damaged = True
+            break
+    return InvalidInputError(
+        f"{path} is not a GALAH spectrum: expected HDUs 'normalized' and 'relative_error' (v6.0), "
+        f"'input_sigma' and a normalised HDU4 (v5.3), or a table with wave/sob/uob (DR4); found {names}{detail}."
+        + _remedy(path, "GALAH", damaged))
+
+
 def _linear_wavelength(header, n_pixels, path, what):
     if n_pixels < 1:
         raise InvalidInputError(f"GALAH file {path}: {what} holds an empty spectrum (0 pixels)")
@@ -96,9 +140,11 @@ def _hdu_named(hdus, name, path, fmt):
     for hdu in hdus:
         if hdu.name == name:
             if hdu.data is None or hdu.is_table or np.ndim(hdu.data) != 1:
-                raise InvalidInputError(f"GALAH {fmt} file {path}: HDU '{name}' holds no 1-D spectrum")
+                raise InvalidInputError(f"GALAH {fmt} file {path}: HDU '{name}' holds no 1-D spectrum (the file is "
+                                        "damaged)." + _remedy(path, "GALAH", damaged=True))
             return hdu
-    raise InvalidInputError(f"GALAH {fmt} file {path} is missing the HDU '{name}'")
+    raise InvalidInputError(f"GALAH {fmt} file {path} is missing the HDU '{name}'."
+                            + _remedy(path, "GALAH", damaged=True))
 
 
 def _ccd_of(wavelength, path) -> int:
@@ -162,10 +208,10 @@ def read_galah(path_or_paths, rest_frame: bool = False, rv: float | None = None,
     formats = [(_identify_galah(hdus), path, hdus) for path, hdus in loaded]
     for fmt, path, hdus in formats:
         if fmt is None:
-            names = [f"{hdu.index}:{hdu.name or '-'}" for hdu in hdus[:10]]
-            raise InvalidInputError(
-                f"{path} is not a GALAH spectrum: expected HDUs 'normalized' and 'relative_error' (v6.0), "
-                f"'input_sigma' and a normalised HDU4 (v5.3), or a table with wave/sob/uob (DR4); found {names}")
+            raise _not_galah_error(path, hdus)
+        cut = _cut_layout(hdus) if fmt == "v6.0" else None
+        if cut is not None:
+            raise InvalidInputError(f"could not read GALAH file {path}: {cut}." + _remedy(path, "GALAH", damaged=True))
     if any(fmt == "dr4_fit" for fmt, _, _ in formats):
         if len(formats) > 1:
             raise InvalidInputError("a DR4 allstar_fit_spectrum table holds all four CCDs: pass it on its own")
@@ -323,7 +369,8 @@ def _read_dr4_fit(path, hdus, use_fit_mask) -> Spectrum:
     flux = np.ma.filled(np.ma.asarray(table["sob"]).astype(np.float64), np.nan)
     error = np.ma.filled(np.ma.asarray(table["uob"]).astype(np.float64), np.nan)
     if wave.size == 0:
-        raise InvalidInputError(f"DR4 fit table {path} has no rows")
+        raise InvalidInputError(f"DR4 fit table {path} has no rows (an empty table: a damaged product)."
+                                + _remedy(path, "GALAH", damaged=True))
     if not np.all(np.isfinite(wave)) or not np.all(np.diff(wave) > 0):
         raise InvalidInputError(f"DR4 fit table {path}: column 'wave' is not finite and strictly increasing")
     good = np.isfinite(flux) & np.isfinite(error) & (error > 0)
@@ -387,7 +434,7 @@ def read_galah_allstar(path):
             name.startswith("flag_") for name in names):
         raise InvalidInputError(
             f"{path} is not a GALAH catalogue: it has no flag_sp, flag_X_fe or reduction_flags column "
-            f"(columns: {table.colnames[:20]})")
+            f"(columns: {table.colnames[:20]})." + _remedy(path, "GALAH catalogue", damaged=False))
     counts: dict[str, int] = {}
 
     def as_float(column):
