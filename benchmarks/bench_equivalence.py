@@ -118,7 +118,7 @@ COMMON_FLAGS = 1 | 2 | 16 | 64
 def compare(new: dict, old_path: str, rtol: float) -> int:
     old = np.load(old_path)
     worst = 0.0
-    print(f"| array | identical | max abs diff | max rel diff |\n|---|---|---|---|")
+    print("| array | identical | max abs diff | max rel diff |\n|---|---|---|---|")
     for name in old.files:
         if name not in new:
             print(f"| {name} | MISSING | | |")

@@ -490,6 +490,14 @@ def read_model_file(path, kind: str, bool_arrays: tuple[str, ...] = ()) -> tuple
             result = _read(path, kind, bool_arrays)
         except ModelFileError as exc:
             error = exc
+    raise_read_problems(caught, error, path, "model", model_fix(kind), ModelFileError)
+    return result
+
+
+def raise_read_problems(caught, error, path, what: str, fix: str, error_class) -> None:
+    """After a read under ``warnings.catch_warnings(record=True)``: re-emit the warnings that are not astropy's,
+    then raise ``error`` if the read failed, or the first astropy warning (a verify or truncation warning) as
+    damage of the file, as ``error_class``."""
     problems = [item for item in caught if issubclass(item.category, (AstropyWarning, VerifyWarning))]
     for item in caught:
         if item not in problems:
@@ -498,9 +506,7 @@ def read_model_file(path, kind: str, bool_arrays: tuple[str, ...] = ()) -> tuple
         raise error
     if problems:
         message = " ".join(str(problems[0].message).split())
-        raise ModelFileError(file_problem(path, "model", f"the file is damaged or truncated ({message})",
-                                          model_fix(kind))) from None
-    return result
+        raise error_class(file_problem(path, what, f"the file is damaged or truncated ({message})", fix)) from None
 
 
 def _ones_complement_sum(raw: bytes) -> int:

@@ -13,7 +13,8 @@ from typing import Sequence
 import numpy as np
 from astropy.io import fits
 
-from ._fitsio import damage_message, file_problem, kind_hint, missing_hdus_problem, scan_fits, write_hdus_atomically
+from ._fitsio import (damage_message, file_problem, kind_hint, missing_hdus_problem, raise_read_problems, scan_fits,
+                      write_hdus_atomically)
 from .errors import InvalidInputError
 
 __all__ = ["CrossMatch", "APOGEE_CHIP_GAPS", "GALAH_CCD_COVERAGE", "GALAH_CCD_ENVELOPE", "apogee_gap_mask"]
@@ -278,16 +279,7 @@ class CrossMatch:
             except Exception as exc:  # astropy raises many types (OSError, VerifyError, ValueError, ...)
                 error = InvalidInputError(file_problem(path, "CrossMatch", "the file is damaged "
                                                        f"({type(exc).__name__}: {exc})", fix))
-        problems = [item for item in caught if "astropy" in item.category.__module__]
-        for item in caught:
-            if item not in problems:
-                warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
-        if error is not None:
-            raise error
-        if problems:
-            message = " ".join(str(problems[0].message).split())
-            raise InvalidInputError(file_problem(path, "CrossMatch", f"the file is damaged or truncated ({message})",
-                                                 fix))
+        raise_read_problems(caught, error, path, "CrossMatch", fix, InvalidInputError)
         if "id" not in table.colnames:
             raise InvalidInputError(file_problem(path, "CrossMatch", "its LABELS table lacks the 'id' column "
                                                  f"(it has {table.colnames[:12]})", fix))
