@@ -37,6 +37,9 @@ logger = logging.getLogger("cannon_bridge.bridge")
 #: largest accepted ratio of held-out z-scores' standard deviation to their robust spread (see
 #: :func:`fit_misfit_reference`): 1.0 +- 0.05 for Gaussian errors over a few hundred stars
 MISFIT_TAIL = 1.2
+#: held-out z-scores are winsorised at this many robust sigma before their RMS sets a label's uncertainty
+#: factor (:func:`z_spread`): the tails count, a single far outlier does not widen every star's error
+Z_WINSOR = 5.0
 
 
 @dataclass(frozen=True)
@@ -152,17 +155,26 @@ def held_out(folds, spectra: dict, mode: str) -> list:
 
 
 def z_spread(results, labels) -> np.ndarray:
-    """Robust spread of the held-out z-scores per label, over the stars fitted normally (the tempered
-    ones, see :func:`cannon_bridge.bridge.inference.misfit_factor`, have their own, wider scale).
+    """Spread of the held-out z-scores per label, over the stars fitted normally (the tempered ones, see
+    :func:`cannon_bridge.bridge.inference.misfit_factor`, have their own, wider scale): their RMS after
+    winsorising at :data:`Z_WINSOR` robust sigma.
 
     Correlated model errors make each survey's chi^2 overconfident: this sets one uncertainty factor per
-    label and mode. (Tempering each survey's chi^2 before stacking was tried and gave worse labels.)
+    label and mode. (Tempering each survey's chi^2 before stacking was tried and gave worse labels.) The
+    RMS, not the robust spread, is what a user's z-scores show: where the errors have tails (GALAH's
+    [Fe/H] and vmic), the robust spread left held-out z-scores at a standard deviation of 1.4-1.6.
     """
     z = np.vstack([((r.labels - labels[test]) / r.uncertainties)[
         np.ones(len(test), bool) if r.misfit_factor is None else r.misfit_factor <= 1]
         for test, _, r in results])
+    spread = np.full(z.shape[1], np.nan)
     with np.errstate(invalid="ignore"):
-        return np.array([robust_std(z[:, k]) for k in range(z.shape[1])])
+        for k in range(z.shape[1]):
+            values = z[:, k][np.isfinite(z[:, k])]
+            robust = robust_std(values)
+            if np.isfinite(robust) and robust > 0:
+                spread[k] = np.sqrt(np.mean(np.minimum(values**2, (Z_WINSOR * robust) ** 2)))
+    return spread
 
 
 def fit_misfit_reference(fitted: FittedBridge, results, labels, mode) -> tuple[float, float]:
