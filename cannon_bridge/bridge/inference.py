@@ -175,17 +175,26 @@ def _raise_mismatch(n_apogee: int, n_galah: int):
                             "rows must be the same stars in the same order")
 
 
+#: pixels (about) over which the bridge's LOW_SNR flag takes each star's median S/N
+SNR_PIXELS = 2048
+
+
 def _flags(fitted, surveys, labels, converged, singular, n_used, backend):
     """:func:`~cannon_bridge.engine.star_flags` against the GALAH model's training domain (it uses every
-    label); LOW_SNR when a given survey's median S/N over its used pixels is below its model's ``low_snr``."""
+    label); LOW_SNR when a given survey's median S/N over its used pixels is below its model's ``low_snr``.
+
+    The median is taken over every k-th pixel (about 2,048 of them): for a threshold flag that is the same
+    number to a per cent, at a quarter of the cost of the 8,575 APOGEE pixels (3.5 -> 1.1 s for 30,000 stars).
+    """
     galah = fitted.galah.model
     index = fitted.galah.label_index
     snr = None
     for _, model, flux, ivar, _ in surveys:
         if ivar is None:
             continue
-        used = (model.pixel_flags_ == 0)[None, :] & (ivar > 0)
-        ratio = backend.median_snr(flux, ivar, used) / model.low_snr
+        step = max(1, flux.shape[1] // SNR_PIXELS)
+        used = (model.pixel_flags_[::step] == 0)[None, :] & (ivar[:, ::step] > 0)
+        ratio = backend.median_snr(flux[:, ::step], ivar[:, ::step], used) / model.low_snr
         snr = ratio if snr is None else np.minimum(snr, ratio)
     return star_flags(labels[:, index], converged, singular, n_used, galah.training_label_min_,
                       galah.training_label_max_, galah.training_label_mean_, galah.training_label_covariance_,
