@@ -213,8 +213,11 @@ def _starts(fitted, projected, linear_blocks, linear_index, grid, prior, xp):
         heavy = np.arange(fitted.n_core, n_labels)
         unconstrained = np.setdiff1d(heavy, linear_index)
         if unconstrained.size:
-            mean = prior.mean(linear[:, : fitted.n_core])
-            linear[:, unconstrained] = mean[:, unconstrained - fitted.n_core]
+            # heavy labels the spectra do not constrain start at the prior mean given the start's core labels
+            # (a template's own heavy labels, e.g. a corner of the label box, cost LM iterations)
+            for start in (linear, template):
+                mean = prior.mean(start[:, : fitted.n_core])
+                start[:, unconstrained] = mean[:, unconstrained - fitted.n_core]
     return [template, linear]
 
 
