@@ -491,3 +491,14 @@ def test_spectra_whose_model_has_no_usable_pixel_give_nan_labels_and_flags(fitte
     result = model.infer(apogee_flux=test.apogee_flux, apogee_ivar=test.apogee_ivar)
     assert np.all(np.isnan(result.labels)) and np.all(np.isnan(result.covariance))
     assert np.all(result.flags & StarFlag.FEW_PIXELS) and np.all(result.flags & StarFlag.SINGULAR)
+
+
+def test_joint_reduced_chi2_is_the_total_chi2_over_both_surveys_dof(fitted, mock_pair):
+    """The fused result's reduced chi^2 is (chi2_apogee + chi2_galah) / (dof_apogee + dof_galah)."""
+    data, _ = mock_pair
+    test = data.subset(np.arange(200, 210))
+    a = fitted.infer(apogee_flux=test.apogee_flux, apogee_ivar=test.apogee_ivar)
+    g = fitted.infer(galah_flux=test.galah_flux, galah_ivar=test.galah_ivar)
+    both = fitted.infer(apogee_flux=test.apogee_flux, apogee_ivar=test.apogee_ivar, galah_flux=test.galah_flux,
+                        galah_ivar=test.galah_ivar)
+    np.testing.assert_allclose(both.reduced_chi2, (a.chi2 + g.chi2) / (a.dof + g.dof), rtol=1e-9)

@@ -61,7 +61,9 @@ def fuse(fitted: FittedBridge, from_apogee, from_galah) -> BridgeInferenceResult
     factor = calibration.uncertainty_scale["both"]
     covariance = covariance * factor[None, :, None] * factor[None, None, :]
     chi2 = from_apogee.chi2 + from_galah.chi2
-    dof_total = chi2 / np.where(from_apogee.reduced_chi2 > 0, from_apogee.reduced_chi2, 1) + \
+    # each survey's degrees of freedom from its own chi^2 and reduced chi^2 (the total chi^2 divided by each
+    # survey's reduced chi^2 overstated them)
+    dof_total = from_apogee.chi2 / np.where(from_apogee.reduced_chi2 > 0, from_apogee.reduced_chi2, 1) + \
         from_galah.chi2 / np.where(from_galah.reduced_chi2 > 0, from_galah.reduced_chi2, 1)
     return BridgeInferenceResult(labels, covariance, chi2, chi2 / np.maximum(dof_total, 1),
                                  from_apogee.n_iter + from_galah.n_iter, from_apogee.flags | from_galah.flags,
