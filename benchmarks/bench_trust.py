@@ -1,0 +1,90 @@
+#!/usr/bin/env python
+"""Are the test step's labels and sigmas what they say? The external cubic model as the truth (issue 23).
+
+Recipe: the external cubic Cannon model (``../shared/data/emulators``, 3 labels, 20 terms) on 3,000 pixels
+(every 50th of 3,000-18,000 A) generates spectra with noise 0.02 (plus the model's intrinsic scatter) at labels
+drawn over its training grid
+(grid points jittered by half a step). A cubic ``CannonModel`` is trained on N noisy spectra (default 1,500 and
+6,000) and infers 1,000 held-out stars, from noisy and from noise-free spectra; the imported model itself
+(``from_theta`` without its training set) infers the same stars. Printed per label: RMS, z-score standard
+deviation, and for the noise-free spectra the RMS of the error in units of the stated sigma (the part of the
+error that comes from the coefficients' own noise, which the test step does not yet know about).
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_trust.py [--train 1500 6000] [--seed 1]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cannon_bridge import CannonModel, StarFlag  # noqa: E402
+
+MODEL = ROOT.parent / "shared" / "data" / "emulators" / "doppler_cannon_coolstars_3000-18000A_cubic.npz"
+NOISE = 0.02
+
+
+def load():
+    with np.load(MODEL) as npz:
+        m = {k: npz[k] for k in npz.files}
+    pixels = np.arange(0, m["dispersion_air_A"].size, 50)[:3000]
+    pixels = pixels[np.all(np.isfinite(m["theta"][pixels]), axis=1)]
+    truth = CannonModel.from_theta(m["theta"][pixels], np.sqrt(m["s2"][pixels]), [str(n) for n in m["label_names"]],
+                                   m["fiducials"], m["scales"], m["term_exponents"], backend="numba")
+    return m, truth
+
+
+def draw(grid, n, gen):
+    labels = grid[gen.integers(0, len(grid), n)] + gen.uniform(-1, 1, (n, 3)) * [125.0, 0.25, 0.25]
+    return np.clip(labels, grid.min(axis=0), grid.max(axis=0))
+
+
+def summary(name, result, truth):
+    z = (result.labels - truth) / result.uncertainties
+    rms = np.sqrt(np.mean((result.labels - truth) ** 2, axis=0))
+    poor = np.mean(result.flags & StarFlag.POOR_FIT > 0)
+    print(f"| {name} | " + " | ".join(f"{r:.4g}" for r in rms) + " | "
+          + " | ".join(f"{s:.2f}" for s in np.std(z, axis=0)) + f" | {poor:.3f} |")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--train", type=int, nargs="+", default=[1500, 6000])
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args(argv)
+    if not MODEL.exists():
+        print(f"{MODEL} not found: this benchmark needs the development data in ../shared")
+        return 0
+    m, truth_model = load()
+    grid = m["training_set_labels"]
+    gen = np.random.default_rng(args.seed)
+    names = truth_model.label_names_
+    test_labels = draw(grid, 1000, gen)
+    clean = truth_model.generate(test_labels)
+    scatter = truth_model.scatter_  # the model's intrinsic scatter is part of every spectrum
+    noisy = clean + gen.normal(size=clean.shape) * NOISE + gen.normal(size=clean.shape) * scatter
+    ivar = np.full_like(clean, 1.0 / NOISE**2)
+    print("| model | " + " | ".join(f"RMS {n}" for n in names) + " | " + " | ".join(f"z std {n}" for n in names)
+          + " | POOR_FIT |")
+    print("|---" * (2 * len(names) + 2) + "|")
+    summary("imported (exact), noisy spectra", truth_model.infer(noisy, ivar), test_labels)
+    for n_train in args.train:
+        train_labels = draw(grid, n_train, gen)
+        train_flux = (truth_model.generate(train_labels) + gen.normal(size=(n_train, clean.shape[1])) * NOISE
+                      + gen.normal(size=(n_train, clean.shape[1])) * scatter)
+        trained = CannonModel(names, order=3, backend="numba").fit(train_flux, train_labels,
+                                                                   np.full_like(train_flux, 1.0 / NOISE**2))
+        summary(f"trained on {n_train}, noisy spectra", trained.infer(noisy, ivar), test_labels)
+        summary(f"trained on {n_train}, noise-free spectra", trained.infer(clean, ivar), test_labels)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
