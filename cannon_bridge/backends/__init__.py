@@ -122,32 +122,24 @@ def clear_caches() -> None:
         module.clear_products_cache()
 
 
+def _host_module_backend(name: str, kernels, optional: bool) -> Backend:
+    """A CPU backend whose kernels are the module's functions of the fields' names (``KERNELS``); the optional
+    ones only with ``optional`` (the numpy path is the generic array code they fuse: they stay None there)."""
+    chosen = {spec.name: getattr(kernels, spec.name) for spec in KERNELS.values() if spec.required or optional}
+    return Backend(name=name, xp=np, to_device=_float64_if_float, to_host=_identity,
+                   fused_max_terms=kernels.FUSED_MAX_TERMS if optional else 0, **chosen)
+
+
 def _numpy_backend() -> Backend:
     from . import _numpy as kernels
 
-    return Backend(
-        name="numpy", xp=np, to_device=_float64_if_float, to_host=_identity,
-        solve_normal_equations=kernels.solve_normal_equations, fit_scatter=kernels.fit_scatter,
-        median_snr=kernels.median_snr, inverse_sums=kernels.inverse_sums, gather_weighted=kernels.gather_weighted,
-        band_limited_block=kernels.band_limited_block, spectra_summary=kernels.spectra_summary,
-        clear_caches=kernels.clear_caches,
-        # the optional kernels stay None: the numpy path is the generic array code they fuse
-    )
+    return _host_module_backend("numpy", kernels, optional=False)
 
 
 def _numba_backend() -> Backend:
     from . import _numba as kernels
 
-    return Backend(
-        name="numba", xp=np, to_device=_float64_if_float, to_host=_identity,
-        solve_normal_equations=kernels.solve_normal_equations, fit_scatter=kernels.fit_scatter,
-        median_snr=kernels.median_snr, inverse_sums=kernels.inverse_sums, gather_weighted=kernels.gather_weighted,
-        band_limited_block=kernels.band_limited_block, spectra_summary=kernels.spectra_summary,
-        clear_caches=kernels.clear_products_cache,
-        prepare_block=kernels.prepare_block, reweight=kernels.reweight,
-        solve_reweighted=kernels.solve_reweighted, training_products=kernels.training_products,
-        lm_projected=kernels.lm_projected, fit_fused=kernels.fit_fused, fused_max_terms=kernels.FUSED_MAX_TERMS,
-    )
+    return _host_module_backend("numba", kernels, optional=True)
 
 
 def _identity(array):

@@ -34,6 +34,8 @@ from .fused import _WIDE_REGISTERS, _fit_fused, _gram4, _gram4x2, _gram4x3, _res
 from .fused import FUSED_MAX_TERMS, fit_fused, prepare_block, reweight
 from .products import _fused_products, _lower_map  # noqa: F401
 from .products import PRODUCTS_CACHE_BYTES, clear_products_cache, distinct_products
+
+clear_caches = clear_products_cache  # the interface's name (Backend.clear_caches)
 from .scatter import _STOP_FLOOR, _fit_scatter, _newton_step, _scatter_one  # noqa: F401
 from .scatter import fit_scatter
 from .solve import _cholesky_solve, _solve_lower, _solve_packed, _solve_reweighted  # noqa: F401
@@ -46,7 +48,7 @@ xp = np
 
 __all__ = [
     "xp", "solve_normal_equations", "solve_reweighted", "training_products", "fit_scatter", "prepare_block",
-    "reweight", "fit_fused", "FUSED_MAX_TERMS", "distinct_products", "clear_products_cache",
+    "reweight", "fit_fused", "FUSED_MAX_TERMS", "distinct_products", "clear_products_cache", "clear_caches",
     "PRODUCTS_CACHE_BYTES", "spectra_summary", "median_snr", "gather_weighted", "inverse_sums", "add_block",
     "band_limited_block", "lm_projected", "N_SUMMARY", "SUMMARY_NAN_IVAR", "SUMMARY_INF_IVAR",
     "SUMMARY_NEGATIVE_IVAR", "SUMMARY_BAD_USED_FLUX", "SUMMARY_NONFINITE_FLUX", "SUMMARY_MAX_ABS_USED_FLUX",
