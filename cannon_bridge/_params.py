@@ -137,6 +137,7 @@ CANNON_MODEL_CONSTRAINTS: dict = {
     "chunk_size": [_int(1)],
     "low_snr": [_NON_NEGATIVE],
     "progress": ["boolean"],
+    "coefficient_uncertainty": ["boolean"],
 }
 
 #: ``BridgeModel.__init__`` parameter -> allowed values (any one of the list).

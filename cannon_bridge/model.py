@@ -17,6 +17,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from sklearn.base import BaseEstimator, RegressorMixin
 
+from ._blocks import SpectraBlocks
 from ._fitsio import read_model_file, write_model_file
 from ._params import CANNON_MODEL_CONSTRAINTS, validate_parameters
 from ._validation import check_labels, check_spectra
@@ -25,6 +26,8 @@ from .backends.inference import LikelihoodBlock
 from .engine import (InferenceResult, PixelFlag, StarFlag, active_terms, fit_pixels, in_batches, label_domain,
                      packed_coefficients, projected_starts, run_test_step, scaled_covariance, star_flags)
 from .engine import test_step
+from .engine.coefficient_noise import (CoefficientNoise, censoring_groups, estimate_coefficient_noise,
+                                       star_and_pixel_weights)
 from .errors import InvalidInputError, ModelFileError, NotFittedError
 from .vectorizer import PolynomialVectorizer
 
@@ -61,6 +64,11 @@ class CannonModel(RegressorMixin, BaseEstimator):
         Median S/N below which a star is flagged LOW_SNR.
     progress : bool, default False
         Show tqdm progress bars.
+    coefficient_uncertainty : bool, default True
+        Let the test step account for the coefficients' own noise (a finite training set): it minimises
+        the debiased chi^2 and widens each star's covariance by what the coefficients leave uncertain
+        (:mod:`cannon_bridge.engine.coefficient_noise`). False: plain chi^2, the coefficients taken as exact.
+        A model imported with :meth:`from_theta` without ``coefficient_noise`` has none to account for.
 
     Attributes
     ----------
@@ -73,6 +81,8 @@ class CannonModel(RegressorMixin, BaseEstimator):
     censors_ : ndarray of shape (n_pixels, n_labels), bool, True = label allowed
     n_features_in_ : int, number of pixels
     wavelength_ : ndarray of shape (n_pixels,) or None
+    coefficient_noise_ : CoefficientNoise or None
+        Every pixel's coefficient covariance from the training fit (None for an imported model).
 
     Examples
     --------
@@ -102,6 +112,7 @@ class CannonModel(RegressorMixin, BaseEstimator):
         chunk_size: int = 256,
         low_snr: float = 10.0,
         progress: bool = False,
+        coefficient_uncertainty: bool = True,
     ) -> None:
         self.label_names = label_names
         self.order = order
@@ -114,6 +125,7 @@ class CannonModel(RegressorMixin, BaseEstimator):
         self.chunk_size = chunk_size
         self.low_snr = low_snr
         self.progress = progress
+        self.coefficient_uncertainty = coefficient_uncertainty
 
     # ----------------------------------------------------------------- checks
     def _validate_params(self) -> None:
@@ -185,6 +197,8 @@ class CannonModel(RegressorMixin, BaseEstimator):
         self.scatter_ = np.sqrt(scatter_variance)
         self.pixel_flags_ = flags
         self.noise_variance_ = noise_variance
+        u, q = star_and_pixel_weights(SpectraBlocks(flux, ivar), scatter_variance, noise_variance)
+        self.coefficient_noise_ = estimate_coefficient_noise(design, u, q, censoring_groups(active), flags == 0)
         self.label_names_ = names
         self.term_exponents_ = vectorizer.term_exponents
         self.term_names_ = vectorizer.term_names
@@ -228,10 +242,13 @@ class CannonModel(RegressorMixin, BaseEstimator):
         packed_coef = packed_coefficients(self.coef_)
         label_index = np.arange(len(self.label_names_))
 
+        noise = self._coefficient_noise_block()
+
         def block_builder(rows):
             # each chunk's weights are made when it is projected: no (stars x pixels) float64 array of them
             weights = self.test_weights(None if ivar is None else ivar[rows], len(rows))
-            return [LikelihoodBlock(self.coef_, weights, flux[rows], self.term_exponents_, label_index, packed_coef)]
+            return [LikelihoodBlock(self.coef_, weights, flux[rows], self.term_exponents_, label_index, packed_coef,
+                                    noise)]
 
         vectorizer = self.vectorizer_
         backend = get_backend(self.backend)
@@ -257,6 +274,13 @@ class CannonModel(RegressorMixin, BaseEstimator):
                            self.training_label_mean_, self.training_label_covariance_, snr, self.low_snr,
                            chi2=chi2 if ivar is not None else None, dof=dof)
         return InferenceResult(labels, covariance, chi2, chi2 / dof, n_iter, flags, list(self.label_names_))
+
+    def _coefficient_noise_block(self):
+        """What the test step's block carries of the coefficients' noise (None: coefficients taken as exact)."""
+        noise = getattr(self, "coefficient_noise_", None)
+        if not self.coefficient_uncertainty or noise is None:
+            return None
+        return noise.block(np.arange(self.coef_.shape[0]), np.arange(self.coef_.shape[1]))
 
     def predict(self, flux, ivar=None) -> np.ndarray:
         """Labels (n_stars, n_labels) that best explain each spectrum."""
@@ -284,7 +308,8 @@ class CannonModel(RegressorMixin, BaseEstimator):
             "params": {"order": int(self.order), "regularization": float(self.regularization),
                        "backend": self.backend, "scatter_iterations": int(self.scatter_iterations),
                        "max_iter": int(self.max_iter), "block_size": int(self.block_size),
-                       "chunk_size": int(self.chunk_size), "low_snr": float(self.low_snr)},
+                       "chunk_size": int(self.chunk_size), "low_snr": float(self.low_snr),
+                       "coefficient_uncertainty": bool(self.coefficient_uncertainty)},
             "single_output": bool(getattr(self, "_single_output_", False)),
         }
 
@@ -296,6 +321,7 @@ class CannonModel(RegressorMixin, BaseEstimator):
             "label_max": self.training_label_max_, "label_mean": self.training_label_mean_,
             "label_covariance": self.training_label_covariance_, "start_labels": self.start_labels_,
             "wavelength": self.wavelength_, "noise_variance": getattr(self, "noise_variance_", None),
+            **(self.coefficient_noise_.to_arrays() if getattr(self, "coefficient_noise_", None) is not None else {}),
         }
 
     def save(self, path, overwrite: bool = False):
@@ -342,6 +368,7 @@ class CannonModel(RegressorMixin, BaseEstimator):
         model.start_labels_ = arrays["start_labels"]
         model.wavelength_ = arrays.get("wavelength")
         model.noise_variance_ = arrays.get("noise_variance", np.zeros(arrays["coef"].shape[0]))
+        model.coefficient_noise_ = CoefficientNoise.from_arrays(arrays)  # None in files written before it
         model.n_features_in_ = model.coef_.shape[0]
         model._single_output_ = metadata.get("single_output", False)
         return model
@@ -349,7 +376,8 @@ class CannonModel(RegressorMixin, BaseEstimator):
     @classmethod
     def from_theta(cls, theta, scatter, label_names, pivots, scales, term_exponents,
                    wavelength=None, training_labels=None, backend: str = "auto", *, pixel_flags=None,
-                   censors=None, noise_variance=None, label_domain=None, **params) -> "CannonModel":
+                   censors=None, noise_variance=None, label_domain=None, coefficient_noise=None,
+                   **params) -> "CannonModel":
         """Import a model trained elsewhere (AnniesLasso layout).
 
         ``flux = A . theta^T`` with column ``j`` of ``A`` equal to
@@ -360,7 +388,8 @@ class CannonModel(RegressorMixin, BaseEstimator):
         label: the range the model is valid in), else pivot +- scale is taken. The test step starts from the
         best of a spread of points over the domain, so a model imported without its training set does not
         end in a wrong minimum.
-        ``pixel_flags``, ``censors`` (n_pixels, n_labels) and ``noise_variance``, when known (the bridge's
+        ``pixel_flags``, ``censors`` (n_pixels, n_labels), ``noise_variance`` and ``coefficient_noise`` (a
+        :class:`~cannon_bridge.engine.coefficient_noise.CoefficientNoise`), when known (the bridge's
         per-survey fits), become the fitted attributes of those names; other keywords are constructor
         parameters (default ``order``: the terms' highest degree).
         """
@@ -385,6 +414,7 @@ class CannonModel(RegressorMixin, BaseEstimator):
         model.censors_ = np.ones((theta.shape[0], vectorizer.n_labels), dtype=bool) if censors is None else censors
         model.n_features_in_ = theta.shape[0]
         model.noise_variance_ = np.zeros(theta.shape[0]) if noise_variance is None else noise_variance
+        model.coefficient_noise_ = coefficient_noise
         model.wavelength_ = None if wavelength is None else np.asarray(wavelength, dtype=float)
         if training_labels is None:
             # without the training set: the declared domain, else +-1 scale around the pivot

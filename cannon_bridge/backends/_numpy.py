@@ -404,15 +404,17 @@ def solve_reweighted(design, weights, flux, active, regularization=0.0, n_reweig
     return coef, ok
 
 
-def lm_projected(x0, star_of, gram, rhs, flux_norm, exponents, max_iter=100, tol=1e-9, atol=1e-4, bound=10.0):
+def lm_projected(x0, star_of, gram, rhs, flux_norm, exponents, max_iter=100, tol=1e-9, atol=1e-4, bound=10.0,
+                 clip=True):
     """``inference.levenberg_marquardt`` on one projected block over every label and no prior: start ``s`` at
-    ``x0[s]`` on the statistics of star ``star_of[s]``. Returns x, chi2, Hessian, converged, n_iter."""
+    ``x0[s]`` on the statistics of star ``star_of[s]`` (``clip``: chi^2 clipped at 0). Returns x, chi2,
+    Hessian, converged, n_iter."""
     from .inference import ProjectedBlock, levenberg_marquardt
 
     star_of = np.asarray(star_of, dtype=np.int64)
     exponents = np.asarray(exponents, dtype=np.int64)
     block = ProjectedBlock(np.asarray(gram)[star_of], np.asarray(rhs)[star_of], np.asarray(flux_norm)[star_of],
-                           exponents, np.arange(exponents.shape[1]))
+                           exponents, np.arange(exponents.shape[1]), clip=clip)
     return levenberg_marquardt(np.asarray(x0, dtype=np.float64), [block], max_iter=max_iter, tol=tol, atol=atol,
                                bound=bound)
 

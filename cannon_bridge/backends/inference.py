@@ -24,7 +24,10 @@ class LikelihoodBlock:
     coef : (n_pixels, n_terms); weights, flux : (n_stars, n_pixels) with weights
     already ``ivar / (1 + ivar * s^2)`` and 0 on unused pixels; exponents :
     (n_terms, n_block_labels); label_index : (n_block_labels,) columns of the
-    shared label vector this block depends on.
+    shared label vector this block depends on. ``noise`` (optional): the coefficients' own noise,
+    (variance map (n_pixels, G), covariances (G, P, P)) from
+    :meth:`cannon_bridge.engine.coefficient_noise.CoefficientNoise.block`: the statistics are then
+    those of the debiased chi^2 (see :mod:`cannon_bridge.engine.coefficient_noise`).
     """
 
     coef: object
@@ -33,10 +36,11 @@ class LikelihoodBlock:
     exponents: np.ndarray
     label_index: np.ndarray
     packed_coef: object = None  # packed c_m c_m^T per pixel, (n_pixels, P(P+1)/2), if the caller cached it
+    noise: Optional[tuple] = None
 
     def subset(self, rows):
         return LikelihoodBlock(self.coef, self.weights[rows], self.flux[rows], self.exponents, self.label_index,
-                               self.packed_coef)
+                               self.packed_coef, self.noise)
 
     def project(self, xp=np) -> "ProjectedBlock":
         """Reduce to sufficient statistics; one GEMM over pixels, after which no step touches a pixel."""
@@ -44,8 +48,15 @@ class LikelihoodBlock:
         packed = self.packed_coef if self.packed_coef is not None else packed_products(self.coef, xp)
         gram = unpack(self.weights @ packed, n_terms, xp)  # (S, P, P) = sum_m w_sm c_m c_m^T
         weighted_flux = self.weights * self.flux
+        noise_weights = noise_covariance = n_used = None
+        if self.noise is not None:
+            variance_map, noise_covariance = (xp.asarray(a) for a in self.noise)
+            noise_weights = self.weights @ variance_map  # (S, G): C_g = sum_{p in g} w_p c_p
+            # the debiased chi^2 Q = chi^2 - sum_g C_g v'G_g v: the same quadratic form with G_g taken off
+            gram = gram - (noise_weights @ noise_covariance.reshape(len(noise_covariance), -1)).reshape(gram.shape)
+            n_used = xp.sum(self.weights > 0, axis=1)
         return ProjectedBlock(gram, weighted_flux @ self.coef, xp.sum(weighted_flux * self.flux, axis=1),
-                              self.exponents, self.label_index)
+                              self.exponents, self.label_index, noise_weights, noise_covariance, n_used)
 
 
 @dataclass
@@ -55,7 +66,9 @@ class ProjectedBlock:
     With the ivar of each star fixed, the model flux is linear in the monomials
     v(x), so chi^2 is a quadratic form in v: an iteration costs O(P^2 K) per star
     instead of O(M P K) (PERFORMANCE.md: "each Gauss-Newton iteration costs M P^2").
-    gram (S, P, P), rhs (S, P), flux_norm (S,).
+    gram (S, P, P), rhs (S, P), flux_norm (S,). With the coefficients' noise (``noise_weights`` (S, G),
+    ``noise_covariance`` (G, P, P), ``n_used`` (S,) pixels with weight > 0) the form is the debiased
+    chi^2, which may be negative: it is then not clipped at 0 (``clip``).
     """
 
     gram: object
@@ -63,9 +76,20 @@ class ProjectedBlock:
     flux_norm: object
     exponents: np.ndarray
     label_index: np.ndarray
+    noise_weights: object = None
+    noise_covariance: object = None
+    n_used: object = None
+    clip: Optional[bool] = None  # default: clip unless the block carries the coefficients' noise
+
+    def __post_init__(self):
+        if self.clip is None:
+            self.clip = self.noise_weights is None
 
     def subset(self, rows):
-        return ProjectedBlock(self.gram[rows], self.rhs[rows], self.flux_norm[rows], self.exponents, self.label_index)
+        noisy = self.noise_weights is not None
+        return ProjectedBlock(self.gram[rows], self.rhs[rows], self.flux_norm[rows], self.exponents, self.label_index,
+                              self.noise_weights[rows] if noisy else None, self.noise_covariance,
+                              self.n_used[rows] if noisy else None, self.clip)
 
 
 # prior(x) -> (z, dz_dx): a penalty sum(z**2) with z (n_stars, n_res), dz_dx (n_stars, n_res, n_labels)
@@ -83,9 +107,9 @@ def evaluate(x, blocks, prior: Optional[Prior] = None, xp=np, with_derivatives=T
         design = monomials(sub, block.exponents, xp)
         if isinstance(block, ProjectedBlock):
             gram_v = xp.matmul(block.gram, design[:, :, None])[:, :, 0]
+            value = block.flux_norm - 2.0 * xp.sum(block.rhs * design, axis=1) + xp.sum(design * gram_v, axis=1)
             # clip: rounding can make the difference of large terms a hair negative at a perfect fit
-            chi2 += xp.maximum(block.flux_norm - 2.0 * xp.sum(block.rhs * design, axis=1)
-                               + xp.sum(design * gram_v, axis=1), 0.0)
+            chi2 += xp.maximum(value, 0.0) if block.clip else value
             if not with_derivatives:
                 continue
             d_design = monomial_jacobian(sub, block.exponents, xp)  # (S, P, Kb)
@@ -117,6 +141,26 @@ def evaluate(x, blocks, prior: Optional[Prior] = None, xp=np, with_derivatives=T
             hessian += xp.matmul(xp.transpose(dz, (0, 2, 1)), dz)
             gradient -= xp.einsum("srk,sr->sk", dz, z)
     return chi2, hessian, gradient
+
+
+def noise_terms(x, block: ProjectedBlock, xp=np):
+    """(V (S,), A (S, Kb, Kb)) of a block with the coefficients' noise at scaled labels ``x`` (S, K):
+    ``V = sum_g C_g v'G_g v``, the model variance summed over the block's pixels (weighted), and
+    ``A = J' (sum_g C_g G_g) J``: what the debiased chi^2 and its Gauss-Newton Hessian lack of the plain ones."""
+    sub = x[:, block.label_index]
+    design = monomials(sub, block.exponents, xp)  # (S, P)
+    d_design = monomial_jacobian(sub, block.exponents, xp)  # (S, P, Kb)
+    n_stars, n_terms, n_block = d_design.shape
+    stacked = xp.transpose(d_design, (1, 0, 2)).reshape(n_terms, n_stars * n_block)
+    variance = xp.zeros(n_stars)
+    curvature = xp.zeros((n_stars, n_block, n_block))
+    for g in range(block.noise_covariance.shape[0]):
+        cov = block.noise_covariance[g]
+        weight = block.noise_weights[:, g]
+        variance += weight * xp.sum((design @ cov) * design, axis=1)
+        cov_jac = xp.transpose((cov @ stacked).reshape(n_terms, n_stars, n_block), (1, 0, 2))  # one GEMM
+        curvature += weight[:, None, None] * xp.matmul(xp.transpose(d_design, (0, 2, 1)), cov_jac)
+    return variance, curvature
 
 
 def levenberg_marquardt(x0, blocks, prior=None, max_iter=100, tol=1e-9, atol=1e-4, bound=10.0, xp=np):
@@ -280,6 +324,7 @@ def merge_projected(blocks, n_labels, quadratic_forms=(), xp=np):
     n_stars = blocks[0].rhs.shape[0] if blocks else 0
     gram = xp.zeros((n_stars, n_terms, n_terms))
     rhs = xp.zeros((n_stars, n_terms))
+    clip = all(block.clip for block in blocks)
     flux_norm = xp.zeros(n_stars)
     add = _add_block(xp)
     for block, index in zip(blocks, placed):
@@ -289,4 +334,4 @@ def merge_projected(blocks, n_labels, quadratic_forms=(), xp=np):
     for index, form in forms:
         gram[:, index[:, None], index[None, :]] += xp.asarray(form)[None]
     return ProjectedBlock(gram, rhs, flux_norm, np.array(rows, dtype=np.int64).reshape(n_terms, n_labels),
-                          np.arange(n_labels))
+                          np.arange(n_labels), clip=clip)

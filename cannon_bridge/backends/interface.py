@@ -114,9 +114,10 @@ class Backend:
         the backend's own form: numpy the packed Z, numba the distinct products and their map).""",
         required=False)
     lm_projected: Optional[Callable] = _kernel("""
-        ``(x0, star_of, gram, rhs, flux_norm, exponents, max_iter=100, tol=1e-9, atol=1e-4, bound=10.0)
-        -> (x, chi2, hessian, converged, n_iter)``: ``inference.levenberg_marquardt`` on one projected
-        block over every label and no prior, start ``s`` on the statistics of star ``star_of[s]``.""",
+        ``(x0, star_of, gram, rhs, flux_norm, exponents, max_iter=100, tol=1e-9, atol=1e-4, bound=10.0,
+        clip=True) -> (x, chi2, hessian, converged, n_iter)``: ``inference.levenberg_marquardt`` on one
+        projected block over every label and no prior, start ``s`` on the statistics of star ``star_of[s]``
+        (``clip``: chi^2 clipped at 0; False for the debiased chi^2).""",
         required=False)
     fit_fused: Optional[Callable] = _kernel("""
         ``(flux, ivar, star_mask, design, active, n_passes, dof_factor, n_iter=40, tile=None,

@@ -18,7 +18,7 @@ from scipy import stats
 
 from ..backends import to_numpy
 from ..backends.inference import (LikelihoodBlock, evaluate, levenberg_marquardt, linear_estimate, merge_projected,
-                                  template_chi2)
+                                  noise_terms, template_chi2)
 from ..backends.packed import packed_products
 from .results import StarFlag, concatenate_results
 
@@ -75,7 +75,11 @@ def run_test_step(block_builder, starts, n_stars, xp, max_iter, chunk_size, prog
     backend's ``lm_projected``) runs the same LM star by star on one block over every label: the blocks
     summed (``merge_projected``) with the prior when it is a quadratic form in monomials of the labels
     (``prior.quadratic_form``; a prior without one runs the array code). ``block_chi2`` (n_stars,
-    n_blocks), optional, receives each block's chi^2 at the labels returned (without the prior)."""
+    n_blocks), optional, receives each block's chi^2 at the labels returned (without the prior).
+
+    Blocks that carry the coefficients' noise (:mod:`.coefficient_noise`) are minimised as the debiased
+    chi^2; the chi^2 and information returned for them are those with every pixel's variance widened by
+    its coefficients' share (:func:`_with_coefficient_noise`)."""
     from tqdm import tqdm  # plain: tqdm.auto warns in notebooks without ipywidgets
 
     if not callable(starts):
@@ -102,7 +106,7 @@ def run_test_step(block_builder, starts, n_stars, xp, max_iter, chunk_size, prog
                 packed_cache[key] = (block.coef, coef, packed)
             _, coef, packed = packed_cache[key]
             on_device = LikelihoodBlock(coef, xp.asarray(block.weights), xp.asarray(block.flux), block.exponents,
-                                        block.label_index, packed)
+                                        block.label_index, packed, block.noise)
             projected.append(on_device.project(xp))
         chunk_starts = starts(rows, projected) if callable(starts) else [s[rows] for s in starts]
         replicate = np.tile(np.arange(n_rows), len(chunk_starts))
@@ -119,7 +123,8 @@ def run_test_step(block_builder, starts, n_stars, xp, max_iter, chunk_size, prog
             else:
                 block = merge_projected(projected, n_labels, [form(n_labels)] if prior is not None else ())
             x, chi2, hessian, converged, n_iter = projected_lm(x0, replicate, block.gram, block.rhs,
-                                                               block.flux_norm, block.exponents, max_iter=max_iter)
+                                                               block.flux_norm, block.exponents, max_iter=max_iter,
+                                                               clip=block.clip)
         else:
             blocks = [block.subset(xp.asarray(replicate)) for block in projected]
             x, chi2, hessian, converged, n_iter = (to_numpy(a) for a in levenberg_marquardt(
@@ -132,11 +137,49 @@ def run_test_step(block_builder, starts, n_stars, xp, max_iter, chunk_size, prog
         hessian_best[rows] = hessian[pick]
         converged_best[rows] = converged[pick]
         n_iter_best[rows] = n_iter[pick]
+        values = [None] * len(projected)
+        if any(block.noise_weights is not None for block in projected):
+            chi2_best[rows], hessian_best[rows], values = _with_coefficient_noise(
+                xp.asarray(x_best[rows]), projected, chi2_best[rows], hessian_best[rows],
+                len(projected) == 1 and prior is None, xp)
         if block_chi2 is not None:
             x_rows = xp.asarray(x_best[rows])
             for b, block in enumerate(projected):
-                block_chi2[rows, b] = to_numpy(evaluate(x_rows, [block], xp=xp, with_derivatives=False)[0])
+                block_chi2[rows, b] = (values[b] if values[b] is not None else
+                                       to_numpy(evaluate(x_rows, [block], xp=xp, with_derivatives=False)[0]))
     return x_best, chi2_best, hessian_best, converged_best, n_iter_best
+
+
+def _with_coefficient_noise(x, projected, chi2, hessian, alone: bool, xp):
+    """(chi^2, information, each block's chi^2 or None) of a chunk's solutions ``x`` with the coefficients' noise.
+
+    The LM minimised the debiased chi^2 (Q_b for a block with noise, of Gauss-Newton Hessian H_b). Such a
+    block's plain chi^2 is Q_b + V_b and its information F_b = H_b + A_b (:func:`noise_terms`); with
+    r_b = V_b / n_b, the mean share of the coefficients' variance in its pixels' variance, it reports
+    chi^2_b / (1 + r_b) (about its degrees of freedom at the truth) and information F_b / (1 + r_b): the
+    labels' covariance widened by what the coefficients leave uncertain. ``alone``: one block and no
+    prior, so the LM's chi^2 and Hessian are the block's own (no evaluation needed).
+    """
+    chi2 = np.array(chi2, dtype=float)
+    hessian = np.array(hessian, dtype=float)
+    values = [None] * len(projected)
+    for b, block in enumerate(projected):
+        if block.noise_weights is None:
+            continue
+        variance, curvature = (to_numpy(a) for a in noise_terms(x, block, xp))
+        ratio = variance / np.maximum(to_numpy(block.n_used), 1)
+        if alone:
+            q, h_q = chi2.copy(), hessian.copy()
+        else:
+            q, h_q, _ = (to_numpy(a) for a in evaluate(x, [block], xp=xp))
+        index = np.asarray(to_numpy(block.label_index))
+        information = h_q.copy()
+        information[:, index[:, None], index[None, :]] += curvature
+        widened = 1.0 / (1.0 + np.maximum(ratio, 0.0))
+        values[b] = (q + variance) * widened
+        chi2 += values[b] - q
+        hessian += information * widened[:, None, None] - h_q
+    return chi2, hessian, values
 
 
 def scaled_covariance(hessian, scales):

@@ -15,7 +15,7 @@ from ._cpu import _REDUCE
 # (P x P) matmuls of a few hundred stars; here each star's G (P x P) stays in cache for its iterations.
 @numba.njit(cache=True, fastmath=_REDUCE, error_model="numpy")
 def _projected_chi2(x, gram, rhs, flux_norm, exponents, nonzero, n_nonzero, powers, v, jac, gram_v, gram_jac,
-                    hessian, gradient):
+                    hessian, gradient, floor):
     # chi^2 at x, with the Gauss-Newton Hessian and gradient written into ``hessian`` and ``gradient``;
     # nonzero[j, :n_nonzero[j]]: the labels term j involves (at most the order), in increasing order
     n_terms, n_labels = exponents.shape
@@ -39,7 +39,7 @@ def _projected_chi2(x, gram, rhs, flux_norm, exponents, nonzero, n_nonzero, powe
         gram_v[i] = s
         total += rhs[i] * v[i]
         quadratic += v[i] * s
-    chi2 = max(flux_norm - 2.0 * total + quadratic, 0.0)
+    chi2 = max(flux_norm - 2.0 * total + quadratic, floor)  # floor 0: rounding at a perfect fit; -inf: debiased
     # the Jacobian is sparse (a term involves at most `order` labels): jac[j, q] is d v_j / d x_nonzero[j, q].
     # G is symmetric, so (G J)^T = J^T G is a sum of rows of G (vectorised axpys), and J^T (G J), J^T (b - G v)
     # only visit the non-zero entries
@@ -110,7 +110,7 @@ def _solve_small(work, rhs, out):
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def _lm_projected(x0, star_of, gram, rhs, flux_norm, exponents, max_iter, tol, atol, bound,
+def _lm_projected(x0, star_of, gram, rhs, flux_norm, exponents, max_iter, tol, atol, bound, floor,
                   x_out, chi2_out, hessian_out, converged_out, n_iter_out):
     n_stars, n_labels = x0.shape
     n_terms = exponents.shape[0]
@@ -144,7 +144,7 @@ def _lm_projected(x0, star_of, gram, rhs, flux_norm, exponents, max_iter, tol, a
         for k in range(n_labels):
             x[k] = min(max(x0[s, k], -bound), bound)
         chi2 = _projected_chi2(x, g_star, b_star, norm, exponents, nonzero, n_nonzero, powers, v, jac, gram_v,
-                               gram_jac, hessian, gradient)
+                               gram_jac, hessian, gradient, floor)
         damping = 1e-3
         converged = False
         n_iter = 0
@@ -161,7 +161,7 @@ def _lm_projected(x0, star_of, gram, rhs, flux_norm, exponents, max_iter, tol, a
                 candidate[k] = min(max(x[k] + step[k], -bound), bound)
                 largest_step = max(largest_step, abs(step[k]))
             new_chi2 = _projected_chi2(candidate, g_star, b_star, norm, exponents, nonzero, n_nonzero, powers, v, jac,
-                                       gram_v, gram_jac, new_hessian, new_gradient)
+                                       gram_v, gram_jac, new_hessian, new_gradient, floor)
             old_chi2 = chi2
             better = np.isfinite(new_chi2) and new_chi2 <= old_chi2
             improvement = old_chi2 - new_chi2 if better else 0.0
@@ -188,11 +188,13 @@ def _lm_projected(x0, star_of, gram, rhs, flux_norm, exponents, max_iter, tol, a
         n_iter_out[s] = n_iter
 
 
-def lm_projected(x0, star_of, gram, rhs, flux_norm, exponents, max_iter=100, tol=1e-9, atol=1e-4, bound=10.0):
+def lm_projected(x0, star_of, gram, rhs, flux_norm, exponents, max_iter=100, tol=1e-9, atol=1e-4, bound=10.0,
+                 clip=True):
     """``backends.inference.levenberg_marquardt`` for one projected block over every label and no prior, star by
     star in parallel: star ``s`` starts at ``x0[s]`` on the statistics of row ``star_of[s]`` of
     ``gram`` (S, P, P), ``rhs`` (S, P), ``flux_norm`` (S,) (several starts share a star's statistics
-    without copies). Returns x, chi2, Gauss-Newton Hessian, converged, n_iter."""
+    without copies); ``clip``: chi^2 clipped at 0 (False for the debiased chi^2, which may be negative).
+    Returns x, chi2, Gauss-Newton Hessian, converged, n_iter."""
     x0 = np.ascontiguousarray(x0, dtype=np.float64)
     n_stars, n_labels = x0.shape
     x = np.empty((n_stars, n_labels))
@@ -203,5 +205,5 @@ def lm_projected(x0, star_of, gram, rhs, flux_norm, exponents, max_iter=100, tol
     _lm_projected(x0, np.ascontiguousarray(star_of, dtype=np.int64), np.ascontiguousarray(gram, dtype=np.float64),
                   np.ascontiguousarray(rhs, dtype=np.float64), np.ascontiguousarray(flux_norm, dtype=np.float64),
                   np.ascontiguousarray(exponents, dtype=np.int64), int(max_iter), float(tol), float(atol),
-                  float(bound), x, chi2, hessian, converged, n_iter)
+                  float(bound), 0.0 if clip else -np.inf, x, chi2, hessian, converged, n_iter)
     return x, chi2, hessian, converged, n_iter
