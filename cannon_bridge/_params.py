@@ -164,6 +164,7 @@ BRIDGE_MODEL_CONSTRAINTS: dict = {
     "calibrate": ["boolean"],
     "cv_folds": [_int(2)],  # at most the number of stars: checked by fit
     "label_samples": [_int(0)],
+    "coefficient_uncertainty": ["boolean"],
     "scatter_iterations": [_int(0)],
     "max_iter": [_int(1)],
     "chunk_size": [_int(1)],

@@ -198,7 +198,8 @@ class CannonModel(RegressorMixin, BaseEstimator):
         self.pixel_flags_ = flags
         self.noise_variance_ = noise_variance
         u, q = star_and_pixel_weights(SpectraBlocks(flux, ivar), scatter_variance, noise_variance)
-        self.coefficient_noise_ = estimate_coefficient_noise(design, u, q, censoring_groups(active), flags == 0)
+        self.coefficient_noise_ = estimate_coefficient_noise(design, u, q, censoring_groups(active), flags == 0, coef,
+                                                             self.regularization)
         self.label_names_ = names
         self.term_exponents_ = vectorizer.term_exponents
         self.term_names_ = vectorizer.term_names
@@ -269,7 +270,7 @@ class CannonModel(RegressorMixin, BaseEstimator):
         used = usable[None, :] & (ivar > 0) if ivar is not None else None
         n_used = used.sum(axis=1) if used is not None else np.full(flux.shape[0], int(usable.sum()))
         dof = np.maximum(n_used - len(self.label_names_), 1)
-        snr = backend.median_snr(flux, ivar, used) if ivar is not None else None
+        snr = test_step.median_snr(backend, flux, ivar, usable) if ivar is not None else None
         flags = star_flags(labels, converged, singular, n_used, self.training_label_min_, self.training_label_max_,
                            self.training_label_mean_, self.training_label_covariance_, snr, self.low_snr,
                            chi2=chi2 if ivar is not None else None, dof=dof)

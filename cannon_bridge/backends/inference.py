@@ -52,8 +52,6 @@ class LikelihoodBlock:
         if self.noise is not None:
             variance_map, noise_covariance = (xp.asarray(a) for a in self.noise)
             noise_weights = self.weights @ variance_map  # (S, G): C_g = sum_{p in g} w_p c_p
-            # the debiased chi^2 Q = chi^2 - sum_g C_g v'G_g v: the same quadratic form with G_g taken off
-            gram = gram - (noise_weights @ noise_covariance.reshape(len(noise_covariance), -1)).reshape(gram.shape)
             n_used = xp.sum(self.weights > 0, axis=1)
         return ProjectedBlock(gram, weighted_flux @ self.coef, xp.sum(weighted_flux * self.flux, axis=1),
                               self.exponents, self.label_index, noise_weights, noise_covariance, n_used)
@@ -67,8 +65,8 @@ class ProjectedBlock:
     v(x), so chi^2 is a quadratic form in v: an iteration costs O(P^2 K) per star
     instead of O(M P K) (PERFORMANCE.md: "each Gauss-Newton iteration costs M P^2").
     gram (S, P, P), rhs (S, P), flux_norm (S,). With the coefficients' noise (``noise_weights`` (S, G),
-    ``noise_covariance`` (G, P, P), ``n_used`` (S,) pixels with weight > 0) the form is the debiased
-    chi^2, which may be negative: it is then not clipped at 0 (``clip``).
+    ``noise_covariance`` (G, P, P), ``n_used`` (S,) pixels with weight > 0), :meth:`debiased` gives the
+    debiased chi^2's statistics; ``clip`` False for a form that may be negative.
     """
 
     gram: object
@@ -84,6 +82,13 @@ class ProjectedBlock:
     def __post_init__(self):
         if self.clip is None:
             self.clip = self.noise_weights is None
+
+    def debiased(self, xp=np) -> "ProjectedBlock":
+        """The debiased chi^2 Q = chi^2 - sum_g C_g v'G_g v: the same quadratic form with C_g G_g taken off
+        (not clipped at 0: it may be negative)."""
+        correction = self.noise_weights @ self.noise_covariance.reshape(len(self.noise_covariance), -1)
+        return ProjectedBlock(self.gram - correction.reshape(self.gram.shape), self.rhs, self.flux_norm,
+                              self.exponents, self.label_index, clip=False)
 
     def subset(self, rows):
         noisy = self.noise_weights is not None
@@ -143,24 +148,14 @@ def evaluate(x, blocks, prior: Optional[Prior] = None, xp=np, with_derivatives=T
     return chi2, hessian, gradient
 
 
-def noise_terms(x, block: ProjectedBlock, xp=np):
-    """(V (S,), A (S, Kb, Kb)) of a block with the coefficients' noise at scaled labels ``x`` (S, K):
-    ``V = sum_g C_g v'G_g v``, the model variance summed over the block's pixels (weighted), and
-    ``A = J' (sum_g C_g G_g) J``: what the debiased chi^2 and its Gauss-Newton Hessian lack of the plain ones."""
-    sub = x[:, block.label_index]
-    design = monomials(sub, block.exponents, xp)  # (S, P)
-    d_design = monomial_jacobian(sub, block.exponents, xp)  # (S, P, Kb)
-    n_stars, n_terms, n_block = d_design.shape
-    stacked = xp.transpose(d_design, (1, 0, 2)).reshape(n_terms, n_stars * n_block)
-    variance = xp.zeros(n_stars)
-    curvature = xp.zeros((n_stars, n_block, n_block))
+def coefficient_variance(x, block: ProjectedBlock, xp=np):
+    """``V = sum_g C_g v(x)'G_g v(x)`` (S,) of a block with the coefficients' noise at scaled labels ``x``
+    (S, K): the model variance from the coefficients, summed over the block's pixels with their weights."""
+    design = monomials(x[:, block.label_index], block.exponents, xp)  # (S, P)
+    variance = xp.zeros(x.shape[0])
     for g in range(block.noise_covariance.shape[0]):
-        cov = block.noise_covariance[g]
-        weight = block.noise_weights[:, g]
-        variance += weight * xp.sum((design @ cov) * design, axis=1)
-        cov_jac = xp.transpose((cov @ stacked).reshape(n_terms, n_stars, n_block), (1, 0, 2))  # one GEMM
-        curvature += weight[:, None, None] * xp.matmul(xp.transpose(d_design, (0, 2, 1)), cov_jac)
-    return variance, curvature
+        variance += block.noise_weights[:, g] * xp.sum((design @ block.noise_covariance[g]) * design, axis=1)
+    return variance
 
 
 def levenberg_marquardt(x0, blocks, prior=None, max_iter=100, tol=1e-9, atol=1e-4, bound=10.0, xp=np):
@@ -218,7 +213,9 @@ def template_chi2(blocks, grid, xp=np):
     total = 0.0
     for block in blocks:
         design = monomials(xp.asarray(grid[:, block.label_index]), block.exponents, xp)  # (G, P)
-        gram_design = xp.matmul(block.gram, design.T)  # (S, P, G)
+        n_stars, n_terms, _ = block.gram.shape
+        # one GEMM over every star's rows (a batched matmul of (P, P) by (P, G) runs star by star)
+        gram_design = (block.gram.reshape(n_stars * n_terms, n_terms) @ design.T).reshape(n_stars, n_terms, -1)
         quadratic = xp.sum(gram_design * design.T[None], axis=1)  # (S, G)
         total = total + block.flux_norm[:, None] - 2.0 * (block.rhs @ design.T) + quadratic
     return total

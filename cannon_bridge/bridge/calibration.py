@@ -25,7 +25,7 @@ from ..stats import robust_std
 from .fusion import calibrate_fusion
 from .inference import infer, tempered, tempered_covariance
 from .prior import PopulationPrior
-from .propagation import generate
+from .propagation import generate, model_variance
 from .state import MODES, SURVEYS, Calibration, FittedBridge, SurveyPart
 from .training import TrainingSetup, fit_surveys
 
@@ -250,7 +250,6 @@ def galah_variance_scale(fitted: FittedBridge, results, galah_spectra) -> np.nda
     excess, propagated = np.zeros(n_groups), np.zeros(n_groups)
     factor = fitted.calibration.uncertainty_scale["apogee"]
     for test, sub, result in results:
-        s2 = sub.galah.model.scatter_**2
         for start in range(0, len(test), 1024):
             within = np.arange(start, min(start + 1024, len(test)))
             # stars without labels (a fold model with no usable APOGEE pixel) say nothing here
@@ -260,6 +259,7 @@ def galah_variance_scale(fitted: FittedBridge, results, galah_spectra) -> np.nda
             rows = test[within]
             covariance = result.covariance[within] * factor[None, :, None] * factor[None, None, :]
             flux, variance = generate(sub, "galah", result.labels[within], covariance, propagation_scale=1.0)
+            fixed = model_variance(sub, "galah", result.labels[within])  # scatter (and coefficients): not scaled
             if galah_ivar is None:
                 noise, observed = 0.0, np.ones_like(flux, bool)
             else:
@@ -268,8 +268,8 @@ def galah_variance_scale(fitted: FittedBridge, results, galah_spectra) -> np.nda
                 observed = chunk_ivar > 0
             if result.misfit_factor is not None:  # poorly fitted stars (inflated) do not set the scale
                 observed = observed & (result.misfit_factor[within] <= 1)[:, None]
-            pixel_excess = np.sum(np.where(observed, (galah_flux[rows] - flux) ** 2 - s2 - noise, 0.0), axis=0)
-            pixel_propagated = np.sum(np.where(observed, variance - s2, 0.0), axis=0)
+            pixel_excess = np.sum(np.where(observed, (galah_flux[rows] - flux) ** 2 - fixed - noise, 0.0), axis=0)
+            pixel_propagated = np.sum(np.where(observed, variance - fixed, 0.0), axis=0)
             excess += np.bincount(group_of_pixel, pixel_excess, n_groups)
             propagated += np.bincount(group_of_pixel, pixel_propagated, n_groups)
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -93,6 +93,11 @@ class BridgeModel(BaseEstimator):
         spread of those draws: a line's depth is not linear in its abundance, so the flux at
         the mean labels is not the mean flux when a label is known only to +-0.15 dex.
         0 uses the flux at the mean labels and the linearised (Jacobian) variance.
+    coefficient_uncertainty : bool, default True
+        Account for the coefficients' own noise (a few hundred training stars for dozens of terms):
+        the test step minimises the debiased chi^2 and widens the labels' covariance, and regenerated
+        spectra carry the model's variance (:mod:`cannon_bridge.engine.coefficient_noise`). Read at
+        inference: ``set_params(coefficient_uncertainty=False)`` on a fitted bridge gives the plain test step.
     backend, scatter_iterations, max_iter, chunk_size, progress : as for CannonModel.
 
     Attributes
@@ -144,6 +149,7 @@ class BridgeModel(BaseEstimator):
         calibrate: bool = True,
         cv_folds: int = 4,
         label_samples: int = 32,
+        coefficient_uncertainty: bool = True,
         scatter_iterations: int = 2,
         max_iter: int = 100,
         chunk_size: int = 128,
@@ -172,6 +178,7 @@ class BridgeModel(BaseEstimator):
         self.calibrate = calibrate
         self.cv_folds = cv_folds
         self.label_samples = label_samples
+        self.coefficient_uncertainty = coefficient_uncertainty
         self.scatter_iterations = scatter_iterations
         self.max_iter = max_iter
         self.chunk_size = chunk_size
@@ -255,7 +262,8 @@ class BridgeModel(BaseEstimator):
     def _settings(self, fitted: FittedBridge) -> FittedBridge:
         """``fitted`` with this estimator's test-step settings."""
         return replace(fitted, backend=self.backend, max_iter=self.max_iter, chunk_size=self.chunk_size,
-                       use_prior=bool(self.prior), joint=self.joint, label_samples=self.label_samples)
+                       use_prior=bool(self.prior), joint=self.joint, label_samples=self.label_samples,
+                       coefficient_uncertainty=bool(self.coefficient_uncertainty))
 
     def _adopt(self, fitted: FittedBridge, allowed, wavelengths, strengths, scores, cv_scatter) -> None:
         """Set the fitted attributes from a trained (or loaded) bridge."""

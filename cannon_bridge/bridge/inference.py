@@ -83,8 +83,11 @@ def infer_single(fitted: FittedBridge, apogee_flux=None, apogee_ivar=None, galah
     groups = []  # (survey position, pixels, coefficients, exponents, label index)
     for position, (survey, model, flux, ivar, index) in enumerate(surveys):
         for pixels, terms, local in pixel_groups(model.censors_, model.term_exponents_, model.pixel_flags_ == 0):
+            noise = (model.coefficient_noise_.block(pixels, terms)
+                     if fitted.coefficient_uncertainty and getattr(model, "coefficient_noise_", None) is not None
+                     else None)
             groups.append((position, pixels, model.coef_[np.ix_(pixels, terms)],
-                           model.term_exponents_[np.ix_(terms, local)], index[local]))
+                           model.term_exponents_[np.ix_(terms, local)], index[local], noise))
     if not groups:  # no usable pixel in the given spectra (e.g. a model trained on fewer stars than terms)
         return _unconstrained(fitted, mode, n_stars)
     n_used = np.zeros(n_stars, dtype=np.int64)
@@ -108,14 +111,16 @@ def infer_single(fitted: FittedBridge, apogee_flux=None, apogee_ivar=None, galah
             if ivar is not None:
                 weights, chunk_flux, used = backend.gather_weighted(flux, ivar, rows, columns, scatter_variance)
                 n_used[rows] += used
-                blocks += [LikelihoodBlock(coef, weights[:, a:b], chunk_flux[:, a:b], exponents, label_index)
-                           for (_, _, coef, exponents, label_index), (a, b) in zip(members, spans)]
+                blocks += [LikelihoodBlock(coef, weights[:, a:b], chunk_flux[:, a:b], exponents, label_index,
+                                           noise=noise)
+                           for (_, _, coef, exponents, label_index, noise), (a, b) in zip(members, spans)]
                 continue
             weights = model.test_weights(None, len(rows))
             n_used[rows] += np.count_nonzero(weights > 0, axis=1)
             chunk_flux = flux[rows]
-            blocks += [LikelihoodBlock(coef, weights[:, pixels], chunk_flux[:, pixels], exponents, label_index)
-                       for _, pixels, coef, exponents, label_index in members]
+            blocks += [LikelihoodBlock(coef, weights[:, pixels], chunk_flux[:, pixels], exponents, label_index,
+                                       noise=noise)
+                       for _, pixels, coef, exponents, label_index, noise in members]
         return blocks
 
     prior = fitted.prior if fitted.use_prior else None
@@ -175,16 +180,11 @@ def _raise_mismatch(n_apogee: int, n_galah: int):
                             "rows must be the same stars in the same order")
 
 
-#: pixels (about) over which the bridge's LOW_SNR flag takes each star's median S/N
-SNR_PIXELS = 2048
-
-
 def _flags(fitted, surveys, labels, converged, singular, n_used, backend):
     """:func:`~cannon_bridge.engine.star_flags` against the GALAH model's training domain (it uses every
     label); LOW_SNR when a given survey's median S/N over its used pixels is below its model's ``low_snr``.
 
-    The median is taken over every k-th pixel (about 2,048 of them): for a threshold flag that is the same
-    number to a per cent, at a quarter of the cost of the 8,575 APOGEE pixels (3.5 -> 1.1 s for 30,000 stars).
+    The median is taken over every k-th pixel (:func:`~cannon_bridge.engine.test_step.median_snr`).
     """
     galah = fitted.galah.model
     index = fitted.galah.label_index
@@ -192,9 +192,7 @@ def _flags(fitted, surveys, labels, converged, singular, n_used, backend):
     for _, model, flux, ivar, _ in surveys:
         if ivar is None:
             continue
-        step = max(1, flux.shape[1] // SNR_PIXELS)
-        used = (model.pixel_flags_[::step] == 0)[None, :] & (ivar[:, ::step] > 0)
-        ratio = backend.median_snr(flux[:, ::step], ivar[:, ::step], used) / model.low_snr
+        ratio = test_step.median_snr(backend, flux, ivar, model.pixel_flags_ == 0) / model.low_snr
         snr = ratio if snr is None else np.minimum(snr, ratio)
     return star_flags(labels[:, index], converged, singular, n_used, galah.training_label_min_,
                       galah.training_label_max_, galah.training_label_mean_, galah.training_label_covariance_,

@@ -4,6 +4,8 @@ A line's depth is not linear in its abundance, so the flux at the mean labels is
 flux when a label is known only to +-0.15 dex: :func:`generate` averages the model over fixed
 label draws and gives the spread as the predictive variance. The flux is linear in the monomials
 v(x), so the variance is c^T Cov(v) c, computed per group of pixels that share their nonzero terms.
+Beside it the model's own variance (:func:`model_variance`): the intrinsic scatter and, unless the
+bridge takes its coefficients as exact, what its finite training set leaves uncertain in them.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from ..backends.packed import packed_products
 from ..backends.polynomial import monomial_jacobian, monomials
 from .state import FittedBridge
 
-__all__ = ["generate"]
+__all__ = ["generate", "model_variance"]
 
 
 def generate(fitted: FittedBridge, survey: str, labels, covariance=None, propagation_scale=None):
@@ -24,7 +26,7 @@ def generate(fitted: FittedBridge, survey: str, labels, covariance=None, propaga
     the model flux averaged over the label posterior (``fitted.label_samples`` fixed antithetic draws,
     clipped to the training labels' range; linearised through the Jacobian when 0 or where the covariance
     is not finite), and its variance (the spread over the posterior, times ``propagation_scale``,
-    default the calibrated ``galah_variance_scale`` for GALAH) plus the intrinsic scatter.
+    default the calibrated ``galah_variance_scale`` for GALAH) plus :func:`model_variance`.
     """
     labels = check_labels(labels, n_labels=fitted.n_labels)
     part = fitted.survey(survey)
@@ -85,8 +87,24 @@ def generate(fitted: FittedBridge, survey: str, labels, covariance=None, propaga
     if propagation_scale is None:
         propagation_scale = fitted.calibration.galah_variance_scale if survey == "galah" else 1.0
     variance *= propagation_scale  # in place: at 16,384 pixels each temporary is 128 MB per 1,000 stars
-    variance += model.scatter_**2
+    variance += model_variance(fitted, survey, labels)
     return flux, variance
+
+
+def model_variance(fitted: FittedBridge, survey: str, labels) -> np.ndarray:
+    """The variance of ``survey``'s model flux at ``labels`` that no label uncertainty explains (n_stars,
+    n_pixels), or (n_pixels,) when it does not depend on the labels: the intrinsic scatter squared, plus
+    the coefficients' own variance ``c_p a(l)^T G_g a(l)`` when ``fitted.coefficient_uncertainty``."""
+    part = fitted.survey(survey)
+    model = part.model
+    noise = getattr(model, "coefficient_noise_", None)
+    if not fitted.coefficient_uncertainty or noise is None:
+        return model.scatter_**2
+    labels = check_labels(labels, n_labels=fitted.n_labels)
+    design = monomials(model.vectorizer_.scale(labels[:, part.label_index]), model.term_exponents_)
+    variance = noise.flux_variance(design)
+    variance += model.scatter_**2
+    return variance
 
 
 def _standard_draws(n_samples: int, n_labels: int) -> np.ndarray:

@@ -86,6 +86,7 @@ class FittedBridge:
     use_prior: bool = True
     joint: str = "fusion"
     label_samples: int = 32
+    coefficient_uncertainty: bool = True
 
     def survey(self, name: str) -> SurveyPart:
         return self.apogee if name == "apogee" else self.galah

@@ -18,6 +18,7 @@ from .._blocks import SpectraBlocks
 from ..backends import get_backend
 from ..bandlimit import band_limit_plan
 from ..engine import fit_pixels, typical_noise_variance
+from ..engine.coefficient_noise import CoefficientNoise, estimate_coefficient_noise, star_and_pixel_weights
 from ..model import CannonModel
 from .censoring import pixel_groups, survey_vectorizer
 from .state import SURVEYS, SurveyPart
@@ -146,11 +147,14 @@ def fit_surveys(params, setup: TrainingSetup, sources: dict, labels, prepared: d
         strengths = setup.strengths[survey]
         used, vectorizer, coef, scatter_variance, flags, sub_allowed = fit_survey(
             params, setup, survey, source, labels, strengths)
+        # the weights' star and pixel factors from the spectra as given (band limiting barely changes them)
+        noise = survey_coefficient_noise(params, setup, survey, sources[survey], labels, coef, scatter_variance,
+                                         flags, sub_allowed, noise_variance, strengths)
         model = CannonModel.from_theta(
             coef, np.sqrt(scatter_variance), [setup.label_names[k] for k in used], vectorizer.pivots,
             vectorizer.scales, vectorizer.term_exponents, wavelength=setup.wavelength[survey],
             training_labels=labels[:, used], backend=params.backend, pixel_flags=flags, censors=sub_allowed,
-            noise_variance=noise_variance, order=survey_order(params, survey),
+            noise_variance=noise_variance, coefficient_noise=noise, order=survey_order(params, survey),
             regularization=float(np.median(strengths)), chunk_size=params.chunk_size, max_iter=params.max_iter)
         if not np.any(flags == 0):
             logger.warning("%s: no pixel could be fitted (%d training stars for %d terms): inference from %s "
@@ -158,6 +162,20 @@ def fit_surveys(params, setup: TrainingSetup, sources: dict, labels, prepared: d
                            labels.shape[0], vectorizer.n_terms, survey.upper(), survey)
         parts[survey] = SurveyPart(model, used)
     return parts
+
+
+def survey_coefficient_noise(params, setup: TrainingSetup, survey: str, source: SpectraBlocks, labels, coef,
+                             scatter_variance, flags, sub_allowed, noise_variance, strengths) -> CoefficientNoise:
+    """The coefficients' noise of one survey's fit (:func:`fit_survey`'s outputs; ``strengths`` the L1
+    strength per pixel): one covariance per censoring group, from the training stars that group was fitted
+    on (those with every label it needs)."""
+    finite = np.isfinite(labels)
+    used, vectorizer = setup.vectorizer(params, survey)
+    design = vectorizer.design_matrix(np.where(finite[:, used], labels[:, used], setup.pivots[used]))
+    groups = [(pixels, terms, np.all(finite[:, used[local]], axis=1))
+              for pixels, terms, local in pixel_groups(sub_allowed, vectorizer.term_exponents)]
+    u, q = star_and_pixel_weights(source, scatter_variance, noise_variance)
+    return estimate_coefficient_noise(design, u, q, groups, flags == 0, coef, strengths)
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,10 @@ others is the same at every pixel (its S/N), ``W_p ~ q_p diag(u)``; then ``Sigma
 ``c_p = 1/q_p`` and ``G_g = (A_g^T diag(u) A_g)^-1`` shared by the pixels of one censoring group ``g``
 (the same terms and the same training stars). The chi^2 correction of a star is then
 ``sum_g C_g a(l)^T G_g a(l)`` with ``C_g = sum_{p in g} w_p c_p``: a quadratic form in the monomials,
-added to the projected statistics like a prior. The L1 penalty's shrinkage is not modelled (its
-coefficients are at most this uncertain).
+added to the projected statistics like a prior. With an L1 penalty the coefficients are those of the
+reweighted ridge it converged to (``lambda / (2 |theta_pk|)`` on term k), whose posterior is
+``(A^T W_p A + Lambda_p)^-1``: each group takes the median ridge of its pixels (in units of ``c_p``),
+so a term the penalty holds at 0 has (almost) no variance instead of the unpenalised fit's.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ import numpy as np
 
 from .._blocks import SpectraBlocks
 
-__all__ = ["CoefficientNoise", "estimate_coefficient_noise", "star_and_pixel_weights"]
+__all__ = ["CoefficientNoise", "censoring_groups", "estimate_coefficient_noise", "star_and_pixel_weights"]
 
 
 @dataclass(frozen=True)
@@ -86,12 +88,15 @@ class CoefficientNoise:
                    np.asarray(arrays[f"{prefix}_covariance"], dtype=float))
 
 
-def star_and_pixel_weights(source: SpectraBlocks, scatter_variance, noise_variance, block_rows: int = 256):
+def star_and_pixel_weights(source: SpectraBlocks, scatter_variance, noise_variance, max_values: int = 1 << 24,
+                           block_rows: int = 256):
     """(u (n_stars,), q (n_pixels,)): the separable approximation ``w_np ~ u_n q_p`` of the training weights.
 
     ``w_np = ivar_np / (1 + ivar_np s_p^2)``; ``u_n`` is the mean over a star's observed pixels of
     ``w_np / w_typ_p`` with ``w_typ_p = 1 / (noise_variance_p + s_p^2)`` (its S/N relative to the
-    others), and ``q_p = sum_n w_np / sum_n u_n``. One pass over the ivar, one block of rows at a time.
+    others), and ``q_p = sum_n w_np / sum_n u_n``. Each of the two reads at most ``max_values`` values
+    (every k-th pixel for ``u``, every k-th star for ``q``): a star's S/N and a pixel's mean weight are
+    averages, which a large training set does not need every value for.
     Noise-free spectra (no ivar): ``u = 1``, ``q_p = 1 / s_p^2`` (inf where ``s_p = 0``).
     """
     n_stars, n_pixels = source.shape
@@ -100,47 +105,65 @@ def star_and_pixel_weights(source: SpectraBlocks, scatter_variance, noise_varian
         with np.errstate(divide="ignore"):
             return np.ones(n_stars), 1.0 / s2
     typical = 1.0 / np.where(noise_variance + s2 > 0, noise_variance + s2, np.inf)
-    u = np.zeros(n_stars)
-    weight_sum = np.zeros(n_pixels)
-    for start in range(0, n_stars, block_rows):
-        _, ivar = source.read(slice(None), slice(start, start + block_rows))
+    stride = max(1, -(-n_stars * n_pixels // max_values))
+
+    def weights(ivar, variance):
         ivar = np.asarray(ivar, dtype=float)
-        w = ivar / (1.0 + ivar * s2)
+        w = ivar / (1.0 + ivar * variance)
         w[~np.isfinite(w)] = 0.0
-        observed = (w > 0) & (typical > 0)
-        ratio = np.where(observed, w / np.where(typical > 0, typical, 1.0), 0.0)
+        return w
+
+    columns = np.arange(0, n_pixels, stride)
+    u = np.zeros(n_stars)
+    for start in range(0, n_stars, block_rows):
+        _, ivar = source.read(columns, slice(start, start + block_rows))
+        w = weights(ivar, s2[columns])
+        observed = (w > 0) & (typical[columns] > 0)
+        ratio = np.where(observed, w / np.where(typical[columns] > 0, typical[columns], 1.0), 0.0)
         count = observed.sum(axis=1)
         u[start:start + len(w)] = np.where(count > 0, ratio.sum(axis=1) / np.maximum(count, 1), 0.0)
-        weight_sum += w.sum(axis=0)
-    total = u.sum()
+    rows = np.arange(0, n_stars, stride)
+    subset = source.take_rows(rows) if stride > 1 else source
+    weight_sum = np.zeros(n_pixels)
+    for start in range(0, rows.size, block_rows):
+        weight_sum += weights(subset.read(slice(None), slice(start, start + block_rows))[1], s2).sum(axis=0)
+    total = u[rows].sum()
     return u, weight_sum / total if total > 0 else np.zeros(n_pixels)
 
 
-def estimate_coefficient_noise(design, u, q, groups, usable) -> CoefficientNoise:
+def estimate_coefficient_noise(design, u, q, groups, usable, coef=None, regularization=0.0) -> CoefficientNoise:
     """The :class:`CoefficientNoise` of a fitted model.
 
-    ``design`` (n_stars, n_terms): the training labels' monomials (scaled labels); ``u``, ``q``: from
-    :func:`star_and_pixel_weights`; ``groups``: [(pixels, terms, star_mask or None)] (pixels fitted with
-    those terms on those training stars; every pixel in one group); ``usable`` (n_pixels,) bool: the
-    pixels the test step uses (the others get scale 0).
+    ``design`` (n_stars, n_terms): the training labels' monomials (scaled labels), the constant first;
+    ``u``, ``q``: from :func:`star_and_pixel_weights`; ``groups``: [(pixels, terms, star_mask or None)]
+    (pixels fitted with those terms on those training stars; every pixel in one group); ``usable``
+    (n_pixels,) bool: the pixels the test step uses (the others get scale 0); ``coef`` (n_pixels,
+    n_terms) and ``regularization`` (the L1 strength, scalar or per pixel): the ridge the L1 fit ended on.
     """
     n_stars, n_terms = design.shape
     n_pixels = len(q)
     scale = np.zeros(n_pixels)
     group = np.zeros(n_pixels, dtype=np.int64)
     covariance = np.zeros((len(groups), n_terms, n_terms))
+    with np.errstate(divide="ignore"):
+        c = np.where(q > 0, 1.0 / q, 0.0)
+    c[~np.isfinite(c)] = 0.0
+    strength = np.broadcast_to(np.asarray(regularization, dtype=float), (n_pixels,))
     for g, (pixels, terms, star_mask) in enumerate(groups):
         stars = np.ones(n_stars, dtype=bool) if star_mask is None else np.asarray(star_mask, dtype=bool)
         a = design[np.ix_(stars, terms)]
         normal = a.T @ (a * u[stars, None])
+        if coef is not None and np.any(strength[pixels] > 0):
+            # the ridge of the reweighted L1 solve (none on the constant), per pixel in units of c_p
+            ridge = strength[pixels, None] / (2.0 * np.maximum(np.abs(coef[np.ix_(pixels, terms)]), 1e-6))
+            ridge[:, terms == 0] = 0.0
+            normal[np.diag_indices_from(normal)] += np.median(ridge * c[pixels, None], axis=0)
         # pseudo-inverse: a group whose terms the training set cannot separate has no finite covariance
         # there, and its pixels are then flagged unusable anyway
         covariance[g][np.ix_(terms, terms)] = np.linalg.pinv(normal, hermitian=True)
         group[pixels] = g
-        with np.errstate(divide="ignore"):
-            scale[pixels] = np.where(q[pixels] > 0, 1.0 / q[pixels], 0.0)
+        scale[pixels] = c[pixels]
     scale[~np.asarray(usable, dtype=bool)] = 0.0
-    scale[~np.isfinite(scale)] = 0.0
     return CoefficientNoise(scale, group, covariance)
 
 
