@@ -121,6 +121,9 @@ def parse_args(argv=None):
                              "recipe's last 25%%, others measure the split-to-split scatter (tags the output)")
     parser.add_argument("--apogee-order", type=int, help="variant: BridgeModel(apogee_order=...); tags the output")
     parser.add_argument("--galah-order", type=int, help="variant: BridgeModel(galah_order=...); tags the output")
+    parser.add_argument("--coefficient-uncertainty", action="store_true",
+                        help="variant: BridgeModel(coefficient_uncertainty=True), the debiased test step with the "
+                             "coefficients' noise (tags the output 'cu')")
     args = parser.parse_args(argv)
     # the bridge logs its cross-validated choices (joint-mode fusion per label) at INFO
     logging.basicConfig(level=logging.WARNING, format="  [%(name)s] %(message)s")
@@ -280,7 +283,7 @@ class Timer:
         return value
 
 
-BRIDGE_OPTIONS = {}  # set from --apogee-order / --galah-order (variant runs, tagged file names)
+BRIDGE_OPTIONS = {}  # set from --apogee-order / --galah-order / --coefficient-uncertainty (variant runs, tagged names)
 
 
 def make_bridge(linelist, mode_mask):
@@ -697,6 +700,9 @@ def main(argv=None):
         if getattr(args, name) is not None:
             BRIDGE_OPTIONS[name] = getattr(args, name)
             tag = "_".join(filter(None, [tag, f"{name.split('_')[0]}{getattr(args, name)}"]))
+    if args.coefficient_uncertainty:
+        BRIDGE_OPTIONS["coefficient_uncertainty"] = True
+        tag = "_".join(filter(None, [tag, "cu"]))
     if truth is None:
         print("--mock: cannon_bridge.mock is not available in this checkout; nothing to run.")
         return 0

@@ -6,9 +6,11 @@ Recipe: the external cubic Cannon model (``../shared/data/emulators``, 3 labels,
 drawn over its training grid
 (grid points jittered by half a step). A cubic ``CannonModel`` is trained on N noisy spectra (default 1,500 and
 6,000) and infers 1,000 held-out stars, from noisy and from noise-free spectra; the imported model itself
-(``from_theta`` without its training set) infers the same stars. Printed per label: RMS, z-score standard
-deviation, and for the noise-free spectra the RMS of the error in units of the stated sigma (the part of the
-error that comes from the coefficients' own noise, which the test step does not yet know about).
+(``from_theta`` without its training set) infers the same stars. The trained model runs the plain test step
+(``coefficient_uncertainty=False``: the coefficients taken as exact) and the default one (the debiased chi^2
+and the coefficients' variance, :mod:`cannon_bridge.engine.coefficient_noise`). Printed per label: RMS,
+z-score standard deviation, the RMS of z (for the noise-free spectra: the error that comes from the
+coefficients' own noise, in units of the stated sigma) and the fraction flagged POOR_FIT.
 
 Usage::
 
@@ -51,7 +53,8 @@ def summary(name, result, truth):
     rms = np.sqrt(np.mean((result.labels - truth) ** 2, axis=0))
     poor = np.mean(result.flags & StarFlag.POOR_FIT > 0)
     print(f"| {name} | " + " | ".join(f"{r:.4g}" for r in rms) + " | "
-          + " | ".join(f"{s:.2f}" for s in np.std(z, axis=0)) + f" | {poor:.3f} |")
+          + " | ".join(f"{s:.2f}" for s in np.std(z, axis=0)) + " | "
+          + " | ".join(f"{s:.2f}" for s in np.sqrt(np.mean(z**2, axis=0))) + f" | {poor:.3f} |")
 
 
 def main(argv=None) -> int:
@@ -72,8 +75,8 @@ def main(argv=None) -> int:
     noisy = clean + gen.normal(size=clean.shape) * NOISE + gen.normal(size=clean.shape) * scatter
     ivar = np.full_like(clean, 1.0 / NOISE**2)
     print("| model | " + " | ".join(f"RMS {n}" for n in names) + " | " + " | ".join(f"z std {n}" for n in names)
-          + " | POOR_FIT |")
-    print("|---" * (2 * len(names) + 2) + "|")
+          + " | " + " | ".join(f"z RMS {n}" for n in names) + " | POOR_FIT |")
+    print("|---" * (3 * len(names) + 2) + "|")
     summary("imported (exact), noisy spectra", truth_model.infer(noisy, ivar), test_labels)
     for n_train in args.train:
         train_labels = draw(grid, n_train, gen)
@@ -81,8 +84,11 @@ def main(argv=None) -> int:
                       + gen.normal(size=(n_train, clean.shape[1])) * scatter)
         trained = CannonModel(names, order=3, backend="numba").fit(train_flux, train_labels,
                                                                    np.full_like(train_flux, 1.0 / NOISE**2))
-        summary(f"trained on {n_train}, noisy spectra", trained.infer(noisy, ivar), test_labels)
-        summary(f"trained on {n_train}, noise-free spectra", trained.infer(clean, ivar), test_labels)
+        for exact in (True, False):
+            trained.set_params(coefficient_uncertainty=not exact)
+            step = "plain test step" if exact else "with the coefficients' noise"
+            summary(f"trained on {n_train}, {step}, noisy spectra", trained.infer(noisy, ivar), test_labels)
+            summary(f"trained on {n_train}, {step}, noise-free spectra", trained.infer(clean, ivar), test_labels)
     return 0
 
 

@@ -225,3 +225,35 @@ def check_labels(labels, n_labels: int | None = None, n_stars: int | None = None
         _check_magnitude(np.nan_to_num(labels, nan=0.0), name, MAX_ABS_LABEL,
                          "labels must be in physical units of moderate size (rescale this label)")
     return labels
+
+
+def check_label_errors(errors, labels: np.ndarray, names=None, name: str = "label_errors") -> np.ndarray:
+    """Standard deviations of ``labels`` (same shape), checked: float64, NaN where the label is missing.
+
+    0 marks a label known exactly. Refused (naming the label, the count and the fix): another shape,
+    negative or infinite errors, and NaN errors of given labels.
+    """
+    errors = np.array(_as_float(errors, name), dtype=np.float64)
+    if errors.ndim == 1 and labels.ndim == 2 and labels.shape[1] == 1:
+        errors = errors[:, None]
+    if errors.shape != labels.shape:
+        raise InvalidInputError(f"{name} has shape {errors.shape} but labels have {labels.shape}: give one "
+                                "standard deviation per label value (NaN where the label is missing)")
+    names = list(names) if names is not None else [f"label {k}" for k in range(labels.shape[1])]
+    given = np.isfinite(labels)
+    for k, label in enumerate(names):
+        column = errors[:, k]
+        with np.errstate(invalid="ignore"):
+            negative = int(np.sum(column < 0))
+        if negative:
+            raise InvalidInputError(f"{name} of {label!r} is negative for {negative} stars: errors are standard "
+                                    "deviations (>= 0; 0 = known exactly)")
+        if np.isinf(column).any():
+            raise InvalidInputError(f"{name} of {label!r} is infinite for {int(np.isinf(column).sum())} stars: mark "
+                                    "an unknown label with NaN in labels (and in its error) instead")
+        lacking = int(np.sum(given[:, k] & np.isnan(column)))
+        if lacking:
+            raise InvalidInputError(f"{name} of {label!r} is NaN for {lacking} stars whose label is given: give "
+                                    "their errors (0 = known exactly) or set those labels to NaN")
+    errors[~given] = np.nan
+    return errors

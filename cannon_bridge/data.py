@@ -15,6 +15,7 @@ from astropy.io import fits
 
 from ._fitsio import (damage_message, file_problem, kind_hint, missing_hdus_problem, raise_read_problems, scan_fits,
                       write_hdus_atomically)
+from ._validation import check_label_errors
 from .errors import InvalidInputError
 
 __all__ = ["CrossMatch", "APOGEE_CHIP_GAPS", "GALAH_CCD_COVERAGE", "GALAH_CCD_ENVELOPE", "apogee_gap_mask"]
@@ -63,6 +64,9 @@ class CrossMatch:
     galah_ccd : ndarray of shape (n_galah_pixels,), int CCD number (1-4)
     is_giant : ndarray of shape (n_stars,), bool, optional
     meta : dict of str to scalar
+    label_errors : ndarray of shape (n_stars, n_labels), optional
+        Standard deviations of the catalogue labels: NaN where the label is missing, 0 for a label
+        known exactly. None: the labels are taken as exact.
     """
 
     label_names: list
@@ -77,6 +81,7 @@ class CrossMatch:
     galah_ccd: np.ndarray = None
     is_giant: np.ndarray = None
     meta: dict = field(default_factory=dict)
+    label_errors: np.ndarray = None
 
     def __post_init__(self):
         self.label_names = [str(name) for name in self.label_names]
@@ -85,6 +90,8 @@ class CrossMatch:
             raise InvalidInputError(
                 f"labels has shape {self.labels.shape} but there are {len(self.label_names)} label names"
             )
+        if self.label_errors is not None:
+            self.label_errors = check_label_errors(self.label_errors, self.labels, self.label_names)
         for survey in ("apogee", "galah"):
             wave = getattr(self, f"{survey}_wavelength")
             for kind in ("flux", "ivar"):
@@ -113,6 +120,10 @@ class CrossMatch:
     def labels_for(self, names: Sequence[str]) -> np.ndarray:
         return self.labels[:, self.label_index(names)]
 
+    def label_errors_for(self, names: Sequence[str]) -> np.ndarray | None:
+        """The errors of the named labels (None when this cross-match has none)."""
+        return None if self.label_errors is None else self.label_errors[:, self.label_index(names)]
+
     def subset(self, index) -> "CrossMatch":
         """A new CrossMatch with the selected stars (index array or boolean mask; a slice gives views, no copy)."""
         if not isinstance(index, slice):
@@ -121,7 +132,7 @@ class CrossMatch:
         return replace(self, labels=self.labels[index], apogee_flux=self.apogee_flux[index],
                        apogee_ivar=self.apogee_ivar[index], galah_flux=self.galah_flux[index],
                        galah_ivar=self.galah_ivar[index], ids=take(self.ids), is_giant=take(self.is_giant),
-                       meta=dict(self.meta))
+                       label_errors=take(self.label_errors), meta=dict(self.meta))
 
     def with_noise(self, snr_apogee: float = 100.0, snr_galah: float = 40.0, seed=0,
                    mask_apogee_gaps: bool = True, dtype=np.float64) -> "CrossMatch":
@@ -156,9 +167,30 @@ class CrossMatch:
         """A copy with each named label set to NaN independently in ``fraction`` of the stars."""
         rng = np.random.default_rng(seed)
         labels = self.labels.copy()
+        errors = None if self.label_errors is None else self.label_errors.copy()
         for k in self.label_index(names):
-            labels[rng.random(len(self)) < fraction, k] = np.nan
-        return replace(self, labels=labels, meta=dict(self.meta))
+            blank = rng.random(len(self)) < fraction
+            labels[blank, k] = np.nan
+            if errors is not None:
+                errors[blank, k] = np.nan
+        return replace(self, labels=labels, label_errors=errors, meta=dict(self.meta))
+
+    def with_label_noise(self, errors, outlier_fraction: float = 0.0, outlier_scale: float = 10.0,
+                         seed=0) -> "CrossMatch":
+        """A copy with catalogue-like labels: each value drawn as label + error x N(0, 1), ``errors``
+        (n_stars, n_labels) as its ``label_errors``; in ``outlier_fraction`` of the given values the
+        draw is ``outlier_scale`` times wider (binaries, failed fits: values far outside their errors).
+        The indices of those values are in ``meta`` only as their count; the returned ``outliers``
+        mask (n_stars, n_labels) says which."""
+        rng = np.random.default_rng(seed)
+        errors = np.broadcast_to(np.asarray(errors, dtype=float), self.labels.shape).copy()
+        errors[~np.isfinite(self.labels)] = np.nan
+        outliers = np.isfinite(self.labels) & (rng.random(self.labels.shape) < outlier_fraction)
+        draw = rng.normal(size=self.labels.shape) * np.where(outliers, outlier_scale, 1.0)
+        labels = self.labels + np.nan_to_num(errors) * draw
+        noisy = replace(self, labels=labels, label_errors=errors,
+                        meta=dict(self.meta, label_outliers=int(outliers.sum())))
+        return noisy, outliers
 
     # ------------------------------------------------------------------ I/O
     @classmethod
@@ -212,6 +244,9 @@ class CrossMatch:
         if self.is_giant is not None:
             table["is_giant"] = self.is_giant
         hdus = [primary, fits.BinTableHDU(table, name="LABELS")]
+        if self.label_errors is not None:
+            hdus.append(fits.BinTableHDU(Table({name: self.label_errors[:, k] for k, name in
+                                                enumerate(self.label_names)}), name="LABEL_ERRORS"))
         for name in _ARRAYS:
             hdus.append(fits.ImageHDU(np.asarray(getattr(self, name)), name=name.upper()))
         return write_hdus_atomically(hdus, path)
@@ -264,6 +299,7 @@ class CrossMatch:
                         raise InvalidInputError(file_problem(path, "CrossMatch", "its LABELS HDU holds no table "
                                                              "(the file is damaged)", fix))
                     table = Table.read(hdul["LABELS"])
+                    error_table = Table.read(hdul["LABEL_ERRORS"]) if "LABEL_ERRORS" in hdul else None
                     arrays = {}
                     for name in _ARRAYS:
                         data = hdul[name.upper()].data
@@ -285,6 +321,13 @@ class CrossMatch:
                                                  f"(it has {table.colnames[:12]})", fix))
         names = [name for name in table.colnames if name not in ("id", "is_giant")]
         arrays = {k: v.astype(v.dtype.newbyteorder("=")) for k, v in arrays.items()}
+        if error_table is not None:
+            if error_table.colnames != names or len(error_table) != len(table):
+                raise InvalidInputError(file_problem(
+                    path, "CrossMatch", f"its LABEL_ERRORS table ({error_table.colnames[:12]}, {len(error_table)} "
+                    f"rows) does not match its labels ({names[:12]}, {len(table)} rows)", fix))
+            arrays["label_errors"] = np.column_stack([np.asarray(error_table[n], float) for n in names]) \
+                if names else np.zeros((len(table), 0))
         try:
             return cls(label_names=names, labels=np.column_stack([np.asarray(table[n], float) for n in names])
                        if names else np.zeros((len(table), 0)),

@@ -502,3 +502,34 @@ def test_joint_reduced_chi2_is_the_total_chi2_over_both_surveys_dof(fitted, mock
     both = fitted.infer(apogee_flux=test.apogee_flux, apogee_ivar=test.apogee_ivar, galah_flux=test.galah_flux,
                         galah_ivar=test.galah_ivar)
     np.testing.assert_allclose(both.reduced_chi2, (a.chi2 + g.chi2) / (a.dof + g.dof), rtol=1e-9)
+
+
+def test_coefficient_uncertainty_removes_bias_and_carries_the_model_variance(fitted, mock_pair):
+    """200 training stars for dozens of terms: the debiased test step (``coefficient_uncertainty=True``) gives
+    core labels closer to the truth from either survey than the plain one (the default), and regenerated
+    GALAH spectra whose variance includes the coefficients' (c_p a(l)'G a(l) on top of the scatter)."""
+    from cannon_bridge.bridge.propagation import model_variance
+
+    data, truth = mock_pair
+    test = data.subset(np.arange(200, 260))
+    true = truth[200:]
+    spectra = {"apogee": dict(apogee_flux=test.apogee_flux, apogee_ivar=test.apogee_ivar),
+               "galah": dict(galah_flux=test.galah_flux, galah_ivar=test.galah_ivar)}
+    assert not fitted.coefficient_uncertainty and fitted.galah_model_.coefficient_noise_ is not None
+    plain = {mode: fitted.infer(**kwargs) for mode, kwargs in spectra.items()}
+    plain_variance = fitted.predict_galah(test.apogee_flux, test.apogee_ivar, return_variance=True)[1]
+    plain_fixed = model_variance(fitted.fitted_bridge(), "galah", true)
+    try:
+        fitted.set_params(coefficient_uncertainty=True)
+        debiased = {mode: fitted.infer(**kwargs) for mode, kwargs in spectra.items()}
+        variance = fitted.predict_galah(test.apogee_flux, test.apogee_ivar, return_variance=True)[1]
+        fixed = model_variance(fitted.fitted_bridge(), "galah", true)
+    finally:
+        fitted.set_params(coefficient_uncertainty=False)
+    for mode in spectra:
+        rms_debiased = np.sqrt(np.mean((debiased[mode].labels - true) ** 2, axis=0))[:3]
+        rms_plain = np.sqrt(np.mean((plain[mode].labels - true) ** 2, axis=0))[:3]
+        assert np.all(rms_debiased < rms_plain), (mode, rms_debiased, rms_plain)
+    np.testing.assert_array_equal(plain_fixed, fitted.galah_model_.scatter_**2)
+    assert np.all(fixed >= plain_fixed) and np.mean(fixed > plain_fixed) > 0.5
+    assert np.mean(variance) > np.mean(plain_variance)

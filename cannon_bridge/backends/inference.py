@@ -83,12 +83,14 @@ class ProjectedBlock:
         if self.clip is None:
             self.clip = self.noise_weights is None
 
-    def debiased(self, xp=np) -> "ProjectedBlock":
+    def debiased(self, weight=None, xp=np) -> "ProjectedBlock":
         """The debiased chi^2 Q = chi^2 - sum_g C_g v'G_g v: the same quadratic form with C_g G_g taken off
-        (not clipped at 0: it may be negative)."""
+        (not clipped at 0: it may be negative); times ``weight`` (S,) when given."""
         correction = self.noise_weights @ self.noise_covariance.reshape(len(self.noise_covariance), -1)
-        return ProjectedBlock(self.gram - correction.reshape(self.gram.shape), self.rhs, self.flux_norm,
-                              self.exponents, self.label_index, clip=False)
+        gram, rhs, flux_norm = self.gram - correction.reshape(self.gram.shape), self.rhs, self.flux_norm
+        if weight is not None:
+            gram, rhs, flux_norm = gram * weight[:, None, None], rhs * weight[:, None], flux_norm * weight
+        return ProjectedBlock(gram, rhs, flux_norm, self.exponents, self.label_index, clip=False)
 
     def subset(self, rows):
         noisy = self.noise_weights is not None

@@ -14,7 +14,7 @@ import numpy as np
 
 from .._validation import check_spectra
 from ..backends import get_backend
-from ..backends.inference import LikelihoodBlock
+from ..backends.inference import LikelihoodBlock, ProjectedBlock
 from ..engine import (BridgeInferenceResult, StarFlag, in_batches, projected_starts, run_test_step,
                       scaled_covariance, star_flags)
 from ..engine import test_step
@@ -56,11 +56,14 @@ def infer(fitted: FittedBridge, apogee_flux=None, apogee_ivar=None, galah_flux=N
 
 
 def infer_single(fitted: FittedBridge, apogee_flux=None, apogee_ivar=None, galah_flux=None, galah_ivar=None,
-                 progress: bool = False, keep_information: bool = False) -> BridgeInferenceResult:
+                 progress: bool = False, keep_information: bool = False, catalogue=None) -> BridgeInferenceResult:
     """Labels with full covariance from one survey's spectra or both stacked (one chi^2).
 
     ``keep_information``: the result keeps the spectra's and the prior's information matrices
-    (scaled units), which the calibration needs to temper held-out stars.
+    (scaled units), which the calibration needs to temper held-out stars. ``catalogue``: (values,
+    precision), each (n_stars, n_labels) in scaled units (precision 0 where a value is missing): a
+    Gaussian term per star on its labels (the catalogue's measurements; :func:`catalogue_block`), which
+    counts in the chi^2 and the information like the spectra (not in ``data_chi2`` and the misfit).
     """
     surveys = []
     n_stars = None
@@ -91,6 +94,7 @@ def infer_single(fitted: FittedBridge, apogee_flux=None, apogee_ivar=None, galah
     if not groups:  # no usable pixel in the given spectra (e.g. a model trained on fewer stars than terms)
         return _unconstrained(fitted, mode, n_stars)
     n_used = np.zeros(n_stars, dtype=np.int64)
+    n_extra = 0 if catalogue is None else 1  # the catalogue's block comes first
     # each survey's groups, its pixels in group order (the groups cover its usable pixels) with their
     # scatter variance, and each group's columns in that order: a chunk's weights and flux are gathered
     # in one pass, and every group's block is a slice of them
@@ -103,7 +107,7 @@ def infer_single(fitted: FittedBridge, apogee_flux=None, apogee_ivar=None, galah
             layout[position] = (members, columns, model.scatter_[columns] ** 2, list(zip(bounds[:-1], bounds[1:])))
 
     def block_builder(rows):
-        blocks = []
+        blocks = [] if catalogue is None else [catalogue_block(catalogue[0][rows], catalogue[1][rows])]
         for position, (survey, model, flux, ivar, index) in enumerate(surveys):
             if position not in layout:
                 continue
@@ -127,7 +131,7 @@ def infer_single(fitted: FittedBridge, apogee_flux=None, apogee_ivar=None, galah
     grid = _grid_labels(fitted)
     # the linear estimate from the survey that constrains the most labels (the last given)
     last_survey = len(surveys) - 1
-    last_blocks = [b for b, group in enumerate(groups) if group[0] == last_survey]
+    last_blocks = [n_extra + b for b, group in enumerate(groups) if group[0] == last_survey]
     xp = backend.xp
 
     def starts(rows, projected):
@@ -136,13 +140,14 @@ def infer_single(fitted: FittedBridge, apogee_flux=None, apogee_ivar=None, galah
     # the test step runs on the backend's array module (cupy: the GPU; each chunk's blocks are moved
     # there by run_test_step, and the prior's arrays once here)
     device_prior = prior.on(xp) if prior is not None else None
-    block_chi2 = np.zeros((n_stars, len(groups)))
+    block_chi2 = np.zeros((n_stars, n_extra + len(groups)))
     x, chi2, hessian, converged, n_iter = run_test_step(
         block_builder, starts, n_stars, xp, fitted.max_iter, fitted.chunk_size, progress,
         prior_builder=(lambda rows: device_prior) if prior is not None else None, block_chi2=block_chi2,
         n_labels=n_labels, projected_lm=backend.lm_projected)
     labels = x * fitted.scales + fitted.pivots
     positions = np.array([group[0] for group in groups])
+    block_chi2 = block_chi2[:, n_extra:]
     chi2_per = {survey: block_chi2[:, positions == at].sum(axis=1) for at, (survey, *_) in enumerate(surveys)}
     dof = np.maximum(n_used - n_labels, 1)
     data_chi2 = sum(chi2_per.values())
@@ -161,6 +166,22 @@ def infer_single(fitted: FittedBridge, apogee_flux=None, apogee_ivar=None, galah
                                  likelihood_information=likelihood_information if keep_information else None,
                                  prior_information=prior_information if keep_information and prior is not None
                                  else None)
+
+
+def catalogue_block(values, precision) -> ProjectedBlock:
+    """A Gaussian term per star on its labels, sum_k precision_k (x_k - value_k)^2, as projected statistics.
+
+    ``values``, ``precision`` (n_stars, n_labels), scaled units; precision 0 (and any value) where a
+    label has no measurement. Linear in the labels, so a quadratic form in their first-degree monomials:
+    the test step adds it to the spectra's blocks like any survey's.
+    """
+    precision = np.asarray(precision, dtype=float)
+    values = np.where(precision > 0, np.asarray(values, dtype=float), 0.0)
+    n_stars, n_labels = precision.shape
+    gram = np.zeros((n_stars, n_labels, n_labels))
+    gram[:, np.arange(n_labels), np.arange(n_labels)] = precision
+    return ProjectedBlock(gram, values * precision, np.sum(values**2 * precision, axis=1),
+                          np.eye(n_labels, dtype=np.int64), np.arange(n_labels))
 
 
 def _unconstrained(fitted, mode, n_stars) -> BridgeInferenceResult:

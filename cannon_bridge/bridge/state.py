@@ -86,7 +86,7 @@ class FittedBridge:
     use_prior: bool = True
     joint: str = "fusion"
     label_samples: int = 32
-    coefficient_uncertainty: bool = True
+    coefficient_uncertainty: bool = False
 
     def survey(self, name: str) -> SurveyPart:
         return self.apogee if name == "apogee" else self.galah

@@ -17,8 +17,8 @@ import numpy as np
 from scipy import stats
 
 from ..backends import to_numpy
-from ..backends.inference import (LikelihoodBlock, evaluate, levenberg_marquardt, linear_estimate, merge_projected,
-                                  coefficient_variance, template_chi2)
+from ..backends.inference import (LikelihoodBlock, ProjectedBlock, coefficient_variance, evaluate,
+                                  levenberg_marquardt, linear_estimate, merge_projected, template_chi2)
 from ..backends.packed import packed_products
 from .results import StarFlag, concatenate_results
 
@@ -69,6 +69,8 @@ def run_test_step(block_builder, starts, n_stars, xp, max_iter, chunk_size, prog
                   projected_lm=None, block_chi2=None, n_labels=None):
     """Run LM from every start for chunks of stars and keep the best chi^2 per star.
 
+    ``block_builder(rows)`` returns the chunk's :class:`LikelihoodBlock` s (projected here) and any
+    :class:`ProjectedBlock` s already reduced (a per-star Gaussian term on the labels).
     ``starts``: a list of (n_stars, n_labels) start points, or ``starts(rows, projected)`` returning that
     list for the chunk's rows from its projected blocks (``template_chi2``, ``linear_estimate``: starts
     that cost no pass over the pixels; ``n_labels`` must then be given). ``projected_lm`` (the numba
@@ -98,6 +100,10 @@ def run_test_step(block_builder, starts, n_stars, xp, max_iter, chunk_size, prog
         # project each star once, then replicate the (small) sufficient statistics for every start
         projected = []
         for block in block_builder(rows):
+            if isinstance(block, ProjectedBlock):  # already statistics (e.g. a per-star Gaussian on the labels)
+                projected.append(ProjectedBlock(xp.asarray(block.gram), xp.asarray(block.rhs),
+                                                xp.asarray(block.flux_norm), block.exponents, block.label_index))
+                continue
             key = id(block.coef)
             if key not in packed_cache:
                 # the coefficients and their products are the same for every chunk: move/build them once
@@ -169,7 +175,12 @@ def _debiased_minimum(projected, x_plain, information, prior, n_labels, projecte
     :data:`DEBIAS_TRUST` sigma away (in the plain ``information``) is the debiased chi^2 running off where
     the training set says nothing: the plain minimum is kept there.
     """
-    debiased = [block.debiased(xp) if block.noise_weights is not None else block for block in projected]
+    x_device = xp.asarray(x_plain)
+    # each block's chi^2 in the weights the reported information has (1 / (1 + r_b), r_b at the plain
+    # minimum), so that it combines with the other blocks and the prior as the covariance says
+    debiased = [block.debiased(1.0 / (1.0 + xp.maximum(coefficient_variance(x_device, block, xp)
+                                                        / xp.maximum(block.n_used, 1), 0.0)), xp)
+                if block.noise_weights is not None else block for block in projected]
     n_stars = len(x_plain)
     x, chi2, _, _, n_iter = _minimise(debiased, x_plain, np.arange(n_stars), prior, n_labels, projected_lm,
                                       max_iter, xp)
