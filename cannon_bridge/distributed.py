@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._validation import check_labels, check_spectra
 from .errors import InvalidInputError
 
 __all__ = ["fit_distributed"]
@@ -115,7 +116,11 @@ def fit_distributed(model, flux, labels, ivar=None, wavelength=None, client=None
             del futures, shipped_labels
     finally:
         close()
-    return _join_blocks(model, fitted, wavelength)
+    model = _join_blocks(model, fitted, wavelength)
+    # the coefficients' covariance shares each star's weight over every pixel: estimated once, as fit does
+    checked_flux, checked_ivar = check_spectra(flux, ivar, copy=False)
+    model._set_coefficient_noise(checked_flux, checked_ivar, check_labels(labels, n_stars=flux.shape[0]))
+    return model
 
 
 def _join_blocks(model, fitted, wavelength):

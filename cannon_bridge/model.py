@@ -197,9 +197,6 @@ class CannonModel(RegressorMixin, BaseEstimator):
         self.scatter_ = np.sqrt(scatter_variance)
         self.pixel_flags_ = flags
         self.noise_variance_ = noise_variance
-        u, q = star_and_pixel_weights(SpectraBlocks(flux, ivar), scatter_variance, noise_variance)
-        self.coefficient_noise_ = estimate_coefficient_noise(design, u, q, censoring_groups(active), flags == 0, coef,
-                                                             self.regularization)
         self.label_names_ = names
         self.term_exponents_ = vectorizer.term_exponents
         self.term_names_ = vectorizer.term_names
@@ -209,7 +206,16 @@ class CannonModel(RegressorMixin, BaseEstimator):
         self.n_features_in_ = n_pixels
         self.wavelength_ = None if wavelength is None else np.asarray(wavelength, dtype=float).copy()
         self._set_training_domain(labels)
+        self._set_coefficient_noise(flux, ivar, labels)
         return self
+
+    def _set_coefficient_noise(self, flux, ivar, labels) -> None:
+        """``coefficient_noise_`` from the fitted coefficients, scatter and flags (one pass over the ivar)."""
+        active = active_terms(self.term_exponents_, self.censors_)
+        u, q = star_and_pixel_weights(SpectraBlocks(flux, ivar), self.scatter_**2, self.noise_variance_)
+        self.coefficient_noise_ = estimate_coefficient_noise(
+            self.vectorizer_.design_matrix(labels), u, q, censoring_groups(active), self.pixel_flags_ == 0, self.coef_,
+            self.regularization)
 
     def _set_training_domain(self, labels, box=None):
         domain = label_domain(labels, box=box)

@@ -1,6 +1,7 @@
 """cannon_bridge.scale: predict_files (cluster, resume, failures, refusals) and fit_distributed."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -330,7 +331,11 @@ def test_fit_distributed_equals_fit(client):
         assert sorted(k for k in vars(fitted) if k.endswith("_")) == fitted_attributes
         for name in fitted_attributes:
             value, expected = getattr(fitted, name), getattr(reference, name)
-            if isinstance(expected, np.ndarray) and expected.dtype.kind == "f":
+            if dataclasses.is_dataclass(expected):  # the coefficients' covariance: compare its arrays
+                for field in dataclasses.fields(expected):
+                    np.testing.assert_allclose(getattr(value, field.name), getattr(expected, field.name), rtol=1e-10,
+                                               atol=1e-12, err_msg=f"{name}.{field.name}")
+            elif isinstance(expected, np.ndarray) and expected.dtype.kind == "f":
                 np.testing.assert_allclose(value, expected, rtol=1e-10, atol=1e-12, err_msg=name)
             elif isinstance(expected, np.ndarray):
                 np.testing.assert_array_equal(value, expected, err_msg=name)

@@ -77,11 +77,7 @@ class ProjectedBlock:
     noise_weights: object = None
     noise_covariance: object = None
     n_used: object = None
-    clip: Optional[bool] = None  # default: clip unless the block carries the coefficients' noise
-
-    def __post_init__(self):
-        if self.clip is None:
-            self.clip = self.noise_weights is None
+    clip: bool = True  # False for the debiased chi^2 (:meth:`debiased`), which may be negative
 
     def debiased(self, weight=None, xp=np) -> "ProjectedBlock":
         """The debiased chi^2 Q = chi^2 - sum_g C_g v'G_g v: the same quadratic form with C_g G_g taken off

@@ -88,15 +88,15 @@ class CoefficientNoise:
                    np.asarray(arrays[f"{prefix}_covariance"], dtype=float))
 
 
-def star_and_pixel_weights(source: SpectraBlocks, scatter_variance, noise_variance, max_values: int = 1 << 24,
-                           block_rows: int = 256):
+def star_and_pixel_weights(source: SpectraBlocks, scatter_variance, noise_variance, max_values: int = 1 << 24):
     """(u (n_stars,), q (n_pixels,)): the separable approximation ``w_np ~ u_n q_p`` of the training weights.
 
     ``w_np = ivar_np / (1 + ivar_np s_p^2)``; ``u_n`` is the mean over a star's observed pixels of
     ``w_np / w_typ_p`` with ``w_typ_p = 1 / (noise_variance_p + s_p^2)`` (its S/N relative to the
     others), and ``q_p = sum_n w_np / sum_n u_n``. Each of the two reads at most ``max_values`` values
     (every k-th pixel for ``u``, every k-th star for ``q``): a star's S/N and a pixel's mean weight are
-    averages, which a large training set does not need every value for.
+    averages, which a large training set does not need every value for. Rows are read ~4 MB (float64) at
+    a time, so the work arrays do not grow with the training set.
     Noise-free spectra (no ivar): ``u = 1``, ``q_p = 1 / s_p^2`` (inf where ``s_p = 0``).
     """
     n_stars, n_pixels = source.shape
@@ -106,6 +106,7 @@ def star_and_pixel_weights(source: SpectraBlocks, scatter_variance, noise_varian
             return np.ones(n_stars), 1.0 / s2
     typical = 1.0 / np.where(noise_variance + s2 > 0, noise_variance + s2, np.inf)
     stride = max(1, -(-n_stars * n_pixels // max_values))
+    block_rows = max(1, (1 << 19) // max(n_pixels, 1))
 
     def weights(ivar, variance):
         ivar = np.asarray(ivar, dtype=float)
