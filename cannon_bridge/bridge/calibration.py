@@ -97,8 +97,9 @@ def fit_folds(params, fitted: FittedBridge, setup: TrainingSetup, sources: dict,
     excess = {survey: np.zeros(spectra[survey][0].shape[1]) for survey in SURVEYS}
     counts = {survey: np.zeros(spectra[survey][0].shape[1]) for survey in SURVEYS}
     for train, test in splits:
+        # a fold model runs the test step the bridge was fitted for: its coefficients' noise only when used
         parts = fit_surveys(params, fold_setup, {survey: source.take_rows(train) for survey, source in sources.items()},
-                            labels[train])
+                            labels[train], coefficient_noise=bool(params.coefficient_uncertainty))
         prior = PopulationPrior.fit(fitted.scaled(labels[train]), np.arange(fitted.n_core),
                                     np.arange(fitted.n_core, fitted.n_labels))
         sub = replace(fitted, apogee=parts["apogee"], galah=parts["galah"], prior=prior,

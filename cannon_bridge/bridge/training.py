@@ -130,10 +130,13 @@ def fit_survey(params, setup: TrainingSetup, survey: str, source: SpectraBlocks,
     return used, vectorizer, coef, scatter_variance, flags, sub_allowed
 
 
-def fit_surveys(params, setup: TrainingSetup, sources: dict, labels, prepared: dict | None = None) -> dict:
+def fit_surveys(params, setup: TrainingSetup, sources: dict, labels, prepared: dict | None = None,
+                coefficient_noise: bool = True) -> dict:
     """{survey: SurveyPart}: both surveys' models fitted on ``sources`` (survey -> SpectraBlocks).
 
     ``prepared`` maps a survey to its band-limited SpectraBlocks when the caller already made it.
+    ``coefficient_noise``: also estimate each model's ``coefficient_noise_`` (one more read of the ivar;
+    a model that will only ever run the plain test step does not need it).
     """
     backend = get_backend(params.backend)
     parts = {}
@@ -149,7 +152,7 @@ def fit_surveys(params, setup: TrainingSetup, sources: dict, labels, prepared: d
             params, setup, survey, source, labels, strengths)
         # the weights' star and pixel factors from the spectra as given (band limiting barely changes them)
         noise = survey_coefficient_noise(params, setup, survey, sources[survey], labels, coef, scatter_variance,
-                                         flags, sub_allowed, noise_variance, strengths)
+                                         flags, sub_allowed, noise_variance, strengths) if coefficient_noise else None
         model = CannonModel.from_theta(
             coef, np.sqrt(scatter_variance), [setup.label_names[k] for k in used], vectorizer.pivots,
             vectorizer.scales, vectorizer.term_exponents, wavelength=setup.wavelength[survey],

@@ -12,7 +12,7 @@ toward labels where the training set pins the model down best. The test step the
 
 whose expected gradient at the truth is 0 whatever the test spectrum's noise (the *debiased* chi^2;
 the marginal likelihood with its log-determinant, by contrast, keeps a bias of the same sign), and
-widens each star's covariance by the coefficients' variance (a sandwich, see
+widens each star's covariance by the coefficients' share of its pixels' variance (see
 :func:`cannon_bridge.engine.run_test_step`).
 
 Approximation (what makes ``v_p`` cost nothing per pixel): a training star's weight relative to the
@@ -68,10 +68,9 @@ class CoefficientNoise:
         design = np.asarray(design, dtype=float)
         return np.einsum("sp,gpq,sq->sg", design, self.covariance, design, optimize=True)
 
-    def flux_variance(self, design, pixels=slice(None)) -> np.ndarray:
+    def flux_variance(self, design) -> np.ndarray:
         """The model flux's variance from the coefficients, ``c_p a(l)^T G_g a(l)`` (n_stars, n_pixels)."""
-        leverage = self.leverage(design)
-        return leverage[:, self.group[pixels]] * self.scale[pixels][None, :]
+        return self.leverage(design)[:, self.group] * self.scale[None, :]
 
     def to_arrays(self, prefix: str = "coef_noise") -> dict:
         """Arrays for a model file."""

@@ -176,11 +176,10 @@ def _debiased_minimum(projected, x_plain, information, prior, n_labels, projecte
     the training set says nothing: the plain minimum is kept there.
     """
     x_device = xp.asarray(x_plain)
-    # each block's chi^2 in the weights the reported information has (1 / (1 + r_b), r_b at the plain
-    # minimum), so that it combines with the other blocks and the prior as the covariance says
-    debiased = [block.debiased(1.0 / (1.0 + xp.maximum(coefficient_variance(x_device, block, xp)
-                                                        / xp.maximum(block.n_used, 1), 0.0)), xp)
-                if block.noise_weights is not None else block for block in projected]
+    # each block's chi^2 in the weights the reported information has (its widening at the plain minimum),
+    # so that it combines with the other blocks and the prior as the covariance says
+    debiased = [block.debiased(_widening(x_device, block, xp), xp) if block.noise_weights is not None else block
+                for block in projected]
     n_stars = len(x_plain)
     x, chi2, _, _, n_iter = _minimise(debiased, x_plain, np.arange(n_stars), prior, n_labels, projected_lm,
                                       max_iter, xp)
@@ -189,15 +188,20 @@ def _debiased_minimum(projected, x_plain, information, prior, n_labels, projecte
     return np.where(keep[:, None], x, x_plain), np.where(keep, n_iter, 0)
 
 
+def _widening(x, block, xp):
+    """1 / (1 + r_b) per star: r_b = V_b / n_b (:func:`coefficient_variance` over the block's used pixels),
+    the mean share of the coefficients' variance in its pixels' variance."""
+    return 1.0 / (1.0 + xp.maximum(coefficient_variance(x, block, xp) / xp.maximum(block.n_used, 1), 0.0))
+
+
 def _with_coefficient_noise(x, projected, prior, xp):
     """(chi^2, information, each block's chi^2 or None) at a chunk's labels ``x``, the coefficients' noise
     in the weights.
 
-    A block with the coefficients' noise has plain chi^2_b and information F_b at ``x``; with
-    r_b = V_b / n_b (:func:`coefficient_variance` over its used pixels), the mean share of the
-    coefficients' variance in its pixels' variance, it reports chi^2_b / (1 + r_b) (about its degrees of
-    freedom at the truth) and F_b / (1 + r_b): the labels' covariance widened by what the coefficients
-    leave uncertain. Other blocks and the prior count as they are.
+    A block with the coefficients' noise has plain chi^2_b and information F_b at ``x``; it reports
+    chi^2_b / (1 + r_b) (about its degrees of freedom at the truth) and F_b / (1 + r_b) (:func:`_widening`):
+    the labels' covariance widened by what the coefficients leave uncertain. Other blocks and the prior
+    count as they are.
     """
     chi2, hessian, _ = (to_numpy(a) for a in evaluate(x, projected, prior, xp))
     values = [None] * len(projected)
@@ -208,8 +212,7 @@ def _with_coefficient_noise(x, projected, prior, xp):
             q, information = chi2.copy(), hessian.copy()
         else:
             q, information, _ = (to_numpy(a) for a in evaluate(x, [block], xp=xp))
-        ratio = to_numpy(coefficient_variance(x, block, xp)) / np.maximum(to_numpy(block.n_used), 1)
-        widened = 1.0 / (1.0 + np.maximum(ratio, 0.0))
+        widened = to_numpy(_widening(x, block, xp))
         values[b] = q * widened
         chi2 += values[b] - q
         hessian += information * (widened[:, None, None] - 1.0)
