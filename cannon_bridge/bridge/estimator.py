@@ -21,6 +21,7 @@ from ..backends import get_backend
 from ..engine import BridgeInferenceResult
 from ..errors import InvalidInputError, NotFittedError
 from ..vectorizer import PolynomialVectorizer
+from sklearn.model_selection import KFold
 from .calibration import calibrate, with_scatter
 from .censoring import allowed_labels
 from .inference import infer
@@ -268,7 +269,9 @@ class BridgeModel(BaseEstimator):
         latent = None
         if label_errors is not None:
             try:
-                parts, latent = fit_latent(self, setup, fitted, sources, prepared, spectra, labels, label_errors)
+                latent_splits = splits or list(KFold(4, shuffle=True, random_state=self.random_state).split(labels))
+                parts, latent = fit_latent(self, setup, fitted, sources, prepared, spectra, labels, label_errors,
+                                           latent_splits)
             finally:
                 backend.clear_caches()
             fitted = replace(fitted, apogee=parts["apogee"], galah=parts["galah"])
@@ -282,11 +285,10 @@ class BridgeModel(BaseEstimator):
             fitted = replace(fitted, apogee=with_scatter(fitted.apogee, cv_scatter["apogee"]),
                              galah=with_scatter(fitted.galah, cv_scatter["galah"]), calibration=result.calibration)
         self._adopt(fitted, allowed, wavelengths, choice.strengths, choice.scores, cv_scatter)
-        self._adopt_training_labels(fitted, spectra, labels, label_errors, latent,
-                                    None if result is None else result.out_of_fold)
+        self._adopt_training_labels(fitted, labels, label_errors, latent)
         return self
 
-    def _adopt_training_labels(self, fitted, spectra, labels, errors, latent, out_of_fold) -> None:
+    def _adopt_training_labels(self, fitted, labels, errors, latent) -> None:
         """``training_labels_``, ``training_labels_spectra_``, ``catalogue_outliers_`` and the latent fit's
         record (``latent_history_``, ``latent_n_iter_``, ``latent_converged_``, ``catalogue_scatter_``) when the
         bridge was trained through catalogue errors (else None)."""
@@ -295,7 +297,7 @@ class BridgeModel(BaseEstimator):
             self.latent_history_, self.latent_n_iter_, self.latent_converged_ = None, 0, False
             self.catalogue_scatter_ = None
             return
-        improved, spectral, outliers = training_labels(fitted, spectra, labels, errors, latent, out_of_fold)
+        improved, spectral, outliers = training_labels(fitted, labels, errors, latent)
         self.training_labels_, self.training_labels_spectra_, self.catalogue_outliers_ = improved, spectral, outliers
         self.latent_history_ = list(latent.history)
         self.latent_n_iter_, self.latent_converged_ = int(latent.n_iter), bool(latent.converged)

@@ -66,6 +66,8 @@ class LatentLabels:
     history: list = field(default_factory=list)
     n_iter: int = 0
     converged: bool = False
+    spectral_mean: np.ndarray = None  #: every star's out-of-fold estimate from the spectra alone (scaled)
+    spectral_covariance: np.ndarray = None  #: its covariance, tempered
 
 
 def catalogue_precision(errors, label_scatter, weights) -> np.ndarray:
@@ -77,8 +79,9 @@ def catalogue_precision(errors, label_scatter, weights) -> np.ndarray:
 
 def training_posterior(fitted: FittedBridge, spectra: dict, values, precision, progress: bool = False):
     """(mean, covariance, chi2) of every training star's labels (scaled) from both spectra and the catalogue
-    term (``values``, ``precision``: scaled units), :data:`~cannon_bridge.engine.INFER_BATCH` stars at a time."""
-    n_stars = len(values)
+    term (``values``, ``precision``: scaled units; ``values`` None: the spectra alone),
+    :data:`~cannon_bridge.engine.INFER_BATCH` stars at a time."""
+    n_stars = len(spectra["apogee"][0])
     mean = np.empty((n_stars, fitted.n_labels))
     covariance = np.empty((n_stars, fitted.n_labels, fitted.n_labels))
     chi2 = np.empty(n_stars)
@@ -88,7 +91,7 @@ def training_posterior(fitted: FittedBridge, spectra: dict, values, precision, p
         rows = slice(start, start + INFER_BATCH)
         result = infer_single(fitted, apogee_flux[rows], None if apogee_ivar is None else apogee_ivar[rows],
                               galah_flux[rows], None if galah_ivar is None else galah_ivar[rows], progress,
-                              catalogue=(values[rows], precision[rows]))
+                              catalogue=None if values is None else (values[rows], precision[rows]))
         mean[rows] = fitted.scaled(result.labels)
         covariance[rows] = result.covariance / scales
         chi2[rows] = result.chi2
@@ -105,6 +108,40 @@ def label_draws(mean, covariance, n_draws: int = N_DRAWS, seed: int = 0) -> np.n
     steps = np.einsum("skl,sdl->sdk", roots, normal)
     draws = np.concatenate([mean[:, None, :] + steps, mean[:, None, :] - steps], axis=1)
     return draws.reshape(n_stars * n_draws, n_labels)
+
+
+def _population(mean, covariance, _):
+    """(mean, covariance) of a Gaussian population over the labels: of the posterior means plus the mean
+    posterior covariance (NaN-tolerant for catalogue values: pairwise-complete, clipped positive)."""
+    centre = np.nanmean(mean, axis=0)
+    centred = mean - centre
+    n_labels = mean.shape[1]
+    spread = np.empty((n_labels, n_labels))
+    for i in range(n_labels):
+        for j in range(n_labels):
+            both = np.isfinite(centred[:, i]) & np.isfinite(centred[:, j])
+            spread[i, j] = np.mean(centred[both, i] * centred[both, j]) if both.any() else float(i == j)
+    if covariance is not None:
+        spread = spread + np.mean(covariance, axis=0)
+    values, vectors = np.linalg.eigh(0.5 * (spread + spread.T))
+    values = np.maximum(values, 1e-6 * max(values.max(), 1e-12))
+    return centre, (vectors * values) @ vectors.T
+
+
+def _tempering(values, errors, label_scatter, weights, mean, covariance) -> np.ndarray:
+    """Per label, the factor k^2 >= 1 on the spectra's variance for which the spectra's estimates and the catalogue
+    values differ as much as their variances say: k^2 = sum w ((y - m)^2 - sigma^2 - s^2) / sum w Var[m]."""
+    spectral_variance = np.einsum("sii->si", covariance)
+    catalogue_variance = np.maximum(errors, MIN_ERROR) ** 2 + label_scatter[None, :] ** 2
+    factor = np.ones(values.shape[1])
+    for k in range(values.shape[1]):
+        given = np.isfinite(values[:, k]) & np.isfinite(spectral_variance[:, k]) & (weights[:, k] > 0)
+        if given.sum() < 3:
+            continue
+        w = weights[given, k]
+        excess = np.sum(w * ((values[given, k] - mean[given, k]) ** 2 - catalogue_variance[given, k]))
+        factor[k] = max(1.0, excess / max(np.sum(w * spectral_variance[given, k]), 1e-300))
+    return factor
 
 
 def _anchored(mean, covariance, values, precision):
@@ -148,45 +185,90 @@ def _label_scatter(values, errors, weights, mean, covariance):
 
 
 def fit_latent(params, setup, fitted: FittedBridge, sources: dict, prepared: dict, spectra: dict, labels, errors,
-               max_iter: int = 8, tol: float = 0.1, seed: int = 0):
-    """Monte-Carlo EM through the catalogue labels (see the module's docstring).
+               splits, max_iter: int = 3, tol: float = 0.1, seed: int = 0):
+    """Monte-Carlo EM through the catalogue labels (see the module's docstring), the E-step out of fold.
 
     ``fitted``: the bridge fitted on the catalogue values as they are (its prior and settings are kept);
     ``sources``/``prepared``: the training spectra as SpectraBlocks (as given / band-limited), ``spectra``
-    the same as arrays; ``labels``, ``errors``: physical units, NaN where missing. Returns the refitted
-    survey parts and the :class:`LatentLabels`.
+    the same as arrays; ``labels``, ``errors``: physical units, NaN where missing; ``splits``: the K-fold
+    (train, test) pairs. Returns the refitted survey parts and the :class:`LatentLabels`.
+
+    A star's spectral estimate comes from the fold model that did not train on it: in sample, a model of
+    dozens of terms per pixel trained on a few hundred noisy labels partly memorises their noise (its
+    estimates' errors correlate with the catalogue's, 0.4-0.45 measured for Teff and logg on the mock),
+    and the posterior would count the catalogue twice.
     """
     values = fitted.scaled(labels)
     scaled_errors = errors / fitted.scales
     n_stars, n_labels = values.shape
     weights = np.where(np.isfinite(values), 1.0, np.nan)
     label_scatter = np.zeros(n_labels)
-    current = replace(fitted, calibration=Calibration.identity(n_labels), coefficient_uncertainty=False)
-    history, mean, covariance, converged = [], None, None, False
-    rows = np.repeat(np.arange(n_stars), N_DRAWS)
+    base = replace(fitted, calibration=Calibration.identity(n_labels), coefficient_uncertainty=False)
+    history, mean, covariance, converged, draws, population = [], None, None, False, None, None
+    spectral_mean = np.full((n_stars, n_labels), np.nan)
+    spectral_covariance = np.full((n_stars, n_labels, n_labels), np.nan)
     iteration = 0
     for iteration in range(1, max_iter + 1):
+        for train, test in splits:  # E-step: each star's spectra through the fold model that did not train on it
+            parts = _fit_on(params, setup, sources, prepared, train, labels, draws)
+            fold = replace(base, apogee=parts["apogee"], galah=parts["galah"])
+            sub_spectra = {s: (spectra[s][0][test], None if spectra[s][1] is None else spectra[s][1][test])
+                           for s in SURVEYS}
+            spectral_mean[test], spectral_covariance[test], _ = training_posterior(fold, sub_spectra, None, None)
+        # the tempering and the catalogue values' Student-t weights, together: a 10-sigma value (a binary, a
+        # failed fit) must neither widen every star's spectral uncertainty nor pull its own posterior
+        temper = np.ones(n_labels)
+        for _ in range(4):
+            root = np.sqrt(temper)
+            weights = _student_weights(values, scaled_errors, label_scatter, spectral_mean,
+                                       spectral_covariance * root[None, :, None] * root[None, None, :])
+            temper = _tempering(values, scaled_errors, label_scatter, np.nan_to_num(weights, nan=0.0), spectral_mean,
+                                spectral_covariance)
+        root = np.sqrt(temper)
+        tempered = spectral_covariance * root[None, :, None] * root[None, None, :]
         precision = catalogue_precision(scaled_errors, label_scatter, np.nan_to_num(weights, nan=0.0))
-        new_mean, covariance, chi2 = training_posterior(current, spectra, np.nan_to_num(values), precision,
-                                                        bool(params.progress))
-        history.append(float(np.mean(chi2)))
+        information = _information(tempered)
+        # the population the stars are drawn from (a Gaussian over every label): without it the posterior
+        # means are not shrunk toward the population and the M-step's expected products attenuate the model
+        if population is None:
+            population = _population(np.where(precision > 0, values, np.nan), None, None)
+        population_information = np.linalg.inv(population[1])
+        new_covariance = np.linalg.inv(information + precision[:, :, None] * np.eye(n_labels)[None]
+                                       + population_information[None])
+        new_mean = np.einsum("skl,sl->sk", new_covariance, np.einsum("skl,sl->sk", information, spectral_mean)
+                             + precision * np.nan_to_num(values) + (population_information @ population[0])[None])
+        population = _population(new_mean, new_covariance, None)
+        objective = np.mean(np.einsum("sk,skl,sl->s", new_mean - spectral_mean, information, new_mean - spectral_mean)
+                            + np.sum(precision * (new_mean - np.nan_to_num(values)) ** 2, axis=1))
+        history.append(float(objective))
         moved = np.inf if mean is None else np.max(np.abs(new_mean - mean) / np.sqrt(np.maximum(
-            np.einsum("sii->si", covariance), 1e-300)))
-        mean, covariance = _anchored(new_mean, covariance, values, precision)
-        weights = _student_weights(values, scaled_errors, label_scatter, mean, covariance)
+            np.einsum("sii->si", new_covariance), 1e-300)))
+        mean, covariance = new_mean, new_covariance
         if FIT_SCATTER:
             label_scatter = _label_scatter(values, scaled_errors, np.nan_to_num(weights, nan=0.0), mean, covariance)
-        logger.info("latent labels, iteration %d: objective %.6g, largest move %.3g sigma, extra catalogue "
-                    "scatter %s", iteration, history[-1], moved, np.round(label_scatter * fitted.scales, 4))
+        logger.info("latent labels, iteration %d: objective %.6g, largest move %.3g sigma, spectra tempered by %s",
+                    iteration, history[-1], moved, np.round(root, 2))
+        draws = label_draws(mean, covariance, N_DRAWS, seed) * fitted.scales + fitted.pivots
         converged = bool(moved < tol)
-        if converged or iteration == max_iter:
-            break  # the posterior is that of the current model
-        draws = label_draws(mean, covariance, N_DRAWS, seed + iteration) * fitted.scales + fitted.pivots
-        parts = fit_surveys(params, setup, {s: sources[s].take_rows(rows) for s in SURVEYS}, draws,
-                            prepared={s: prepared[s].take_rows(rows) for s in SURVEYS})
-        current = replace(current, apogee=parts["apogee"], galah=parts["galah"])
-    latent = LatentLabels(mean, covariance, weights, label_scatter, history, iteration, converged)
-    return {"apogee": current.apogee, "galah": current.galah}, latent
+        if converged:
+            break
+    parts = _fit_on(params, setup, sources, prepared, np.arange(n_stars), labels, draws)  # the M-step, every star
+    latent = LatentLabels(mean, covariance, weights, label_scatter, history, iteration, converged,
+                          spectral_mean, tempered)
+    return parts, latent
+
+
+def _fit_on(params, setup, sources, prepared, stars, labels, draws):
+    """The survey parts fitted on ``stars``: on their catalogue values (``draws`` None) or on their
+    :data:`N_DRAWS` label draws each (``draws`` (n_stars * N_DRAWS, n_labels), physical units)."""
+    
+    if draws is None:
+        rows, fit_labels = stars, labels[stars]
+    else:
+        rows = (stars[:, None] * N_DRAWS + np.arange(N_DRAWS)[None, :]).ravel()
+        fit_labels, rows = draws[rows], np.repeat(stars, N_DRAWS)
+    return fit_surveys(params, replace(setup, progress=False), {s: sources[s].take_rows(rows) for s in SURVEYS},
+                       fit_labels, prepared={s: prepared[s].take_rows(rows) for s in SURVEYS})
 
 
 #: a catalogue value further than this many standard deviations (its error, the catalogue's extra scatter and
@@ -194,47 +276,42 @@ def fit_latent(params, setup, fitted: FittedBridge, sources: dict, prepared: dic
 OUTLIER_SIGMA = 3.5
 
 
-def training_labels(fitted: FittedBridge, spectra: dict, labels, errors, latent: LatentLabels, out_of_fold=None):
+def training_labels(fitted: FittedBridge, labels, errors, latent: LatentLabels):
     """(``training_labels_``, ``training_labels_spectra_``, ``catalogue_outliers_``) of a bridge trained through
-    catalogue errors.
+    catalogue errors, in physical units.
 
-    ``training_labels_``: each training star's posterior from both spectra (the calibrated bridge's
-    ``infer``) combined with its catalogue values (precision ``omega / (sigma^2 + s^2)``; outliers left out).
-    ``training_labels_spectra_``: the spectra's out-of-fold estimate (``out_of_fold``: labels and covariance
-    from :func:`~cannon_bridge.bridge.calibration.calibrate`; None without calibration), which never used the
-    star's own catalogue values. ``catalogue_outliers_`` (n_stars, n_labels): catalogue values further than
-    :data:`OUTLIER_SIGMA` from the spectra's estimate (out-of-fold when there is one).
+    ``training_labels_``: each training star's posterior from both spectra (its out-of-fold estimate,
+    tempered) and its catalogue values (the last E-step), outlying catalogue values left out.
+    ``training_labels_spectra_``: the spectra's out-of-fold estimate alone, which never used the star's own
+    catalogue values. ``catalogue_outliers_`` (n_stars, n_labels): catalogue values further than
+    :data:`OUTLIER_SIGMA` from the spectra's out-of-fold estimate (their error, the catalogue's extra scatter
+    and the estimate's variance together).
     """
     from ..engine import BridgeInferenceResult, StarFlag
-    from .inference import infer
 
-    (apogee_flux, apogee_ivar), (galah_flux, galah_ivar) = spectra["apogee"], spectra["galah"]
-    from_spectra = infer(fitted, apogee_flux, apogee_ivar, galah_flux, galah_ivar)
-    spectral = None
-    reference, reference_covariance = from_spectra.labels, from_spectra.covariance
-    if out_of_fold is not None and out_of_fold[0] is not None:
-        oof_labels, oof_covariance = out_of_fold
-        n_stars = len(oof_labels)
-        spectral = BridgeInferenceResult(oof_labels, oof_covariance, np.full(n_stars, np.nan), np.full(n_stars, np.nan),
-                                         np.zeros(n_stars, dtype=np.int64), np.zeros(n_stars, dtype=np.int64),
-                                         list(fitted.label_names), mode="both")
-        held = np.all(np.isfinite(oof_labels), axis=1)
-        reference = np.where(held[:, None], oof_labels, reference)
-        reference_covariance = np.where(held[:, None, None], oof_covariance, reference_covariance)
+    scales = np.outer(fitted.scales, fitted.scales)
+    n_stars = len(labels)
+    spectral_labels = latent.spectral_mean * fitted.scales + fitted.pivots
+    spectral_covariance = latent.spectral_covariance * scales
     scatter = latent.label_scatter * fitted.scales
     catalogue_variance = errors**2 + scatter[None, :] ** 2
-    distance = np.abs(labels - reference) / np.sqrt(catalogue_variance + np.einsum("sii->si", reference_covariance))
+    with np.errstate(invalid="ignore"):
+        distance = np.abs(labels - spectral_labels) / np.sqrt(catalogue_variance
+                                                             + np.einsum("sii->si", spectral_covariance))
     outliers = np.isfinite(labels) & (np.nan_to_num(distance, nan=0.0) > OUTLIER_SIGMA)
-    weights = np.where(outliers, 0.0, np.nan_to_num(latent.weights, nan=0.0))
-    precision = np.where(np.isfinite(labels), weights / np.maximum(catalogue_variance, (MIN_ERROR * fitted.scales) ** 2),
-                         0.0)
-    information = _information(from_spectra.covariance)
+    precision = np.where(np.isfinite(labels) & ~outliers,
+                         np.nan_to_num(latent.weights, nan=0.0) / np.maximum(catalogue_variance,
+                                                                              (MIN_ERROR * fitted.scales) ** 2), 0.0)
+    information = _information(spectral_covariance)
     covariance = np.linalg.inv(information + precision[:, :, None] * np.eye(fitted.n_labels)[None])
-    mean = np.einsum("skl,sl->sk", covariance, np.einsum("skl,sl->sk", information, from_spectra.labels)
+    mean = np.einsum("skl,sl->sk", covariance, np.einsum("skl,sl->sk", information, spectral_labels)
                      + precision * np.nan_to_num(labels))
-    flags = from_spectra.flags | np.where(outliers.any(axis=1), StarFlag.CATALOGUE_OUTLIER, 0)
-    improved = BridgeInferenceResult(mean, covariance, from_spectra.chi2, from_spectra.reduced_chi2,
-                                     from_spectra.n_iter, flags, list(fitted.label_names), mode="both")
+    none = np.full(n_stars, np.nan)
+    zeros = np.zeros(n_stars, dtype=np.int64)
+    flags = np.where(outliers.any(axis=1), StarFlag.CATALOGUE_OUTLIER, 0).astype(np.int64)
+    improved = BridgeInferenceResult(mean, covariance, none, none, zeros, flags, list(fitted.label_names), mode="both")
+    spectral = BridgeInferenceResult(spectral_labels, spectral_covariance, none, none, zeros, zeros.copy(),
+                                     list(fitted.label_names), mode="both")
     return improved, spectral, outliers
 
 
