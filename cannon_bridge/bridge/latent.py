@@ -47,6 +47,7 @@ STUDENT_NU = 4.0
 #: a finite precision, so that the test step stays well conditioned)
 MIN_ERROR = 1e-4
 FIT_SCATTER = False
+USE_POPULATION = False
 
 
 @dataclass(frozen=True)
@@ -232,7 +233,7 @@ def fit_latent(params, setup, fitted: FittedBridge, sources: dict, prepared: dic
         # means are not shrunk toward the population and the M-step's expected products attenuate the model
         if population is None:
             population = _population(np.where(precision > 0, values, np.nan), None, None)
-        population_information = np.linalg.inv(population[1])
+        population_information = np.linalg.inv(population[1]) if USE_POPULATION else np.zeros((n_labels, n_labels))
         new_covariance = np.linalg.inv(information + precision[:, :, None] * np.eye(n_labels)[None]
                                        + population_information[None])
         new_mean = np.einsum("skl,sl->sk", new_covariance, np.einsum("skl,sl->sk", information, spectral_mean)
