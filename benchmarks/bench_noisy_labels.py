@@ -68,6 +68,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", nargs="+", default=["true", "ignored", "used"])
+    parser.add_argument("--save", default=None, help="write the training stars' latent labels to this .npz")
     args = parser.parse_args(argv)
     physset = ROOT / bb.DEFAULT_PHYSSET
     if not physset.exists():
@@ -102,6 +103,11 @@ def main(argv=None) -> int:
             print(f"| {mode} z std | " + " | ".join(f"{v:.2f}" for v in zstd) + " |")
         if getattr(model, "training_labels_", None) is not None:
             improved = model.training_labels_
+            if args.save:
+                np.savez(args.save, truth=truth_train, catalogue=cat, errors=cat_errors, labels=improved.labels,
+                         covariance=improved.covariance, spectral=model.training_labels_spectra_.labels,
+                         spectral_covariance=model.training_labels_spectra_.covariance,
+                         outliers=model.catalogue_outliers_, injected=outlying)
             rms = np.sqrt(np.mean((improved.labels - truth_train) ** 2, axis=0))
             cat_rms = np.sqrt(np.nanmean((cat - truth_train) ** 2, axis=0))
             z = np.std((improved.labels - truth_train) / improved.uncertainties, axis=0)

@@ -47,7 +47,8 @@ STUDENT_NU = 4.0
 #: a finite precision, so that the test step stays well conditioned)
 MIN_ERROR = 1e-4
 FIT_SCATTER = False
-USE_POPULATION = False
+USE_POPULATION = True
+MATRIX_TEMPERING = True
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,40 @@ def _population(mean, covariance, _):
     values, vectors = np.linalg.eigh(0.5 * (spread + spread.T))
     values = np.maximum(values, 1e-6 * max(values.max(), 1e-12))
     return centre, (vectors * values) @ vectors.T
+
+
+def _tempering_matrix(values, errors, label_scatter, weights, mean, covariance) -> np.ndarray:
+    """A (n_labels, n_labels) with mean_n A C_n A^T equal to the spectral estimates' error covariance as the
+    catalogue shows it: R = Cov_w(y - m) - mean(sigma^2 + s^2) (pairwise-complete, Student-t weighted), so that
+    an overconfidence that differs between combinations of labels (Teff, logg and [Fe/H] move together) is
+    corrected as a whole, not label by label. A = R^1/2 Cbar^-1/2 (symmetric roots), identity where R < Cbar."""
+    n_labels = values.shape[1]
+    residual = values - mean
+    catalogue_variance = np.maximum(errors, MIN_ERROR) ** 2 + label_scatter[None, :] ** 2
+    spread = np.zeros((n_labels, n_labels))
+    for i in range(n_labels):
+        for j in range(n_labels):
+            both = np.isfinite(residual[:, i]) & np.isfinite(residual[:, j]) & (weights[:, i] > 0) & (weights[:, j] > 0)
+            if both.sum() < 3:
+                spread[i, j] = 0.0
+                continue
+            w = np.sqrt(weights[both, i] * weights[both, j])
+            spread[i, j] = np.sum(w * residual[both, i] * residual[both, j]) / np.sum(w)
+            if i == j:
+                spread[i, j] -= np.sum(w * catalogue_variance[both, i]) / np.sum(w)
+    mean_covariance = np.nanmean(covariance, axis=0)
+
+    def root(matrix, power):
+        values_, vectors = np.linalg.eigh(0.5 * (matrix + matrix.T))
+        values_ = np.maximum(values_, 1e-12 * max(values_.max(), 1e-300))
+        return (vectors * values_**power) @ vectors.T
+
+    # never narrower than the spectra say: R at least Cbar in every direction
+    whiten = root(mean_covariance, -0.5)
+    inner = whiten @ spread @ whiten
+    values_, vectors = np.linalg.eigh(0.5 * (inner + inner.T))
+    inner = (vectors * np.maximum(values_, 1.0)) @ vectors.T
+    return root(mean_covariance, 0.5) @ root(inner, 0.5) @ whiten
 
 
 def _tempering(values, errors, label_scatter, weights, mean, covariance) -> np.ndarray:
@@ -226,7 +261,12 @@ def fit_latent(params, setup, fitted: FittedBridge, sources: dict, prepared: dic
             temper = _tempering(values, scaled_errors, label_scatter, np.nan_to_num(weights, nan=0.0), spectral_mean,
                                 spectral_covariance)
         root = np.sqrt(temper)
-        tempered = spectral_covariance * root[None, :, None] * root[None, None, :]
+        if MATRIX_TEMPERING:
+            transform = _tempering_matrix(values, scaled_errors, label_scatter, np.nan_to_num(weights, nan=0.0),
+                                          spectral_mean, spectral_covariance)
+            tempered = transform[None] @ spectral_covariance @ transform.T[None]
+        else:
+            tempered = spectral_covariance * root[None, :, None] * root[None, None, :]
         precision = catalogue_precision(scaled_errors, label_scatter, np.nan_to_num(weights, nan=0.0))
         information = _information(tempered)
         # the population the stars are drawn from (a Gaussian over every label): without it the posterior
