@@ -138,6 +138,11 @@ def _tempering_matrix(values, errors, label_scatter, weights, mean, covariance) 
     n_labels = values.shape[1]
     residual = values - mean
     catalogue_variance = np.maximum(errors, MIN_ERROR) ** 2 + label_scatter[None, :] ** 2
+    # a hard cut, not the Student-t weights: the spectra's own heavy tail (stars the model fits badly) belongs
+    # in R; only values beyond OUTLIER_SIGMA (the catalogue's far-off values) are left out
+    with np.errstate(divide="ignore", invalid="ignore"):
+        distance2 = (STUDENT_NU + 1.0) / weights - STUDENT_NU
+    weights = np.where(np.isfinite(distance2) & (distance2 < OUTLIER_SIGMA**2), 1.0, 0.0)
     spread = np.zeros((n_labels, n_labels))
     for i in range(n_labels):
         for j in range(n_labels):
