@@ -130,6 +130,33 @@ def _population(mean, covariance, _):
     return centre, (vectors * values) @ vectors.T
 
 
+#: a star whose spectral estimate disagrees with its catalogue values (over every label, outliers left out) by
+#: more than this many times their combined variance per label has its spectral covariance widened to match
+STAR_DISAGREEMENT = 2.0
+
+
+def _star_inflation(values, errors, label_scatter, weights, mean, covariance) -> np.ndarray:
+    """Per star, the factor (>= 1) on its spectral covariance: the model fits a few stars badly, and their
+    estimates are off in several labels at once, far beyond what the tempering gives the typical star.
+    D^2 = r'(C + diag(sigma^2 + s^2))^-1 r over the labels with a trusted catalogue value (Student-t weight of
+    a value within :data:`OUTLIER_SIGMA`); factor max(1, D^2 / (n STAR_DISAGREEMENT))."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        distance2 = (STUDENT_NU + 1.0) / weights - STUDENT_NU
+    trusted = np.isfinite(values) & np.isfinite(distance2) & (distance2 < OUTLIER_SIGMA**2)
+    catalogue_variance = np.maximum(errors, MIN_ERROR) ** 2 + label_scatter[None, :] ** 2
+    factor = np.ones(len(values))
+    for n in np.flatnonzero(trusted.sum(axis=1) >= 2):
+        k = np.flatnonzero(trusted[n])
+        residual = values[n, k] - mean[n, k]
+        total = covariance[n][np.ix_(k, k)] + np.diag(catalogue_variance[n, k])
+        try:
+            d2 = float(residual @ np.linalg.solve(total, residual))
+        except np.linalg.LinAlgError:
+            continue
+        factor[n] = max(1.0, d2 / (k.size * STAR_DISAGREEMENT))
+    return factor
+
+
 def _tempering_matrix(values, errors, label_scatter, weights, mean, covariance) -> np.ndarray:
     """A (n_labels, n_labels) with mean_n A C_n A^T equal to the spectral estimates' error covariance as the
     catalogue shows it: R = Cov_w(y - m) - mean(sigma^2 + s^2) (pairwise-complete, Student-t weighted), so that
@@ -272,6 +299,8 @@ def fit_latent(params, setup, fitted: FittedBridge, sources: dict, prepared: dic
             tempered = transform[None] @ spectral_covariance @ transform.T[None]
         else:
             tempered = spectral_covariance * root[None, :, None] * root[None, None, :]
+        tempered = tempered * _star_inflation(values, scaled_errors, label_scatter, np.nan_to_num(weights, nan=0.0),
+                                              spectral_mean, tempered)[:, None, None]
         precision = catalogue_precision(scaled_errors, label_scatter, np.nan_to_num(weights, nan=0.0))
         information = _information(tempered)
         # the population the stars are drawn from (a Gaussian over every label): without it the posterior
