@@ -70,6 +70,7 @@ class LatentLabels:
     converged: bool = False
     spectral_mean: np.ndarray = None  #: every star's out-of-fold estimate from the spectra alone (scaled)
     spectral_covariance: np.ndarray = None  #: its covariance, tempered
+    outliers: np.ndarray = None  #: catalogue values the spectra and the population both contradict
 
 
 def catalogue_precision(errors, label_scatter, weights) -> np.ndarray:
@@ -133,6 +134,36 @@ def _population(mean, covariance, _):
 #: a star whose spectral estimate disagrees with its catalogue values (over every label, outliers left out) by
 #: more than this many times their combined variance per label has its spectral covariance widened to match
 STAR_DISAGREEMENT = 2.0
+
+
+def _arbitrate(values, errors, label_scatter, weights, spectral_mean, covariance, population):
+    """(weights, covariance): where a catalogue value and the spectra's estimate disagree beyond
+    :data:`OUTLIER_SIGMA`, the one further from what the population expects of the label given the star's other
+    (spectral) labels is taken to have failed. A failed catalogue value keeps its small Student-t weight; a failed
+    spectral estimate gets the value back (weight 1) and its variance in that label widened to the disagreement,
+    so that the precise catalogue value is not dropped for a star the model fits badly."""
+    weights, covariance = weights.copy(), covariance.copy()
+    outliers = np.zeros(values.shape, dtype=bool)
+    centre, spread = population
+    catalogue_variance = np.maximum(errors, MIN_ERROR) ** 2 + label_scatter[None, :] ** 2
+    with np.errstate(invalid="ignore"):
+        d2 = (values - spectral_mean) ** 2 / (catalogue_variance + np.einsum("sii->si", covariance))
+    for n, k in zip(*np.nonzero(np.nan_to_num(d2, nan=0.0) > OUTLIER_SIGMA**2)):
+        rest = np.flatnonzero(np.arange(values.shape[1]) != k)
+        gain = np.linalg.solve(spread[np.ix_(rest, rest)], spread[rest, k])
+        expected = centre[k] + gain @ (spectral_mean[n, rest] - centre[rest])
+        variance = max(spread[k, k] - gain @ spread[rest, k], 1e-12)
+        z_catalogue = abs(values[n, k] - expected) / np.sqrt(variance + catalogue_variance[n, k])
+        z_spectra = abs(spectral_mean[n, k] - expected) / np.sqrt(variance + covariance[n, k, k])
+        if z_catalogue < z_spectra:
+            weights[n, k] = 1.0
+            factor = np.sqrt(d2[n, k] / OUTLIER_SIGMA**2)
+            covariance[n, k, :] *= factor
+            covariance[n, :, k] *= factor
+        else:
+            outliers[n, k] = True
+            weights[n, k] = 0.0
+    return weights, covariance, outliers
 
 
 def _star_inflation(values, errors, label_scatter, weights, mean, covariance) -> np.ndarray:
@@ -301,12 +332,14 @@ def fit_latent(params, setup, fitted: FittedBridge, sources: dict, prepared: dic
             tempered = spectral_covariance * root[None, :, None] * root[None, None, :]
         tempered = tempered * _star_inflation(values, scaled_errors, label_scatter, np.nan_to_num(weights, nan=0.0),
                                               spectral_mean, tempered)[:, None, None]
-        precision = catalogue_precision(scaled_errors, label_scatter, np.nan_to_num(weights, nan=0.0))
-        information = _information(tempered)
         # the population the stars are drawn from (a Gaussian over every label): without it the posterior
         # means are not shrunk toward the population and the M-step's expected products attenuate the model
         if population is None:
-            population = _population(np.where(precision > 0, values, np.nan), None, None)
+            population = _population(values, None, None)
+        weights, tempered, outliers = _arbitrate(values, scaled_errors, label_scatter, weights, spectral_mean,
+                                                 tempered, population)
+        precision = catalogue_precision(scaled_errors, label_scatter, np.nan_to_num(weights, nan=0.0))
+        information = _information(tempered)
         population_information = np.linalg.inv(population[1]) if USE_POPULATION else np.zeros((n_labels, n_labels))
         new_covariance = np.linalg.inv(information + precision[:, :, None] * np.eye(n_labels)[None]
                                        + population_information[None])
@@ -329,7 +362,7 @@ def fit_latent(params, setup, fitted: FittedBridge, sources: dict, prepared: dic
             break
     parts = _fit_on(params, setup, sources, prepared, np.arange(n_stars), labels, draws)  # the M-step, every star
     latent = LatentLabels(mean, covariance, weights, label_scatter, history, iteration, converged,
-                          spectral_mean, tempered)
+                          spectral_mean, tempered, outliers)
     return parts, latent
 
 
@@ -353,39 +386,21 @@ OUTLIER_SIGMA = 3.5
 
 def training_labels(fitted: FittedBridge, labels, errors, latent: LatentLabels):
     """(``training_labels_``, ``training_labels_spectra_``, ``catalogue_outliers_``) of a bridge trained through
-    catalogue errors, in physical units.
-
-    ``training_labels_``: each training star's posterior from both spectra (its out-of-fold estimate,
-    tempered) and its catalogue values (the last E-step), outlying catalogue values left out.
-    ``training_labels_spectra_``: the spectra's out-of-fold estimate alone, which never used the star's own
-    catalogue values. ``catalogue_outliers_`` (n_stars, n_labels): catalogue values further than
-    :data:`OUTLIER_SIGMA` from the spectra's out-of-fold estimate (their error, the catalogue's extra scatter
-    and the estimate's variance together).
-    """
+    catalogue errors, in physical units: the last E-step's posterior (spectra out of fold, tempered, with the
+    catalogue values and the population), the spectra's out-of-fold estimate alone, and the catalogue values
+    that E-step judged to have failed (:func:`_arbitrate`)."""
     from ..engine import BridgeInferenceResult, StarFlag
 
     scales = np.outer(fitted.scales, fitted.scales)
     n_stars = len(labels)
-    spectral_labels = latent.spectral_mean * fitted.scales + fitted.pivots
-    spectral_covariance = latent.spectral_covariance * scales
-    scatter = latent.label_scatter * fitted.scales
-    catalogue_variance = errors**2 + scatter[None, :] ** 2
-    with np.errstate(invalid="ignore"):
-        distance = np.abs(labels - spectral_labels) / np.sqrt(catalogue_variance
-                                                             + np.einsum("sii->si", spectral_covariance))
-    outliers = np.isfinite(labels) & (np.nan_to_num(distance, nan=0.0) > OUTLIER_SIGMA)
-    precision = np.where(np.isfinite(labels) & ~outliers,
-                         np.nan_to_num(latent.weights, nan=0.0) / np.maximum(catalogue_variance,
-                                                                              (MIN_ERROR * fitted.scales) ** 2), 0.0)
-    information = _information(spectral_covariance)
-    covariance = np.linalg.inv(information + precision[:, :, None] * np.eye(fitted.n_labels)[None])
-    mean = np.einsum("skl,sl->sk", covariance, np.einsum("skl,sl->sk", information, spectral_labels)
-                     + precision * np.nan_to_num(labels))
     none = np.full(n_stars, np.nan)
     zeros = np.zeros(n_stars, dtype=np.int64)
+    outliers = latent.outliers & np.isfinite(labels)
     flags = np.where(outliers.any(axis=1), StarFlag.CATALOGUE_OUTLIER, 0).astype(np.int64)
-    improved = BridgeInferenceResult(mean, covariance, none, none, zeros, flags, list(fitted.label_names), mode="both")
-    spectral = BridgeInferenceResult(spectral_labels, spectral_covariance, none, none, zeros, zeros.copy(),
+    improved = BridgeInferenceResult(latent.mean * fitted.scales + fitted.pivots, latent.covariance * scales, none,
+                                     none, zeros, flags, list(fitted.label_names), mode="both")
+    spectral = BridgeInferenceResult(latent.spectral_mean * fitted.scales + fitted.pivots,
+                                     latent.spectral_covariance * scales, none, none, zeros, zeros.copy(),
                                      list(fitted.label_names), mode="both")
     return improved, spectral, outliers
 
