@@ -139,7 +139,7 @@ STAR_DISAGREEMENT = 2.0
 def _arbitrate(values, errors, label_scatter, weights, spectral_mean, covariance, population):
     """(weights, covariance): where a catalogue value and the spectra's estimate disagree beyond
     :data:`OUTLIER_SIGMA`, the one further from what the population expects of the label given the star's other
-    (spectral) labels is taken to have failed. A failed catalogue value keeps its small Student-t weight; a failed
+    labels (their catalogue values where given) is taken to have failed. A failed catalogue value keeps its small Student-t weight; a failed
     spectral estimate gets the value back (weight 1) and its variance in that label widened to the disagreement,
     so that the precise catalogue value is not dropped for a star the model fits badly."""
     weights, covariance = weights.copy(), covariance.copy()
@@ -151,7 +151,10 @@ def _arbitrate(values, errors, label_scatter, weights, spectral_mean, covariance
     for n, k in zip(*np.nonzero(np.nan_to_num(d2, nan=0.0) > OUTLIER_SIGMA**2)):
         rest = np.flatnonzero(np.arange(values.shape[1]) != k)
         gain = np.linalg.solve(spread[np.ix_(rest, rest)], spread[rest, k])
-        expected = centre[k] + gain @ (spectral_mean[n, rest] - centre[rest])
+        # the other labels as the catalogue gives them (a failed fit of the spectra is off in several labels at
+        # once, so their spectral values would vouch for the failure)
+        others = np.where(np.isfinite(values[n, rest]), values[n, rest], spectral_mean[n, rest])
+        expected = centre[k] + gain @ (others - centre[rest])
         variance = max(spread[k, k] - gain @ spread[rest, k], 1e-12)
         z_catalogue = abs(values[n, k] - expected) / np.sqrt(variance + catalogue_variance[n, k])
         z_spectra = abs(spectral_mean[n, k] - expected) / np.sqrt(variance + covariance[n, k, k])
