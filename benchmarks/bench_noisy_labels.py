@@ -107,7 +107,8 @@ def main(argv=None) -> int:
                 np.savez(args.save, truth=truth_train, catalogue=cat, errors=cat_errors, labels=improved.labels,
                          covariance=improved.covariance, spectral=model.training_labels_spectra_.labels,
                          spectral_covariance=model.training_labels_spectra_.covariance,
-                         outliers=model.catalogue_outliers_, injected=outlying)
+                         outliers=model.catalogue_outliers_, injected=outlying,
+                         spectral_fit=model.latent_spectral_fit_)
             rms = np.sqrt(np.mean((improved.labels - truth_train) ** 2, axis=0))
             cat_rms = np.sqrt(np.nanmean((cat - truth_train) ** 2, axis=0))
             z = np.std((improved.labels - truth_train) / improved.uncertainties, axis=0)

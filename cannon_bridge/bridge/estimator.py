@@ -302,6 +302,7 @@ class BridgeModel(BaseEstimator):
         self.latent_history_ = list(latent.history)
         self.latent_n_iter_, self.latent_converged_ = int(latent.n_iter), bool(latent.converged)
         self.catalogue_scatter_ = latent.label_scatter * fitted.scales
+        self.latent_spectral_fit_ = latent.spectral_fit
 
     def _settings(self, fitted: FittedBridge) -> FittedBridge:
         """``fitted`` with this estimator's test-step settings."""

@@ -71,6 +71,7 @@ class LatentLabels:
     spectral_mean: np.ndarray = None  #: every star's out-of-fold estimate from the spectra alone (scaled)
     spectral_covariance: np.ndarray = None  #: its covariance, tempered
     outliers: np.ndarray = None  #: catalogue values the spectra and the population both contradict
+    spectral_fit: np.ndarray = None  #: reduced chi^2 of each star's spectra by its fold model
 
 
 def catalogue_precision(errors, label_scatter, weights) -> np.ndarray:
@@ -97,7 +98,7 @@ def training_posterior(fitted: FittedBridge, spectra: dict, values, precision, p
                               catalogue=None if values is None else (values[rows], precision[rows]))
         mean[rows] = fitted.scaled(result.labels)
         covariance[rows] = result.covariance / scales
-        chi2[rows] = result.chi2
+        chi2[rows] = result.chi2 if values is not None else result.data_chi2 / result.dof
     return mean, covariance, chi2
 
 
@@ -136,15 +137,24 @@ def _population(mean, covariance, _):
 STAR_DISAGREEMENT = 2.0
 
 
-def _arbitrate(values, errors, label_scatter, weights, spectral_mean, covariance, population):
+def _arbitrate(values, errors, label_scatter, weights, spectral_mean, covariance, population, spectral_fit=None):
     """(weights, covariance): where a catalogue value and the spectra's estimate disagree beyond
     :data:`OUTLIER_SIGMA`, the one further from what the population expects of the label given the star's other
     labels (their catalogue values where given) is taken to have failed. A failed catalogue value keeps its small Student-t weight; a failed
     spectral estimate gets the value back (weight 1) and its variance in that label widened to the disagreement,
     so that the precise catalogue value is not dropped for a star the model fits badly."""
+    from ..stats import robust_std
+
     weights, covariance = weights.copy(), covariance.copy()
     outliers = np.zeros(values.shape, dtype=bool)
     centre, spread = population
+    # a star whose spectra the model fits worse than the others (reduced chi^2 beyond 3 robust sigma of the
+    # training set's) is where the spectral estimate fails: measured, the stars with [Fe/H] off by > 0.15 dex
+    # sit at the 89th-100th percentile of the fold models' reduced chi^2
+    poor_fit = np.zeros(len(values), dtype=bool)
+    if spectral_fit is not None and np.isfinite(spectral_fit).sum() > 10:
+        finite = spectral_fit[np.isfinite(spectral_fit)]
+        poor_fit = np.nan_to_num(spectral_fit, nan=0.0) > np.median(finite) + 3.0 * robust_std(finite)
     catalogue_variance = np.maximum(errors, MIN_ERROR) ** 2 + label_scatter[None, :] ** 2
     with np.errstate(invalid="ignore"):
         d2 = (values - spectral_mean) ** 2 / (catalogue_variance + np.einsum("sii->si", covariance))
@@ -158,7 +168,7 @@ def _arbitrate(values, errors, label_scatter, weights, spectral_mean, covariance
         variance = max(spread[k, k] - gain @ spread[rest, k], 1e-12)
         z_catalogue = abs(values[n, k] - expected) / np.sqrt(variance + catalogue_variance[n, k])
         z_spectra = abs(spectral_mean[n, k] - expected) / np.sqrt(variance + covariance[n, k, k])
-        if z_catalogue < z_spectra:
+        if poor_fit[n] or z_catalogue < z_spectra:
             weights[n, k] = 1.0
             factor = np.sqrt(d2[n, k] / OUTLIER_SIGMA**2)
             covariance[n, k, :] *= factor
@@ -309,6 +319,7 @@ def fit_latent(params, setup, fitted: FittedBridge, sources: dict, prepared: dic
     history, mean, covariance, converged, draws, population = [], None, None, False, None, None
     spectral_mean = np.full((n_stars, n_labels), np.nan)
     spectral_covariance = np.full((n_stars, n_labels, n_labels), np.nan)
+    spectral_fit = np.full(n_stars, np.nan)  # reduced chi^2 of each star's spectra by its fold model
     iteration = 0
     for iteration in range(1, max_iter + 1):
         for train, test in splits:  # E-step: each star's spectra through the fold model that did not train on it
@@ -316,7 +327,8 @@ def fit_latent(params, setup, fitted: FittedBridge, sources: dict, prepared: dic
             fold = replace(base, apogee=parts["apogee"], galah=parts["galah"])
             sub_spectra = {s: (spectra[s][0][test], None if spectra[s][1] is None else spectra[s][1][test])
                            for s in SURVEYS}
-            spectral_mean[test], spectral_covariance[test], _ = training_posterior(fold, sub_spectra, None, None)
+            spectral_mean[test], spectral_covariance[test], spectral_fit[test] = training_posterior(fold, sub_spectra,
+                                                                                                    None, None)
         # the tempering and the catalogue values' Student-t weights, together: a 10-sigma value (a binary, a
         # failed fit) must neither widen every star's spectral uncertainty nor pull its own posterior
         temper = np.ones(n_labels)
@@ -340,7 +352,7 @@ def fit_latent(params, setup, fitted: FittedBridge, sources: dict, prepared: dic
         if population is None:
             population = _population(values, None, None)
         weights, tempered, outliers = _arbitrate(values, scaled_errors, label_scatter, weights, spectral_mean,
-                                                 tempered, population)
+                                                 tempered, population, spectral_fit)
         precision = catalogue_precision(scaled_errors, label_scatter, np.nan_to_num(weights, nan=0.0))
         information = _information(tempered)
         population_information = np.linalg.inv(population[1]) if USE_POPULATION else np.zeros((n_labels, n_labels))
@@ -365,7 +377,7 @@ def fit_latent(params, setup, fitted: FittedBridge, sources: dict, prepared: dic
             break
     parts = _fit_on(params, setup, sources, prepared, np.arange(n_stars), labels, draws)  # the M-step, every star
     latent = LatentLabels(mean, covariance, weights, label_scatter, history, iteration, converged,
-                          spectral_mean, tempered, outliers)
+                          spectral_mean, tempered, outliers, spectral_fit)
     return parts, latent
 
 
