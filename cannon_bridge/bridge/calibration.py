@@ -48,18 +48,23 @@ class CalibrationResult:
 
     calibration: Calibration
     cv_scatter: dict
+    #: every training star's labels from both spectra by the fold model that did not see it (calibrated)
+    out_of_fold: object = None
 
 
 def calibrate(params, fitted: FittedBridge, setup: TrainingSetup, sources: dict, spectra: dict, labels,
-              splits) -> CalibrationResult:
+              splits, latent=None, errors=None) -> CalibrationResult:
     """K-fold CV on the training stars: out-of-sample scatter per pixel, then uncertainty scales per label
     and mode, the misfit tempering, the joint mode's combination and the GALAH variance scale.
 
     ``fitted`` is the bridge trained on every star (its calibration is not read); ``sources`` its training
     spectra as SpectraBlocks and ``spectra`` the same as arrays (survey -> (flux, ivar)); ``splits`` the
-    (train, test) index pairs.
+    (train, test) index pairs. With ``latent`` (:class:`~cannon_bridge.bridge.latent.LatentLabels`: the
+    bridge was trained through noisy catalogue labels of stated ``errors``) each fold is trained on its
+    stars' label draws as the bridge was, and the uncertainty scales are set against the catalogue
+    values with their own error variance taken out (:func:`z_spread`).
     """
-    folds, cv_scatter = fit_folds(params, fitted, setup, sources, spectra, labels, splits)
+    folds, cv_scatter = fit_folds(params, fitted, setup, sources, spectra, labels, splits, latent)
     folds = [(test, _with_scatter(sub, cv_scatter)) for test, sub in folds]
     main = fitted
     held = {}
@@ -75,7 +80,7 @@ def calibrate(params, fitted: FittedBridge, setup: TrainingSetup, sources: dict,
             main = replace(main, calibration=replace(main.calibration, misfit_reference=reference))
             results = [(test, sub, tempered(_with_reference(sub, reference), result)) for test, sub, result in results]
         held[mode] = results
-        scale = z_spread(results, labels)
+        scale = z_spread(results, labels, errors)
         scales = dict(main.calibration.uncertainty_scale)
         scales[mode] = np.where(np.isfinite(scale), np.clip(scale, 0.5, 100.0), 1.0)
         main = replace(main, calibration=replace(main.calibration, uncertainty_scale=scales))
@@ -86,20 +91,50 @@ def calibrate(params, fitted: FittedBridge, setup: TrainingSetup, sources: dict,
         if mode == "apogee":
             variance_scale = galah_variance_scale(main, results, spectra["galah"])
             main = replace(main, calibration=replace(main.calibration, galah_variance_scale=variance_scale))
-    return CalibrationResult(main.calibration, cv_scatter)
+    return CalibrationResult(main.calibration, cv_scatter, _out_of_fold(held["both"], len(labels),
+                                                                        main.calibration.uncertainty_scale["both"]))
 
 
-def fit_folds(params, fitted: FittedBridge, setup: TrainingSetup, sources: dict, spectra: dict, labels, splits):
+def _out_of_fold(results, n_stars: int, scale) -> tuple:
+    """(labels, covariance) of every training star from its held-out fold's "both" result, the mode's
+    uncertainty scale applied (NaN for a star no fold held out)."""
+    labels, covariance = None, None
+    for test, _, result in results:
+        if labels is None:
+            labels = np.full((n_stars, result.labels.shape[1]), np.nan)
+            covariance = np.full((n_stars,) + result.covariance.shape[1:], np.nan)
+        labels[test] = result.labels
+        covariance[test] = result.covariance * scale[None, :, None] * scale[None, None, :]
+    return labels, covariance
+
+
+def fit_folds(params, fitted: FittedBridge, setup: TrainingSetup, sources: dict, spectra: dict, labels, splits,
+              latent=None):
     """([(test rows, fold's FittedBridge)], cv scatter): each fold's bridge and every pixel's scatter from
-    the held-out stars' residuals at their true labels (where every label the pixel needs is known)."""
+    the held-out stars' residuals at their true labels (where every label the pixel needs is known).
+
+    With ``latent``, a fold is fitted on its training stars' label draws (their posterior from the whole
+    training set, as the bridge's last M-step) and the residuals are taken at the posterior means.
+    """
+    from .latent import N_DRAWS, label_draws
+
     fold_setup = replace(setup, progress=False)
+    if latent is not None:
+        draws = (label_draws(latent.mean, latent.covariance, N_DRAWS, seed=1) * fitted.scales
+                 + fitted.pivots).reshape(len(labels), N_DRAWS, -1)
+        labels = latent.mean * fitted.scales + fitted.pivots
     folds = []
     excess = {survey: np.zeros(spectra[survey][0].shape[1]) for survey in SURVEYS}
     counts = {survey: np.zeros(spectra[survey][0].shape[1]) for survey in SURVEYS}
     for train, test in splits:
         # a fold model runs the test step the bridge was fitted for: its coefficients' noise only when used
-        parts = fit_surveys(params, fold_setup, {survey: source.take_rows(train) for survey, source in sources.items()},
-                            labels[train], coefficient_noise=bool(params.coefficient_uncertainty))
+        if latent is None:
+            rows, fold_labels = train, labels[train]
+        else:
+            rows = np.repeat(train, N_DRAWS)
+            fold_labels = draws[train].reshape(len(rows), -1)
+        parts = fit_surveys(params, fold_setup, {survey: source.take_rows(rows) for survey, source in sources.items()},
+                            fold_labels, coefficient_noise=bool(params.coefficient_uncertainty))
         prior = PopulationPrior.fit(fitted.scaled(labels[train]), np.arange(fitted.n_core),
                                     np.arange(fitted.n_core, fitted.n_labels))
         sub = replace(fitted, apogee=parts["apogee"], galah=parts["galah"], prior=prior,
@@ -155,7 +190,7 @@ def held_out(folds, spectra: dict, mode: str) -> list:
     return results
 
 
-def z_spread(results, labels) -> np.ndarray:
+def z_spread(results, labels, errors=None) -> np.ndarray:
     """Spread of the held-out z-scores per label, over the stars fitted normally (the tempered ones, see
     :func:`cannon_bridge.bridge.inference.misfit_factor`, have their own, wider scale): their RMS after
     winsorising at :data:`Z_WINSOR` robust sigma.
@@ -164,17 +199,40 @@ def z_spread(results, labels) -> np.ndarray:
     label and mode. (Tempering each survey's chi^2 before stacking was tried and gave worse labels.) The
     RMS, not the robust spread, is what a user's z-scores show: where the errors have tails (GALAH's
     [Fe/H] and vmic), the robust spread left held-out z-scores at a standard deviation of 1.4-1.6.
+
+    With ``errors`` (the catalogue's, same shape as ``labels``) the held-out residuals are against noisy
+    catalogue values: the factor ``k`` is the one for which the residuals over ``sqrt(k^2 sigma^2 + e^2)``
+    have unit RMS (winsorised likewise), so the catalogue's own error variance is not taken for the model's.
     """
-    z = np.vstack([((r.labels - labels[test]) / r.uncertainties)[
-        np.ones(len(test), bool) if r.misfit_factor is None else r.misfit_factor <= 1]
-        for test, _, r in results])
-    spread = np.full(z.shape[1], np.nan)
-    with np.errstate(invalid="ignore"):
-        for k in range(z.shape[1]):
-            values = z[:, k][np.isfinite(z[:, k])]
-            robust = robust_std(values)
-            if np.isfinite(robust) and robust > 0:
-                spread[k] = np.sqrt(np.mean(np.minimum(values**2, (Z_WINSOR * robust) ** 2)))
+    from scipy.optimize import brentq
+
+    keep = [np.ones(len(test), bool) if r.misfit_factor is None else r.misfit_factor <= 1 for test, _, r in results]
+    residual = np.vstack([(r.labels - labels[test])[k] for (test, _, r), k in zip(results, keep)])
+    sigma = np.vstack([r.uncertainties[k] for (_, _, r), k in zip(results, keep)])
+    catalogue = (np.zeros_like(residual) if errors is None else
+                 np.vstack([errors[test][k] for (test, _, _), k in zip(results, keep)]))
+    spread = np.full(residual.shape[1], np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for k in range(residual.shape[1]):
+            z = residual[:, k] / (sigma[:, k] if errors is None else np.sqrt(sigma[:, k] ** 2 + catalogue[:, k] ** 2))
+            ok = np.isfinite(z)
+            robust = robust_std(z[ok])
+            if not (np.isfinite(robust) and robust > 0):
+                continue
+            cap = (Z_WINSOR * robust) ** 2
+            r2, s2, e2 = residual[ok, k] ** 2, sigma[ok, k] ** 2, catalogue[ok, k] ** 2
+
+            def excess(factor):
+                return np.mean(np.minimum(r2 / (factor**2 * s2 + e2), cap)) - 1.0
+
+            if not np.any(e2 > 0):
+                spread[k] = np.sqrt(np.mean(np.minimum(z[ok] ** 2, cap)))
+            elif excess(1e-3) <= 0:
+                spread[k] = 1e-3  # the catalogue's errors alone explain the residuals
+            elif excess(1e3) >= 0:
+                spread[k] = 1e3
+            else:
+                spread[k] = brentq(excess, 1e-3, 1e3, xtol=1e-6)
     return spread
 
 

@@ -16,14 +16,16 @@ from sklearn.base import BaseEstimator
 
 from .._blocks import SpectraBlocks
 from .._params import BRIDGE_MODEL_CONSTRAINTS, validate_parameters
-from .._validation import check_labels, check_spectra
+from .._validation import check_label_errors, check_labels, check_spectra
 from ..backends import get_backend
 from ..engine import BridgeInferenceResult
 from ..errors import InvalidInputError, NotFittedError
 from ..vectorizer import PolynomialVectorizer
+from sklearn.model_selection import KFold
 from .calibration import calibrate, with_scatter
 from .censoring import allowed_labels
 from .inference import infer
+from .latent import fit_latent, training_labels
 from .persistence import load_bridge, save_bridge
 from .prior import PopulationPrior
 from .propagation import generate
@@ -191,12 +193,20 @@ class BridgeModel(BaseEstimator):
 
     # -------------------------------------------------------------------- fit
     def fit(self, apogee_flux, galah_flux=None, labels=None, apogee_ivar=None, galah_ivar=None,
-            apogee_wavelength=None, galah_wavelength=None) -> "BridgeModel":
+            apogee_wavelength=None, galah_wavelength=None, label_errors=None) -> "BridgeModel":
         """Train on matched spectra; ``labels`` (n_stars, n_core + n_heavy) may hold NaN.
 
-        The first argument may be a :class:`cannon_bridge.data.CrossMatch`, whose
-        labels are picked by name. A pixel is fitted with the stars that have every
-        label it depends on, so incomplete stars still train every other pixel.
+        The first argument may be a :class:`cannon_bridge.data.CrossMatch`, whose labels (and
+        ``label_errors``) are picked by name. A pixel is fitted with the stars that have every label it
+        depends on, so incomplete stars still train every other pixel.
+
+        ``label_errors``: standard deviations of ``labels`` (same shape; NaN where a label is missing, 0
+        where it is known exactly). With them the labels are catalogue measurements, not truth: the
+        training stars' labels are latent and the model is fitted through them
+        (:mod:`cannon_bridge.bridge.latent`), any label may be missing (core labels too: such a star is
+        placed by its spectra), and ``training_labels_``, ``training_labels_spectra_`` and
+        ``catalogue_outliers_`` give the training stars' improved labels. Without them the labels are
+        taken as exact (core labels must then be complete).
         """
         from ..data import CrossMatch
 
@@ -207,6 +217,8 @@ class BridgeModel(BaseEstimator):
             apogee_flux, galah_flux, labels = xm.apogee_flux, xm.galah_flux, xm.labels_for(names)
             apogee_ivar, galah_ivar = xm.apogee_ivar, xm.galah_ivar
             apogee_wavelength, galah_wavelength = xm.apogee_wavelength, xm.galah_wavelength
+            if label_errors is None:
+                label_errors = xm.label_errors_for(names)
         # read-only views in the caller's dtype (float32 allowed): the fits convert block by block
         apogee_flux, apogee_ivar = check_spectra(apogee_flux, apogee_ivar, name="apogee_flux", copy=False)
         galah_flux, galah_ivar = check_spectra(galah_flux, galah_ivar, name="galah_flux", copy=False)
@@ -222,11 +234,14 @@ class BridgeModel(BaseEstimator):
             raise InvalidInputError(f"apogee_flux has {n_stars} stars but galah_flux has {galah_flux.shape[0]}: "
                                     "rows must be the same stars in the same order")
         labels = check_labels(labels, n_labels=len(names), n_stars=n_stars, allow_nan=True)
+        if label_errors is not None:
+            label_errors = check_label_errors(label_errors, labels, names)
         core_missing = ~np.isfinite(labels[:, : len(self.core_labels)])
-        if core_missing.any():
+        if core_missing.any() and label_errors is None:
             raise InvalidInputError(
                 f"{int(core_missing.any(axis=1).sum())} stars lack a core label ({list(self.core_labels)}): "
-                "core labels must be complete (drop those stars)"
+                "core labels must be complete when they are taken as exact; pass label_errors (NaN where a "
+                "label is missing) to have those stars placed by their spectra, or drop them"
             )
         n_core = len(self.core_labels)
         vectorizer = PolynomialVectorizer(names, order=self.order).fit(labels)
@@ -251,17 +266,43 @@ class BridgeModel(BaseEstimator):
                                     np.arange(n_core, len(names)))
         fitted = self._settings(FittedBridge(names, n_core, setup.pivots, setup.scales, parts["apogee"],
                                              parts["galah"], prior, Calibration.identity(len(names))))
-        cv_scatter = None
+        latent = None
+        if label_errors is not None:
+            try:
+                latent_splits = splits or list(KFold(4, shuffle=True, random_state=self.random_state).split(labels))
+                parts, latent = fit_latent(self, setup, fitted, sources, prepared, spectra, labels, label_errors,
+                                           latent_splits)
+            finally:
+                backend.clear_caches()
+            fitted = replace(fitted, apogee=parts["apogee"], galah=parts["galah"])
+        cv_scatter, result = None, None
         if self.calibrate:
             try:
-                result = calibrate(self, fitted, setup, sources, spectra, labels, splits)
+                result = calibrate(self, fitted, setup, sources, spectra, labels, splits, latent, label_errors)
             finally:
                 backend.clear_caches()
             cv_scatter = result.cv_scatter
             fitted = replace(fitted, apogee=with_scatter(fitted.apogee, cv_scatter["apogee"]),
                              galah=with_scatter(fitted.galah, cv_scatter["galah"]), calibration=result.calibration)
         self._adopt(fitted, allowed, wavelengths, choice.strengths, choice.scores, cv_scatter)
+        self._adopt_training_labels(fitted, labels, label_errors, latent)
         return self
+
+    def _adopt_training_labels(self, fitted, labels, errors, latent) -> None:
+        """``training_labels_``, ``training_labels_spectra_``, ``catalogue_outliers_`` and the latent fit's
+        record (``latent_history_``, ``latent_n_iter_``, ``latent_converged_``, ``catalogue_scatter_``) when the
+        bridge was trained through catalogue errors (else None)."""
+        if latent is None:
+            self.training_labels_ = self.training_labels_spectra_ = self.catalogue_outliers_ = None
+            self.latent_history_, self.latent_n_iter_, self.latent_converged_ = None, 0, False
+            self.catalogue_scatter_ = None
+            return
+        improved, spectral, outliers = training_labels(fitted, labels, errors, latent)
+        self.training_labels_, self.training_labels_spectra_, self.catalogue_outliers_ = improved, spectral, outliers
+        self.latent_history_ = list(latent.history)
+        self.latent_n_iter_, self.latent_converged_ = int(latent.n_iter), bool(latent.converged)
+        self.catalogue_scatter_ = latent.label_scatter * fitted.scales
+        self.latent_spectral_fit_ = latent.spectral_fit
 
     def _settings(self, fitted: FittedBridge) -> FittedBridge:
         """``fitted`` with this estimator's test-step settings."""

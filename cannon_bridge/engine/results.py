@@ -33,11 +33,15 @@ class StarFlag:
     #: CannonModel: chi^2 improbable for the star's noise (a wrong minimum, or a spectrum the model does not
     #: describe); BridgeModel: fitted worse than held-out training stars, uncertainties inflated
     POOR_FIT = 1 << 6
+    #: BridgeModel.training_labels_: a catalogue value of this star is contradicted by its spectra beyond its
+    #: error (``BridgeModel.catalogue_outliers_`` says which)
+    CATALOGUE_OUTLIER = 1 << 7
 
     @classmethod
     def names(cls, value: int) -> list[str]:
         return [name for name in ("NOT_CONVERGED", "OUTSIDE_RANGE", "OUTSIDE_HULL", "LOW_SNR",
-                                  "SINGULAR", "FEW_PIXELS", "POOR_FIT") if value & getattr(cls, name)]
+                                  "SINGULAR", "FEW_PIXELS", "POOR_FIT", "CATALOGUE_OUTLIER")
+                if value & getattr(cls, name)]
 
 
 @dataclass
