@@ -1,7 +1,8 @@
 """Write ``docs/results.md`` from the ``bench_bridge`` JSON files, so that no number on it is typed by hand.
 
 Usage (from the repository root, after ``bench_bridge.py --all-snr`` and, for the split-to-split
-table, ``bench_bridge.py --test-quarter {0,1,2}``)::
+table, ``bench_bridge.py --test-quarter {0,1,2}``; for the noisy-labels section
+``bench_noisy_labels.py --error-scale {0.5,1,2}`` and ``--error-scale 1 --seed 2``)::
 
     .venv/bin/python benchmarks/report_bridge.py            # writes docs/results.md
     .venv/bin/python benchmarks/report_bridge.py --print    # to stdout instead
@@ -284,6 +285,70 @@ def section_limits():
             "(older configuration): the method transfers, the zero points do not (offsets of 0.1–0.5 dex).", ""]
 
 
+LABELS = CORE + HEAVY
+NOISY_RUNS = [("0.5", "scale0.5"), ("1", "scale1"), ("1, other draws (seed 2)", "scale1_seed2"), ("2", "scale2")]
+
+
+def _ratio_row(name, values, reference):
+    return f"| {name} | " + " | ".join(f"{a / b:.2f}" for a, b in zip(values, reference)) + " |"
+
+
+def section_noisy_labels():
+    """Training through noisy catalogue labels: ``bench_noisy_labels.py`` at 0.5x, 1x and 2x the errors."""
+    runs = [(title, run) for title, suffix in NOISY_RUNS if (run := load(f"bench_noisy_labels_{suffix}.json"))]
+    if not runs:
+        return []
+    meta = runs[0][1]["meta"]
+    header = "| | " + " | ".join(LABELS) + " |"
+    rule = "|---|" + "---|" * len(LABELS)
+    lines = ["## Training through noisy catalogue labels", "",
+             "`benchmarks/bench_noisy_labels.py --error-scale S [--seed N]`: the recipe above (S/N 40, quarter 3 as the "
+             f"test set, {meta['n_train']} training / {meta['n_test']} test stars) with catalogue-like training labels: "
+             "value = truth + error × N(0, 1), per-star errors uniform in Teff 30–90 K, logg 0.03–0.12, [Fe/H] and "
+             "[α/Fe] 0.01–0.04, vmic 0.03–0.10 km/s, each heavy [X/Fe] 0.05–0.25 dex, times S; "
+             f"{100 * meta['outliers']:.0f}% of the values moved 5–15 errors (far off: binaries, failed fits) and "
+             f"{100 * meta['core_missing']:.0f}% of the core labels blanked. Three bridges side by side: trained on the "
+             "true labels, on the catalogue values with their errors ignored (as before: the stars without a core "
+             "label dropped), and with `label_errors` (the training labels latent: `cannon_bridge.bridge.latent`).", ""]
+    for title, run in runs:
+        variants = run["variants"]
+        true, ignored, used = variants["true"], variants["ignored"], variants["used"]
+        training = used["training_labels"]
+        lines += [f"### Errors × {title}", "",
+                  f"Fit {true['fit_seconds']:.0f} s (true labels), {ignored['fit_seconds']:.0f} s (errors ignored), "
+                  f"{used['fit_seconds']:.0f} s (errors used: {training['n_iter']} EM iterations, converged "
+                  f"{training['converged']}; {used['fit_seconds'] / true['fit_seconds']:.1f}× the fit on true labels).",
+                  "", "Held-out labels, RMS as a ratio to the bridge trained on the true labels:", "", header, rule]
+        for mode in ("apogee", "galah", "both"):
+            reference = true["labels"][mode]["rms"]
+            lines.append(_ratio_row(f"{mode}, errors ignored", ignored["labels"][mode]["rms"], reference))
+            lines.append(_ratio_row(f"**{mode}, errors used**", used["labels"][mode]["rms"], reference))
+        lines += ["", "z-score std against the truth (errors used; true labels in brackets for GALAH):", "", header, rule]
+        for mode in ("apogee", "galah", "both"):
+            lines.append(f"| {mode} | " + " | ".join(f"{z:.2f}" for z in used["labels"][mode]["z_std"]) + " |")
+        lines.append("| galah (true labels) | " + " | ".join(f"({z:.2f})" for z in true["labels"]["galah"]["z_std"])
+                     + " |")
+        lines += ["", "The training stars' labels (`training_labels_`) against the truth:", "", header, rule,
+                  "| RMS | " + " | ".join(fmt(v, 3) for v in training["rms"]) + " |",
+                  "| catalogue RMS | " + " | ".join(fmt(v, 3) for v in training["catalogue_rms"]) + " |",
+                  _ratio_row("ratio", training["rms"], training["catalogue_rms"]),
+                  _ratio_row("ratio on the good values", training["rms_good"], training["catalogue_rms_good"]),
+                  "| z std | " + " | ".join(f"{z:.2f}" for z in training["z_std"]) + " |", "",
+                  f"Far-off catalogue values found (`catalogue_outliers_`): **{training['outliers_found']} of "
+                  f"{training['outliers_injected']}**; false alarms {training['false_alarms']} of "
+                  f"{training['good_values']} good values.", "",
+                  "GALAH spectra regenerated from APOGEE (RMS against the noise-free truth; predictive calibration "
+                  "against the observed spectra):", "",
+                  "| bridge trained on | RMS overall | RMS heavy windows | calibration overall | calibration heavy |",
+                  "|---|---|---|---|---|"]
+        for name, variant in (("true labels", true), ("errors ignored", ignored), ("errors used", used)):
+            regen = variant["regenerated"]
+            lines.append(f"| {name} | {fmt(regen['overall']['rms'])} | {fmt(regen['heavy']['rms'])} | "
+                         f"{regen['overall']['calibration']:.2f} | {regen['heavy']['calibration']:.2f} |")
+        lines.append("")
+    return lines
+
+
 def build() -> str:
     runs = {snr: r for snr in SNRS if (r := load(f"bench_bridge_snr{snr}.json")) is not None}
     if not runs:
@@ -294,7 +359,8 @@ def build() -> str:
     lines = []
     for part in (section_header(runs), section_summary(runs, quarters), section_spectra(runs), section_labels(runs),
                  section_plain(quarters), section_learning_curve(),
-                 section_uncertainties(runs), section_targets(runs), section_times(runs), section_limits()):
+                 section_uncertainties(runs), section_targets(runs), section_noisy_labels(), section_times(runs),
+                 section_limits()):
         lines += part
     return "\n".join(lines)
 

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 
-from .errors import CannonBridgeError
+from .errors import CannonBridgeError, InvalidInputError
 
 DESCRIPTION = """\
 cannon_bridge: generate GALAH spectra (and heavy-element labels) from APOGEE spectra.
@@ -36,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--core", nargs="+", default=["teff", "logg", "fe_h", "alpha_fe", "vmic"])
     train.add_argument("--heavy", nargs="+", default=["ba_fe", "y_fe", "eu_fe", "ce_fe", "nd_fe", "la_fe", "zr_fe"])
     train.add_argument("--overwrite", action="store_true")
+    train.add_argument("--training-labels", type=Path, default=None,
+                       help="also write the training stars' improved labels (from both spectra and the catalogue, "
+                            "from the spectra alone, and the catalogue values judged outlying) as a table with "
+                            "the cross-match ids; needs label errors in the CrossMatch")
     for name, text in (("predict", "labels from APOGEE spectra"), ("generate", "regenerated GALAH spectra")):
         command = sub.add_parser(name, help=text)
         command.add_argument("model", type=Path, help="model file written by `train`")
@@ -132,9 +136,20 @@ def main(argv=None) -> int:
             return 0
         data = CrossMatch.load(args.crossmatch)
         if args.command == "train":
+            if args.training_labels is not None and data.label_errors is None:
+                raise InvalidInputError(f"{args.crossmatch} has no label errors: --training-labels needs them (the "
+                                        "labels are then taken as measurements and the training stars' labels improved)")
+            if args.training_labels is not None and args.training_labels.exists() and not args.overwrite:
+                raise FileExistsError(f"{args.training_labels} exists; pass --overwrite")
             model = BridgeModel(args.core, args.heavy, progress=True).fit(data)
             model.save(args.output, overwrite=args.overwrite)
             print(f"wrote {args.output}")
+            if args.training_labels is not None:
+                names = list(args.core) + list(args.heavy)
+                table = model.training_labels_table(data.ids, data.labels_for(names), data.label_errors_for(names))
+                table.write(args.training_labels, overwrite=args.overwrite)
+                print(f"wrote {args.training_labels}: {int(model.catalogue_outliers_.sum())} catalogue values "
+                      f"judged outlying in {int(model.catalogue_outliers_.any(axis=1).sum())} stars")
             return 0
         model = BridgeModel.load(args.model)
         if args.command == "predict":

@@ -175,18 +175,20 @@ class CrossMatch:
                 errors[blank, k] = np.nan
         return replace(self, labels=labels, label_errors=errors, meta=dict(self.meta))
 
-    def with_label_noise(self, errors, outlier_fraction: float = 0.0, outlier_scale: float = 10.0,
+    def with_label_noise(self, errors, outlier_fraction: float = 0.0, outlier_offset=(5.0, 15.0),
                          seed=0) -> "CrossMatch":
         """A copy with catalogue-like labels: each value drawn as label + error x N(0, 1), ``errors``
-        (n_stars, n_labels) as its ``label_errors``; in ``outlier_fraction`` of the given values the
-        draw is ``outlier_scale`` times wider (binaries, failed fits: values far outside their errors).
-        The indices of those values are in ``meta`` only as their count; the returned ``outliers``
-        mask (n_stars, n_labels) says which."""
+        (n_stars, n_labels) as its ``label_errors``; ``outlier_fraction`` of the given values are moved
+        instead far outside their errors (binaries, failed fits): by ``outlier_offset`` = (low, high) errors,
+        the size uniform in that range, the sign random. The indices of those values are in ``meta`` only
+        as their count; the returned ``outliers`` mask (n_stars, n_labels) says which."""
         rng = np.random.default_rng(seed)
         errors = np.broadcast_to(np.asarray(errors, dtype=float), self.labels.shape).copy()
         errors[~np.isfinite(self.labels)] = np.nan
         outliers = np.isfinite(self.labels) & (rng.random(self.labels.shape) < outlier_fraction)
-        draw = rng.normal(size=self.labels.shape) * np.where(outliers, outlier_scale, 1.0)
+        low, high = outlier_offset
+        offset = rng.choice([-1.0, 1.0], size=self.labels.shape) * rng.uniform(low, high, size=self.labels.shape)
+        draw = np.where(outliers, offset, rng.normal(size=self.labels.shape))
         labels = self.labels + np.nan_to_num(errors) * draw
         noisy = replace(self, labels=labels, label_errors=errors,
                         meta=dict(self.meta, label_outliers=int(outliers.sum())))

@@ -38,7 +38,7 @@ def test_blanked_labels_lose_their_errors_and_label_noise_is_drawn_with_them(sma
     given = np.isfinite(small.labels)
     assert np.array_equal(np.isfinite(noisy.label_errors), given) and not np.any(outliers & ~given)
     pull = np.abs(noisy.labels - small.labels)[given] / 0.05
-    assert np.max(pull[~outliers[given]]) < 6 and np.median(pull[outliers[given]]) > 3  # outliers drawn 10x wider
+    assert np.max(pull[~outliers[given]]) < 6 and np.min(pull[outliers[given]]) >= 5  # outliers 5-15 errors off
     assert noisy.meta["label_outliers"] == int(outliers.sum())
 
 

@@ -32,6 +32,16 @@ def test_cli_demo_writes_report(tmp_path):
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["labels"]["apogee"]["teff"]["rms"] < 300
     assert (tmp_path / "out" / "regenerated_giant.png").stat().st_size > 1000
+    # trained through catalogue-like labels: the training stars' labels come back better, in a table
+    assert "Better labels for the training stars" in report and "training_labels.png" in report
+    training = metrics["training_labels"]
+    assert training["outliers"]["found"] >= 0.5 * training["outliers"]["injected"]
+    assert training["fe_h"]["rms"] < training["fe_h"]["catalogue_rms"]
+    from astropy.table import Table
+
+    table = Table.read(tmp_path / "out" / "training_labels.ecsv")
+    assert len(table) == metrics["n_train"] and {"id", "teff", "e_teff", "teff_spectra", "teff_outlier"} <= set(
+        table.colnames)
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):

@@ -61,7 +61,7 @@ def calibrate(params, fitted: FittedBridge, setup: TrainingSetup, sources: dict,
     spectra as SpectraBlocks and ``spectra`` the same as arrays (survey -> (flux, ivar)); ``splits`` the
     (train, test) index pairs. With ``latent`` (:class:`~cannon_bridge.bridge.latent.LatentLabels`: the
     bridge was trained through noisy catalogue labels of stated ``errors``) each fold is trained on its
-    stars' label draws as the bridge was, and the uncertainty scales are set against the catalogue
+    stars' posterior means as the bridge was, and the uncertainty scales are set against the catalogue
     values with their own error variance taken out (:func:`z_spread`).
     """
     folds, cv_scatter = fit_folds(params, fitted, setup, sources, spectra, labels, splits, latent)
@@ -113,28 +113,22 @@ def fit_folds(params, fitted: FittedBridge, setup: TrainingSetup, sources: dict,
     """([(test rows, fold's FittedBridge)], cv scatter): each fold's bridge and every pixel's scatter from
     the held-out stars' residuals at their true labels (where every label the pixel needs is known).
 
-    With ``latent``, a fold is fitted on its training stars' label draws (their posterior from the whole
-    training set, as the bridge's last M-step) and the residuals are taken at the posterior means.
+    With ``latent``, a fold is fitted on its training stars' posterior means (from the whole training set,
+    ambiguous labels left out, as the bridge's last M-step) and the residuals are taken at the posterior means.
     """
-    from .latent import N_DRAWS, label_draws
-
     fold_setup = replace(setup, progress=False)
     if latent is not None:
-        draws = (label_draws(latent.mean, latent.covariance, N_DRAWS, seed=1) * fitted.scales
-                 + fitted.pivots).reshape(len(labels), N_DRAWS, -1)
+        fit_labels = latent.fit_labels(fitted)
         labels = latent.mean * fitted.scales + fitted.pivots
+    else:
+        fit_labels = labels
     folds = []
     excess = {survey: np.zeros(spectra[survey][0].shape[1]) for survey in SURVEYS}
     counts = {survey: np.zeros(spectra[survey][0].shape[1]) for survey in SURVEYS}
     for train, test in splits:
         # a fold model runs the test step the bridge was fitted for: its coefficients' noise only when used
-        if latent is None:
-            rows, fold_labels = train, labels[train]
-        else:
-            rows = np.repeat(train, N_DRAWS)
-            fold_labels = draws[train].reshape(len(rows), -1)
-        parts = fit_surveys(params, fold_setup, {survey: source.take_rows(rows) for survey, source in sources.items()},
-                            fold_labels, coefficient_noise=bool(params.coefficient_uncertainty))
+        parts = fit_surveys(params, fold_setup, {survey: source.take_rows(train) for survey, source in sources.items()},
+                            fit_labels[train], coefficient_noise=bool(params.coefficient_uncertainty))
         prior = PopulationPrior.fit(fitted.scaled(labels[train]), np.arange(fitted.n_core),
                                     np.arange(fitted.n_core, fitted.n_labels))
         sub = replace(fitted, apogee=parts["apogee"], galah=parts["galah"], prior=prior,

@@ -127,6 +127,14 @@ class BridgeModel(BaseEstimator):
     galah_variance_scale_ : float or ndarray (n_galah_pixels,), factor on the propagated label variance
     misfit_reference_ : dict mode -> (threshold, D), the tempering of poorly fitted stars
     cv_scatter_ : dict survey -> ndarray (n_pixels,), out-of-sample scatter (None when not calibrated)
+    training_labels_ : BridgeInferenceResult or None, the training stars' labels from both spectra and the
+        catalogue (trained with ``label_errors``; None otherwise)
+    training_labels_spectra_ : BridgeInferenceResult or None, their out-of-fold estimate from the spectra
+        alone (never used the star's own catalogue values)
+    catalogue_outliers_ : ndarray (n_stars, n_labels) bool or None, catalogue values the spectra contradict
+    catalogue_outlier_rate_ : ndarray (n_labels,) or None, the fitted rate of outlying values per label
+    latent_history_, latent_n_iter_, latent_converged_ : the latent fit's objective per iteration, its
+        iterations and whether it converged
     """
 
     _parameter_constraints: dict = BRIDGE_MODEL_CONSTRAINTS
@@ -270,15 +278,18 @@ class BridgeModel(BaseEstimator):
         if label_errors is not None:
             try:
                 latent_splits = splits or list(KFold(4, shuffle=True, random_state=self.random_state).split(labels))
-                parts, latent = fit_latent(self, setup, fitted, sources, prepared, spectra, labels, label_errors,
-                                           latent_splits)
+                parts, latent, choice = fit_latent(self, setup, fitted, sources, prepared, spectra, labels,
+                                                   label_errors, latent_splits)
+                setup = replace(setup, strengths=choice.strengths)
             finally:
                 backend.clear_caches()
             fitted = replace(fitted, apogee=parts["apogee"], galah=parts["galah"])
         cv_scatter, result = None, None
         if self.calibrate:
             try:
-                result = calibrate(self, fitted, setup, sources, spectra, labels, splits, latent, label_errors)
+                # against the catalogue values judged good only (an outlier's residual is not the model's error)
+                reference = labels if latent is None else np.where(latent.outliers, np.nan, labels)
+                result = calibrate(self, fitted, setup, sources, spectra, reference, splits, latent, label_errors)
             finally:
                 backend.clear_caches()
             cv_scatter = result.cv_scatter
@@ -290,19 +301,67 @@ class BridgeModel(BaseEstimator):
 
     def _adopt_training_labels(self, fitted, labels, errors, latent) -> None:
         """``training_labels_``, ``training_labels_spectra_``, ``catalogue_outliers_`` and the latent fit's
-        record (``latent_history_``, ``latent_n_iter_``, ``latent_converged_``, ``catalogue_scatter_``) when the
-        bridge was trained through catalogue errors (else None)."""
+        record (``latent_history_``, ``latent_n_iter_``, ``latent_converged_``, ``catalogue_outlier_rate_``) when
+        the bridge was trained through catalogue errors (else None)."""
         if latent is None:
             self.training_labels_ = self.training_labels_spectra_ = self.catalogue_outliers_ = None
             self.latent_history_, self.latent_n_iter_, self.latent_converged_ = None, 0, False
-            self.catalogue_scatter_ = None
+            self.catalogue_outlier_rate_ = None
             return
-        improved, spectral, outliers = training_labels(fitted, labels, errors, latent)
+        improved, spectral, outliers = training_labels(fitted, labels, latent)
         self.training_labels_, self.training_labels_spectra_, self.catalogue_outliers_ = improved, spectral, outliers
         self.latent_history_ = list(latent.history)
         self.latent_n_iter_, self.latent_converged_ = int(latent.n_iter), bool(latent.converged)
-        self.catalogue_scatter_ = latent.label_scatter * fitted.scales
-        self.latent_spectral_fit_ = latent.spectral_fit
+        self.catalogue_outlier_rate_ = latent.rates["outlier"]
+
+    def training_labels_table(self, ids=None, catalogue=None, catalogue_errors=None):
+        """The training stars' improved labels as an astropy Table, one row per star.
+
+        Per label: ``<label>`` and ``e_<label>`` (``training_labels_``: the posterior from both spectra and
+        the catalogue), ``<label>_spectra`` and ``e_<label>_spectra`` (``training_labels_spectra_``: from the
+        spectra alone, by the fold model that never used the star's catalogue values), ``<label>_catalogue``
+        and ``e_<label>_catalogue`` when ``catalogue`` and ``catalogue_errors`` are given, and
+        ``<label>_outlier`` (``catalogue_outliers_``); then ``flags`` (``StarFlag``). ``ids`` (n_stars,)
+        becomes the first column ``id``.
+
+        Raises
+        ------
+        NotFittedError
+            If the bridge was not trained with ``label_errors`` (there are no latent labels to write).
+        """
+        from astropy.table import Table
+
+        self._check_fitted()
+        if getattr(self, "training_labels_", None) is None:
+            raise NotFittedError("this BridgeModel was trained on exact labels: pass label_errors to fit (or a "
+                                 "CrossMatch with label_errors) to get the training stars' improved labels")
+        improved, spectral = self.training_labels_, self.training_labels_spectra_
+        n_stars, n_labels = improved.labels.shape
+        wanted = {"ids": (n_stars,), "catalogue": (n_stars, n_labels), "catalogue_errors": (n_stars, n_labels)}
+        for name, given in (("ids", ids), ("catalogue", catalogue), ("catalogue_errors", catalogue_errors)):
+            if given is not None and np.shape(given) != wanted[name]:
+                raise InvalidInputError(
+                    f"{name} has shape {np.shape(given)}, expected {wanted[name]} (the training stars; labels "
+                    f"{', '.join(self.label_names_)} in this order): pass e.g. "
+                    "CrossMatch.labels_for(model.label_names_)")
+        table = Table()
+        if ids is not None:
+            table["id"] = np.asarray(ids)
+        for k, name in enumerate(self.label_names_):
+            table[name] = improved.labels[:, k]
+            table[f"e_{name}"] = improved.uncertainties[:, k]
+            table[f"{name}_spectra"] = spectral.labels[:, k]
+            table[f"e_{name}_spectra"] = spectral.uncertainties[:, k]
+            if catalogue is not None:
+                table[f"{name}_catalogue"] = np.asarray(catalogue)[:, k]
+                if catalogue_errors is not None:
+                    table[f"e_{name}_catalogue"] = np.asarray(catalogue_errors)[:, k]
+            table[f"{name}_outlier"] = self.catalogue_outliers_[:, k]
+        table["flags"] = improved.flags
+        # FITS-safe keys (8 characters): the latent fit's iterations and whether it converged
+        table.meta["LATNITER"] = int(self.latent_n_iter_)
+        table.meta["LATCONV"] = bool(self.latent_converged_)
+        return table
 
     def _settings(self, fitted: FittedBridge) -> FittedBridge:
         """``fitted`` with this estimator's test-step settings."""

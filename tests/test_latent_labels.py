@@ -1,0 +1,224 @@
+"""Training through noisy catalogue labels (issue 22): the E-step's parts against injected truth, and the
+bridge trained on a mock catalogue with errors, missing core labels and far-off values."""
+import numpy as np
+import pytest
+
+from cannon_bridge.bridge import BridgeModel
+from cannon_bridge.bridge.latent import LatentLabels, _destretched, _responsibilities, _tempering_matrix
+from cannon_bridge.engine import StarFlag
+from cannon_bridge.errors import InvalidInputError
+from cannon_bridge.mock import CORE_LABELS, make_crossmatch
+
+
+def _disagreements(rng, n_stars=4000, n_labels=3, outlier_rate=0.03, failure_rate=0.02):
+    """Labels from N(0, 1); catalogue values with errors 0.2-0.4, a few moved 5-15 errors; spectral
+    estimates with sd 0.15, a few failed (moved 1-3)."""
+    truth = rng.normal(size=(n_stars, n_labels))
+    errors = rng.uniform(0.2, 0.4, size=truth.shape)
+    outlying = rng.random(truth.shape) < outlier_rate
+    offset = rng.choice([-1, 1], size=truth.shape) * rng.uniform(5, 15, size=truth.shape)
+    values = truth + errors * np.where(outlying, offset, rng.normal(size=truth.shape))
+    failed = rng.random(truth.shape) < failure_rate
+    spectral_sd = np.full(truth.shape, 0.15)
+    star_failed = rng.random(n_stars) < 0.02  # a fit gone wrong: every label off at once
+    failed |= star_failed[:, None]
+    spectral = truth + spectral_sd * rng.normal(size=truth.shape) + np.where(
+        failed, rng.choice([-1, 1], size=truth.shape) * rng.uniform(1, 3, size=truth.shape), 0.0)
+    return truth, values, errors, outlying, spectral, spectral_sd, failed, star_failed
+
+
+def test_the_mixture_finds_far_off_catalogue_values_and_failed_spectra(rng):
+    truth, values, errors, outlying, spectral, spectral_sd, failed, star_failed = _disagreements(rng)
+    values[:50, 0] = np.nan  # a missing value: only the spectra's two hypotheses
+    rates = {"outlier": np.full(3, 0.05), "failure": np.full(3, 0.05), "star": 0.02}
+    p_out, p_fail, ambiguous, log_likelihood, p_star = _responsibilities(
+        values, errors**2, spectral, spectral_sd**2, np.zeros((1, 3)), np.ones(3), np.full((1, 3), 9.0), rates)
+    given = np.isfinite(values)
+    found = np.nan_to_num(p_out) > 0.5
+    assert np.all(np.isnan(p_out[~given])) and np.all(np.isfinite(log_likelihood)) and log_likelihood.shape == (4000,)
+    assert (found & outlying).sum() >= 0.85 * (outlying & given).sum()
+    assert (found & ~outlying & given).sum() <= 0.01 * (~outlying & given).sum()
+    assert ((p_fail > 0.5) & failed & given).sum() >= 0.6 * (failed & given).sum()
+    assert ((p_fail > 0.5) & ~failed).sum() <= 0.01 * (~failed).sum()
+    # a star whose spectra failed in every label is told from one whose catalogue is off in one
+    assert np.mean(p_star[star_failed] > 0.5) >= 0.9 and np.mean(p_star[~star_failed] > 0.5) < 0.01
+    assert (found[star_failed] & ~outlying[star_failed]).sum() <= 0.05 * star_failed.sum() * 3
+    # a disagreement two witnesses cannot settle (a value 5-7 errors off, inside the population) is ambiguous:
+    # most of the missed outliers are, and they are left out of the fit; few of the rest are
+    missed = outlying & given & ~found
+    assert (missed & ambiguous).sum() >= 0.6 * missed.sum()
+    assert (ambiguous & ~outlying & ~failed).sum() < 0.02 * given.sum()
+
+
+def test_destretching_puts_the_spectral_estimates_on_the_catalogue_scale(rng):
+    truth = rng.normal(0.1, 0.3, size=(3000, 2))
+    errors = np.full(truth.shape, 0.2)
+    values = truth + errors * rng.normal(size=truth.shape)
+    stretched = 0.05 + np.array([1.5, 0.6]) * truth + 0.05 * rng.normal(size=truth.shape)
+    covariance = np.broadcast_to(np.diag([0.05**2, 0.05**2]), (3000, 2, 2)).copy()
+    mean, covariance, slopes = _destretched(stretched, covariance, values, errors, np.isfinite(values))
+    np.testing.assert_allclose(slopes, [1.5, 0.6], rtol=0.05)
+    for k in range(2):
+        assert abs(np.polyfit(truth[:, k], mean[:, k], 1)[0] - 1.0) < 0.05
+        assert abs(np.mean(mean[:, k] - truth[:, k])) < 0.02
+    np.testing.assert_allclose(np.sqrt(covariance[0].diagonal()), 0.05 / slopes, rtol=1e-12)
+
+
+def test_tempering_matrix_matches_the_error_covariance_the_catalogue_shows(rng):
+    n_stars = 20000
+    wanted = np.array([[0.04, 0.02], [0.02, 0.05]])
+    truth = rng.normal(size=(n_stars, 2))
+    errors = np.full(truth.shape, 0.1)
+    values = truth + errors * rng.normal(size=truth.shape)
+    mean = truth + rng.multivariate_normal(np.zeros(2), wanted, size=n_stars)
+    stated = np.broadcast_to(0.01 * np.eye(2), (n_stars, 2, 2))  # the spectra say 0.1: 2x too confident
+    transform = _tempering_matrix(values, errors, mean, stated, np.isfinite(values))
+    np.testing.assert_allclose(transform @ stated[0] @ transform.T, wanted, atol=0.003)
+    # never narrower than the spectra say
+    loose = np.broadcast_to(np.eye(2), (n_stars, 2, 2))
+    np.testing.assert_allclose(_tempering_matrix(values, errors, mean, loose, np.isfinite(values)), np.eye(2),
+                               atol=1e-9)
+
+
+def test_the_m_step_fits_on_the_posterior_means_in_physical_units_without_ambiguous_labels(rng):
+    mean = rng.normal(size=(500, 2))
+    covariance = np.broadcast_to(0.04 * np.eye(2), (500, 2, 2)).copy()
+
+    class Scale:  # the FittedBridge fields fit_labels() reads
+        scales, pivots = np.array([2.0, 1.0]), np.array([10.0, 0.0])
+
+    ambiguous = np.zeros((500, 2), bool)
+    ambiguous[3, 1] = True
+    latent = LatentLabels(mean, covariance, np.zeros((500, 2)), np.zeros((500, 2)), {}, ambiguous, mean, covariance,
+                          np.ones(2))
+    physical = latent.fit_labels(Scale)
+    assert np.isnan(physical[3, 1]) and np.isfinite(physical[3, 0])
+    keep = ~ambiguous
+    np.testing.assert_allclose(physical[keep], (mean * Scale.scales + Scale.pivots)[keep], rtol=1e-14)
+
+
+CORE = CORE_LABELS[:3]
+HEAVY = ["ba_fe", "eu_fe"]
+
+
+@pytest.fixture(scope="module")
+def catalogue():
+    """A mock training set with catalogue-like labels: errors, 5% of the values far off, core labels missing."""
+    names = CORE + HEAVY
+    truth = make_crossmatch(240, seed=11, missing_fraction=0.0)
+    truth = truth.subset(np.arange(240))
+    labels = truth.labels_for(names)
+    rng = np.random.default_rng(4)
+    scale = np.array([60.0, 0.1, 0.04, 0.15, 0.15])
+    errors = scale * rng.uniform(0.5, 1.5, size=labels.shape)
+    full = np.full(truth.labels.shape, np.nan)
+    columns = truth.label_index(names)
+    full[:, columns] = errors
+    noisy, outlying = truth.with_label_noise(np.where(np.isfinite(full), full, 0.0), outlier_fraction=0.05, seed=5)
+    noisy = noisy.blank_labels(CORE, 0.05, seed=6)
+    return truth, labels, noisy, outlying[:, columns]
+
+
+@pytest.fixture(scope="module")
+def trained(catalogue):
+    _, _, noisy, _ = catalogue
+    return BridgeModel(CORE, HEAVY, backend="numpy", cv_folds=3, apogee_regularization=100.0,
+                       galah_regularization=100.0).fit(noisy)
+
+
+def test_training_through_the_catalogue_gives_back_better_labels(catalogue, trained):
+    _, truth, noisy, outlying = catalogue
+    values = noisy.labels_for(CORE + HEAVY)
+    improved = trained.training_labels_
+    assert improved.labels.shape == truth.shape and np.all(np.isfinite(improved.labels))
+
+    def rms(estimate, rows, k):
+        return np.sqrt(np.mean((estimate[rows, k] - truth[rows, k]) ** 2))
+
+    good = ~outlying & np.isfinite(values)
+    # where the catalogue is right, the spectra add to it: never worse, and much better where the mock's
+    # spectra are informative (logg, [Fe/H], [Ba/Fe]; its Teff and Eu lines are weak next to the errors)
+    limits = {"teff": 1.05, "logg": 0.9, "fe_h": 0.85, "ba_fe": 0.6, "eu_fe": 1.0}
+    for k, name in enumerate(CORE + HEAVY):
+        ratio = rms(improved.labels, good[:, k], k) / rms(values, good[:, k], k)
+        assert ratio < limits[name], (name, ratio)
+        # where it is far off, the improved label is not dragged along (unless the spectra cannot tell: Eu)
+        far = outlying[:, k] & np.isfinite(values[:, k])
+        assert rms(improved.labels, far, k) < (0.9 if name == "eu_fe" else 0.6) * rms(values, far, k), name
+    z = (improved.labels - truth) / improved.uncertainties
+    assert np.all((np.std(z, axis=0) > 0.6) & (np.std(z, axis=0) < 1.5)), np.std(z, axis=0)
+    # the stars without a core label are placed by their spectra
+    missing = ~np.isfinite(values[:, :3])
+    assert missing.any()
+    assert np.sqrt(np.mean((improved.labels[:, :3][missing] - truth[:, :3][missing]) ** 2 /
+                           np.var(truth[:, :3], axis=0)[np.nonzero(missing)[1]])) < 0.5
+    # the out-of-fold estimate from the spectra alone is another, wider answer
+    spectral = trained.training_labels_spectra_
+    assert np.all(np.isfinite(spectral.labels)) and np.all(spectral.uncertainties >= 0)
+    assert np.all(np.median(spectral.uncertainties, axis=0) > np.median(improved.uncertainties, axis=0))
+
+
+def test_far_off_catalogue_values_are_found_and_flagged(catalogue, trained):
+    _, _, noisy, outlying = catalogue
+    given = np.isfinite(noisy.labels_for(CORE + HEAVY))
+    found = trained.catalogue_outliers_
+    assert found.shape == outlying.shape and found.dtype == bool
+    # recall where the spectra measure the label at least as well as the catalogue ([Fe/H], [Ba/Fe] in this
+    # mock); a far-off Teff or Eu value is 2-3 of the mock spectra's own errors away and mostly ambiguous
+    informative = [CORE.index("fe_h"), 3]
+    assert (found & outlying)[:, informative].sum() >= 0.8 * (outlying & given)[:, informative].sum()
+    assert (found & outlying).sum() >= 0.5 * (outlying & given).sum()
+    assert (found & ~outlying & given).sum() <= 0.03 * (~outlying & given).sum()
+    flagged = (trained.training_labels_.flags & StarFlag.CATALOGUE_OUTLIER) > 0
+    np.testing.assert_array_equal(flagged, found.any(axis=1))
+    assert "CATALOGUE_OUTLIER" in StarFlag.names(StarFlag.CATALOGUE_OUTLIER)
+
+
+def test_the_latent_fit_keeps_its_record(trained):
+    assert 1 <= trained.latent_n_iter_ == len(trained.latent_history_)
+    assert np.all(np.isfinite(trained.latent_history_))
+    assert isinstance(trained.latent_converged_, bool)
+    assert trained.catalogue_outlier_rate_.shape == (5,)
+
+
+def test_without_errors_core_labels_must_be_complete(catalogue):
+    _, _, noisy, _ = catalogue
+    from dataclasses import replace
+
+    with pytest.raises(InvalidInputError, match="pass label_errors"):
+        BridgeModel(CORE, HEAVY, backend="numpy", calibrate=False).fit(replace(noisy, label_errors=None))
+
+
+def test_training_labels_table_carries_ids_all_three_answers_and_outliers(catalogue, trained, tmp_path):
+    _, _, noisy, _ = catalogue
+    names = CORE + HEAVY
+    table = trained.training_labels_table(noisy.ids, noisy.labels_for(names), noisy.label_errors_for(names))
+    assert list(table["id"]) == list(noisy.ids)
+    np.testing.assert_array_equal(table["ba_fe"], trained.training_labels_.labels[:, 3])
+    np.testing.assert_array_equal(table["e_teff_spectra"], trained.training_labels_spectra_.uncertainties[:, 0])
+    np.testing.assert_array_equal(table["eu_fe_outlier"], trained.catalogue_outliers_[:, 4])
+    np.testing.assert_array_equal(table["logg_catalogue"], noisy.labels_for(["logg"])[:, 0])
+    with pytest.raises(InvalidInputError, match="labels_for"):  # every label of the cross-match, not the model's
+        trained.training_labels_table(noisy.ids, noisy.labels)
+    path = tmp_path / "training_labels.fits"
+    table.write(path)
+    from astropy.table import Table
+
+    assert len(Table.read(path)) == len(noisy)
+
+
+def test_cli_refuses_training_labels_without_label_errors(catalogue, tmp_path, capsys):
+    from dataclasses import replace
+
+    from cannon_bridge.cli import main
+
+    _, _, noisy, _ = catalogue
+    path = replace(noisy, label_errors=None).save(tmp_path / "exact.fits")
+    assert main(["train", str(path), "-o", str(tmp_path / "m.fits"), "--training-labels",
+                 str(tmp_path / "t.fits")]) == 2
+    assert "has no label errors" in capsys.readouterr().err
+    exact = BridgeModel(CORE, [], backend="numpy", calibrate=False, apogee_regularization=100.0,
+                        galah_regularization=100.0).fit(replace(noisy.subset(np.flatnonzero(np.all(np.isfinite(
+                            noisy.labels_for(CORE)), axis=1))), label_errors=None))
+    with pytest.raises(Exception, match="pass label_errors"):
+        exact.training_labels_table()
