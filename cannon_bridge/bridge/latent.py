@@ -2,20 +2,22 @@
 
 A catalogue value is a measurement of the star's label, ``y = l + e`` with the stated error ``sigma``; a few are
 far off (binaries, failed fits), so each value is either *good* (``e ~ N(0, sigma^2)``) or an *outlier* (drawn
-from a broad component), with a rate per label fitted from the data. Monte-Carlo EM:
+from a broad component), with a rate per label fitted from the data. EM:
 
 - E-step, spectra: each training star's labels from its two spectra by the fold model that did not train on it
   (in sample, a model of dozens of terms per pixel trained on a few hundred noisy labels partly memorises their
   noise and the posterior would count the catalogue twice), put on the catalogue's scale (a model trained on
   noisy labels is attenuated, its estimates stretched: :func:`_destretched`) and their covariance tempered to
   the spread the catalogue shows (:func:`_tempering_matrix`). Where the spectra and a catalogue value disagree,
-  a four-way mixture (catalogue good or outlying, times spectra good or failed; each label's population given
-  the star's other labels as the third witness) gives each its probability (:func:`_responsibilities`).
+  a four-way mixture (catalogue good or outlying, times spectra good or failed; the label's population as the
+  third witness; the spectra fail more often where the fold model extrapolates) gives each its probability
+  (:func:`_responsibilities`).
 - E-step, posterior: spectra, catalogue values (precision times the probability that the value is good) and a
   Gaussian population over every label combined per star: mean and covariance. A label that the catalogue and
   the spectra give differently, with neither clearly failed, is *ambiguous*: the star is left out of the fit of
   the pixels that depend on it (a wrong label in training costs more than one star fewer).
-- M-step: every pixel's coefficients and scatter refitted on the posterior means (ambiguous labels left out).
+- M-step: every pixel's coefficients and scatter refitted on the posterior means (ambiguous labels left out),
+  with the L1 strengths chosen anew by cross-validation on them.
   The E-step's posterior is not conditioned on the star's flux under the model being fitted (it uses another
   fold's model, tempered), so its error is independent of the flux given the mean, and E[f | data] = theta . v(mean)
   to first order: the regression-calibration fit is consistent. Label draws from that posterior (the expected
@@ -310,7 +312,7 @@ def _logsumexp(terms):
 
 def fit_latent(params, setup, fitted: FittedBridge, sources: dict, prepared: dict, spectra: dict, labels, errors,
                splits, max_iter: int = 3, tol: float = 0.1):
-    """Monte-Carlo EM through the catalogue labels (see the module's docstring).
+    """EM through the catalogue labels (see the module's docstring).
 
     ``fitted``: the bridge fitted on the catalogue values as they are (its prior and settings are kept);
     ``sources``/``prepared``: the training spectra as SpectraBlocks (as given / band-limited), ``spectra``
