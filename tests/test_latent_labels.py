@@ -50,6 +50,27 @@ def test_the_mixture_finds_far_off_catalogue_values_and_failed_spectra(rng):
     assert (ambiguous & ~outlying & ~failed).sum() < 0.02 * given.sum()
 
 
+def test_the_population_prior_from_posterior_means_adds_their_covariance_back(rng):
+    """Heavy labels measured with errors: the posterior means (shrunk toward the population) spread less than
+    the labels do, by the mean posterior variance; the prior fitted on them with their covariance has the
+    population's width, fitted on them alone it is too narrow, on the measurements too wide."""
+    from cannon_bridge.bridge.prior import PopulationPrior
+
+    n_stars, width, error = 20000, 0.5, 0.6
+    core = rng.normal(size=(n_stars, 2))
+    heavy = 0.3 * core[:, :1] + width * rng.normal(size=(n_stars, 1))
+    measured = heavy + error * rng.normal(size=heavy.shape)
+    # the posterior of each heavy label given its measurement and p(heavy | core) (known here)
+    variance = 1.0 / (1.0 / error**2 + 1.0 / width**2)
+    mean = variance * (measured / error**2 + 0.3 * core[:, :1] / width**2)
+    covariance = np.zeros((n_stars, 3, 3))
+    covariance[:, 2, 2] = variance
+    fit = lambda labels, cov=None: PopulationPrior.fit(np.column_stack([core, labels]), [0, 1], [2],
+                                                       label_covariance=cov).covariance[0, 0]
+    assert fit(mean, covariance) == pytest.approx(width**2, rel=0.05)
+    assert fit(mean) < 0.7 * width**2 and fit(measured) > 1.5 * width**2
+
+
 def test_destretching_puts_the_spectral_estimates_on_the_catalogue_scale(rng):
     truth = rng.normal(0.1, 0.3, size=(3000, 2))
     errors = np.full(truth.shape, 0.2)

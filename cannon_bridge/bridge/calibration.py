@@ -130,7 +130,8 @@ def fit_folds(params, fitted: FittedBridge, setup: TrainingSetup, sources: dict,
         parts = fit_surveys(params, fold_setup, {survey: source.take_rows(train) for survey, source in sources.items()},
                             fit_labels[train], coefficient_noise=bool(params.coefficient_uncertainty))
         prior = PopulationPrior.fit(fitted.scaled(labels[train]), np.arange(fitted.n_core),
-                                    np.arange(fitted.n_core, fitted.n_labels))
+                                    np.arange(fitted.n_core, fitted.n_labels),
+                                    label_covariance=None if latent is None else latent.covariance[train])
         sub = replace(fitted, apogee=parts["apogee"], galah=parts["galah"], prior=prior,
                       calibration=Calibration.identity(fitted.n_labels))
         folds.append((test, sub))

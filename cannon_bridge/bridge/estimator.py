@@ -283,7 +283,10 @@ class BridgeModel(BaseEstimator):
                 setup = replace(setup, strengths=choice.strengths)
             finally:
                 backend.clear_caches()
-            fitted = replace(fitted, apogee=parts["apogee"], galah=parts["galah"])
+            # the population prior from the latent labels (the catalogue values' spread holds their errors)
+            prior = PopulationPrior.fit(latent.mean, np.arange(n_core), np.arange(n_core, len(names)),
+                                        label_covariance=latent.covariance)
+            fitted = replace(fitted, apogee=parts["apogee"], galah=parts["galah"], prior=prior)
         cv_scatter, result = None, None
         if self.calibrate:
             try:

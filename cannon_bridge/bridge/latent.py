@@ -22,9 +22,8 @@ from a broad component), with a rate per label fitted from the data. EM:
   fold's model, tempered), so its error is independent of the flux given the mean, and E[f | data] = theta . v(mean)
   to first order: the regression-calibration fit is consistent. Label draws from that posterior (the expected
   design products E[v v^T]) would add its variance to the design without the matching covariance with the flux
-  and attenuate every slope by the posterior's share of the label's variance (measured on the physset at 1x and
-  2x catalogue errors: heavy labels from GALAH 1.4-3.9x and 1.5-18x the true-label model's RMS with four draws per
-  star, 1.2-1.6x and 1.6-3.7x on the means; ``docs/results.md``).
+  and attenuate every slope by the posterior's share of the label's variance (``benchmarks/README.md``,
+  session 14).
 
 The iterations stop when no training star's posterior mean moves by more than ``tol`` of its standard
 deviation or after ``max_iter``; the objective (per star, the negative log-likelihood of its catalogue values

@@ -43,7 +43,14 @@ class PopulationPrior:
                                 self.core_index, self.heavy_index, xp)
 
     @classmethod
-    def fit(cls, scaled_labels, core_index, heavy_index, order=2):
+    def fit(cls, scaled_labels, core_index, heavy_index, order=2, label_covariance=None):
+        """The prior from training labels (scaled, NaN where missing).
+
+        ``label_covariance`` (n_stars, n_labels, n_labels): the labels are posterior means (latent labels
+        trained through a catalogue's errors) with this covariance. Their spread is the population's less the
+        mean posterior covariance (the law of total variance), so that is added back to the residuals'
+        covariance; the mean is regressed on the posterior means as it is (regression calibration).
+        """
         core = scaled_labels[:, core_index]
         complete_core = np.all(np.isfinite(core), axis=1)
         exponents = polynomial_exponents(len(core_index), order)
@@ -65,6 +72,9 @@ class PopulationPrior:
             for j in range(n_heavy):
                 both = np.isfinite(residuals[:, i]) & np.isfinite(residuals[:, j])
                 covariance[i, j] = np.mean(residuals[both, i] * residuals[both, j])
+        if label_covariance is not None:
+            heavy = np.asarray(heavy_index)
+            covariance += np.mean(label_covariance[:, heavy[:, None], heavy[None, :]], axis=0)
         # pairwise-complete covariances need not be positive definite: clip the eigenvalues
         values, vectors = np.linalg.eigh(covariance)
         values = np.maximum(values, 1e-6 * max(values.max(), 1e-12))
