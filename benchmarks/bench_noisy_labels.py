@@ -32,17 +32,16 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_bridge as bb  # noqa: E402
 from cannon_bridge.data import CrossMatch  # noqa: E402
+from cannon_bridge.demo import CATALOGUE_ERRORS, HEAVY_CATALOGUE_ERROR  # noqa: E402
 from cannon_bridge.lines import read_galah_mode_mask, read_turbospectrum_linelist  # noqa: E402
 
-ERRORS = {"teff": (30, 90), "logg": (0.03, 0.12), "fe_h": (0.01, 0.04), "alpha_fe": (0.01, 0.04), "vmic": (0.03, 0.10)}
-HEAVY_ERROR = (0.05, 0.25)
 
 
 def catalogue(train: CrossMatch, scale: float, outliers: float, core_missing: float, seed: int):
     gen = np.random.default_rng(seed)
     errors = np.full(train.labels.shape, np.nan)
     for k, name in enumerate(train.label_names):
-        low, high = ERRORS.get(name, HEAVY_ERROR)
+        low, high = CATALOGUE_ERRORS.get(name, HEAVY_CATALOGUE_ERROR)
         errors[:, k] = scale * gen.uniform(low, high, len(train))
     noisy, outlying = train.with_label_noise(errors, outlier_fraction=outliers, seed=seed + 1)
     if core_missing:

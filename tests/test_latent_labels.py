@@ -5,6 +5,7 @@ import pytest
 
 from cannon_bridge.bridge import BridgeModel
 from cannon_bridge.bridge.latent import LatentLabels, _destretched, _responsibilities, _tempering_matrix
+from cannon_bridge.bridge.state import FittedBridge
 from cannon_bridge.engine import StarFlag
 from cannon_bridge.errors import InvalidInputError
 from cannon_bridge.mock import CORE_LABELS, make_crossmatch
@@ -105,14 +106,15 @@ def test_the_m_step_fits_on_the_posterior_means_in_physical_units_without_ambigu
     mean = rng.normal(size=(500, 2))
     covariance = np.broadcast_to(0.04 * np.eye(2), (500, 2, 2)).copy()
 
-    class Scale:  # the FittedBridge fields fit_labels() reads
+    class Scale:  # the FittedBridge fields and method fit_labels() reads
         scales, pivots = np.array([2.0, 1.0]), np.array([10.0, 0.0])
+        physical = FittedBridge.physical
 
     ambiguous = np.zeros((500, 2), bool)
     ambiguous[3, 1] = True
     latent = LatentLabels(mean, covariance, np.zeros((500, 2)), np.zeros((500, 2)), {}, ambiguous, mean, covariance,
                           np.ones(2))
-    physical = latent.fit_labels(Scale)
+    physical = latent.fit_labels(Scale())
     assert np.isnan(physical[3, 1]) and np.isfinite(physical[3, 0])
     keep = ~ambiguous
     np.testing.assert_allclose(physical[keep], (mean * Scale.scales + Scale.pivots)[keep], rtol=1e-14)
@@ -127,15 +129,14 @@ def catalogue():
     """A mock training set with catalogue-like labels: errors, 5% of the values far off, core labels missing."""
     names = CORE + HEAVY
     truth = make_crossmatch(240, seed=11, missing_fraction=0.0)
-    truth = truth.subset(np.arange(240))
     labels = truth.labels_for(names)
     rng = np.random.default_rng(4)
     scale = np.array([60.0, 0.1, 0.04, 0.15, 0.15])
     errors = scale * rng.uniform(0.5, 1.5, size=labels.shape)
-    full = np.full(truth.labels.shape, np.nan)
+    full = np.zeros(truth.labels.shape)  # the labels the bridge does not use: exact
     columns = truth.label_index(names)
     full[:, columns] = errors
-    noisy, outlying = truth.with_label_noise(np.where(np.isfinite(full), full, 0.0), outlier_fraction=0.05, seed=5)
+    noisy, outlying = truth.with_label_noise(full, outlier_fraction=0.05, seed=5)
     noisy = noisy.blank_labels(CORE, 0.05, seed=6)
     return truth, labels, noisy, outlying[:, columns]
 

@@ -119,7 +119,7 @@ def fit_folds(params, fitted: FittedBridge, setup: TrainingSetup, sources: dict,
     fold_setup = replace(setup, progress=False)
     if latent is not None:
         fit_labels = latent.fit_labels(fitted)
-        labels = latent.mean * fitted.scales + fitted.pivots
+        labels = fitted.physical(latent.mean)
     else:
         fit_labels = labels
     folds = []

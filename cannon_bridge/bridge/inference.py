@@ -145,7 +145,7 @@ def infer_single(fitted: FittedBridge, apogee_flux=None, apogee_ivar=None, galah
         block_builder, starts, n_stars, xp, fitted.max_iter, fitted.chunk_size, progress,
         prior_builder=(lambda rows: device_prior) if prior is not None else None, block_chi2=block_chi2,
         n_labels=n_labels, projected_lm=backend.lm_projected)
-    labels = x * fitted.scales + fitted.pivots
+    labels = fitted.physical(x)
     positions = np.array([group[0] for group in groups])
     block_chi2 = block_chi2[:, n_extra:]
     chi2_per = {survey: block_chi2[:, positions == at].sum(axis=1) for at, (survey, *_) in enumerate(surveys)}

@@ -96,7 +96,7 @@ class LatentLabels:
     def fit_labels(self, fitted: FittedBridge) -> np.ndarray:
         """(n_stars, n_labels) the labels the M-step fits on, physical units: the posterior means, NaN for
         ambiguous labels (the star is left out of the pixels that depend on them)."""
-        return np.where(self.ambiguous, np.nan, self.mean * fitted.scales + fitted.pivots)
+        return np.where(self.ambiguous, np.nan, fitted.physical(self.mean))
 
 
 def training_posterior(fitted: FittedBridge, spectra: dict, values, precision, progress: bool = False):
@@ -120,7 +120,7 @@ def training_posterior(fitted: FittedBridge, spectra: dict, values, precision, p
     return mean, covariance, chi2
 
 
-def _population(mean, covariance, _):
+def _population(mean, covariance):
     """(mean, covariance) of a Gaussian population over the labels: of the posterior means plus the mean
     posterior covariance (NaN-tolerant for catalogue values: pairwise-complete, clipped positive)."""
     centre = np.nanmean(mean, axis=0)
@@ -329,7 +329,7 @@ def fit_latent(params, setup, fitted: FittedBridge, sources: dict, prepared: dic
     history, mean, latent, converged, fit_labels, choice = [], None, None, False, None, None
     raw_mean = np.full((n_stars, n_labels), np.nan)
     raw_covariance = np.full((n_stars, n_labels, n_labels), np.nan)
-    population = _population(values, None, None)
+    population = _population(values, None)
     iteration = 0
     bar = tqdm(total=max_iter * (len(splits) + 1) + 1, desc="latent labels (EM)", unit="fit",
                disable=not setup.progress)
@@ -382,7 +382,7 @@ def fit_latent(params, setup, fitted: FittedBridge, sources: dict, prepared: dic
         split = np.nan_to_num(p_outlier) * (1.0 - np.nan_to_num(p_outlier)) + p_failure * (1.0 - p_failure)
         spread = np.minimum(split, 0.25) * np.nan_to_num(values - spectral_mean) ** 2
         new_covariance = new_covariance + spread[:, :, None] * np.eye(n_labels)[None]
-        population = _population(new_mean, new_covariance, None)
+        population = _population(new_mean, new_covariance)
         history.append(float(-np.mean(log_likelihood)))
         moved = np.inf if mean is None else np.max(np.abs(new_mean - mean) / np.sqrt(np.maximum(
             np.einsum("sii->si", new_covariance), 1e-300)))
@@ -428,9 +428,9 @@ def training_labels(fitted: FittedBridge, labels, latent: LatentLabels):
     zeros = np.zeros(n_stars, dtype=np.int64)
     outliers = latent.outliers & np.isfinite(labels)
     flags = np.where(outliers.any(axis=1), StarFlag.CATALOGUE_OUTLIER, 0).astype(np.int64)
-    improved = BridgeInferenceResult(latent.mean * fitted.scales + fitted.pivots, latent.covariance * scales, none,
+    improved = BridgeInferenceResult(fitted.physical(latent.mean), latent.covariance * scales, none,
                                      none, zeros, flags, list(fitted.label_names), mode="both")
-    spectral = BridgeInferenceResult(latent.spectral_mean * fitted.scales + fitted.pivots,
+    spectral = BridgeInferenceResult(fitted.physical(latent.spectral_mean),
                                      latent.spectral_covariance * scales, none, none, zeros, zeros.copy(),
                                      list(fitted.label_names), mode="both")
     return improved, spectral, outliers

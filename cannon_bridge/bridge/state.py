@@ -98,3 +98,7 @@ class FittedBridge:
     def scaled(self, labels: np.ndarray) -> np.ndarray:
         """Labels in the bridge's scaled units (pivot 0, scale 1)."""
         return (labels - self.pivots) / self.scales
+
+    def physical(self, scaled: np.ndarray) -> np.ndarray:
+        """Labels in physical units from the bridge's scaled units (the inverse of :meth:`scaled`)."""
+        return scaled * self.scales + self.pivots
