@@ -233,13 +233,15 @@ def section_uncertainties(runs):
             cells.append(f"{min(z):.2f}–{max(z):.2f}")
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     lines += ["", "The uncertainties come from the Gauss–Newton Hessian, scaled per label and mode by 4-fold "
-              "cross-validation on the training stars (the robust z spread of held-out training stars). "
-              "A star the model fits worse than held-out training stars (reduced χ² above their median + 3 robust σ) "
-              "is flagged `POOR_FIT` and its spectra's information is divided by 1 + (excess χ²)/D, the prior kept, "
-              "with D the least tempering that leaves no many-σ outliers among the held-out training stars "
-              "(`BridgeModel.misfit_reference_`). On this set that catches stars in corners of label space that the "
-              "training set hardly covers (e.g. a 6130 K, [Fe/H] −1.49 subgiant in test quarter 0, 15σ off in [Fe/H] "
-              "from APOGEE without it).", ""]
+              "cross-validation on the training stars (the winsorised RMS of the held-out training stars' z-scores). "
+              "A star's label errors grow with how badly the model fits it (held-out core-label z-scores: RMS 0.6 "
+              "in the best-fitted quarter of stars, 1.9 in the worst tenth), so every star's spectra's information "
+              "is divided by 1 + (χ² − onset·dof)/D, the prior kept, with the onset and D those under which the "
+              "held-out training stars' label errors are most likely (`BridgeModel.misfit_reference_`). Stars "
+              "above the held-out stars' reduced χ² range (median + 3 robust σ) are flagged `POOR_FIT`: on this set, "
+              "stars in corners of label space the training set hardly covers (e.g. a 6130 K, [Fe/H] −1.49 subgiant "
+              "in test quarter 0, 15σ off in [Fe/H] from APOGEE without the tempering). The joint mode weights the "
+              "two surveys by their covariances before the tempering.", ""]
     return lines
 
 

@@ -92,6 +92,12 @@ def test_save_load_round_trip(fitted, mock_pair, tmp_path):
     b = loaded.infer(apogee_flux=test.apogee_flux, apogee_ivar=test.apogee_ivar)
     assert np.array_equal(a.labels, b.labels) and np.array_equal(a.covariance, b.covariance)
     assert loaded.misfit_reference_ == {mode: tuple(map(float, value)) for mode, value in fitted.misfit_reference_.items()}
+    assert set(loaded.weighting_scale_) == {"apogee", "galah"}
+    for mode, scale in fitted.weighting_scale_.items():
+        assert np.array_equal(loaded.weighting_scale_[mode], scale)
+    both = dict(apogee_flux=test.apogee_flux, apogee_ivar=test.apogee_ivar, galah_flux=test.galah_flux,
+                galah_ivar=test.galah_ivar)
+    assert np.array_equal(fitted.infer(**both).labels, loaded.infer(**both).labels)
     raw = bytearray(path.read_bytes())
     raw[-3000] ^= 0xFF
     (tmp_path / "bad.fits").write_bytes(bytes(raw))
@@ -166,6 +172,14 @@ def _random_covariance(rng, n):
     return a @ a.T + 0.5 * np.eye(n)
 
 
+def _joint_errors(rng):
+    """(n_labels, APOGEE's label index, joint error covariance [APOGEE's; GALAH's], its correlation)."""
+    n_labels, index = 4, np.array([0, 1, 2])
+    joint = _random_covariance(rng, index.size + n_labels)
+    sd = np.sqrt(np.diag(joint))
+    return n_labels, index, joint, joint / sd[:, None] / sd[None, :]
+
+
 def test_correlated_update_is_the_generalised_least_squares_combination():
     """Fusing two estimates whose errors correlate: the update equals brute-force GLS on the stacked
     estimates, its covariance is the true error covariance (Monte Carlo), and with no cross-correlation
@@ -173,11 +187,8 @@ def test_correlated_update_is_the_generalised_least_squares_combination():
     from cannon_bridge.bridge.fusion import correlated_update as _correlated_update
 
     rng = np.random.default_rng(5)
-    n_labels, index = 4, np.array([0, 1, 2])
+    n_labels, index, joint, correlation = _joint_errors(rng)
     n_apogee = index.size
-    joint = _random_covariance(rng, n_apogee + n_labels)
-    sd = np.sqrt(np.diag(joint))
-    correlation = joint / sd[:, None] / sd[None, :]
     cov_a, cov_g = joint[:n_apogee, :n_apogee], joint[n_apogee:, n_apogee:]
     truth = rng.normal(size=n_labels)
     errors = rng.multivariate_normal(np.zeros(n_apogee + n_labels), joint, size=20000)
@@ -204,6 +215,38 @@ def test_correlated_update_is_the_generalised_least_squares_combination():
     assert np.allclose(cov0[0], cov_g - gain @ cov_g[index], atol=1e-10)
 
 
+def test_fusion_weighted_by_one_covariance_reports_the_combinations_covariance_under_another():
+    """The joint mode weights the surveys by their covariances before the misfit tempering and reports the
+    combination's covariance under the tempered ones: at equal covariances that is the update's own
+    covariance; with one survey's errors 4x wider, the labels are those of the first weighting and the
+    covariance matches the Monte Carlo errors of that combination."""
+    from cannon_bridge.bridge.fusion import correlated_update
+
+    rng = np.random.default_rng(8)
+    n_labels, index, joint, correlation = _joint_errors(rng)
+    n_apogee = index.size
+    cov_a, cov_g = joint[:n_apogee, :n_apogee], joint[n_apogee:, n_apogee:]
+    stars = 40000
+
+    def stack(matrix):
+        return np.broadcast_to(matrix, (stars,) + matrix.shape).copy()
+
+    truth = rng.normal(size=n_labels)
+    wide = np.diag(np.r_[np.full(n_apogee, 2.0), np.ones(n_labels)])  # APOGEE's errors 2x (variance 4x)
+    errors = rng.multivariate_normal(np.zeros(n_apogee + n_labels), wide @ joint @ wide, size=stars)
+    a, g = truth[index] + errors[:, :n_apogee], truth + errors[:, n_apogee:]
+    plain, plain_cov, _ = correlated_update(g, stack(cov_g), a, stack(cov_a), index, correlation)
+    same, same_cov, _ = correlated_update(g, stack(cov_g), a, stack(cov_a), index, correlation,
+                                          propagate=(stack(cov_g), stack(cov_a)))
+    assert np.allclose(same, plain) and np.allclose(same_cov, plain_cov, atol=1e-10)
+    fused, covariance, sane = correlated_update(g, stack(cov_g), a, stack(cov_a), index, correlation,
+                                                propagate=(stack(cov_g), stack(4.0 * cov_a)))
+    assert np.all(sane) and np.allclose(fused, plain)
+    empirical = np.cov((fused - truth).T)
+    assert np.allclose(np.diag(empirical), np.diag(covariance[0]), rtol=0.04)
+    assert np.all(np.diag(covariance[0]) > np.diag(plain_cov[0]))
+
+
 def test_a_star_the_model_cannot_fit_gets_honest_uncertainties(fitted, mock_pair):
     """Misfit tempering: a spectrum with model error the chi^2 hardly shows (lines 40% too deep, as for a
     star in a corner of label space the training set barely covers) gets POOR_FIT and wider
@@ -214,12 +257,11 @@ def test_a_star_the_model_cannot_fit_gets_honest_uncertainties(fitted, mock_pair
 
     data, truth = mock_pair
     test = data.subset(np.arange(200, 260))
-    # the calibration measured the reduced chi^2 of held-out training stars; the mock has no misfit
-    # tail, so it found no reason to temper (D = inf)
-    threshold, scale = fitted.misfit_reference_["apogee"]
-    assert 0.5 < threshold < 2.0 and scale > 0
+    # the calibration measured the reduced chi^2 of held-out training stars (the POOR_FIT threshold)
+    threshold, scale, onset = fitted.misfit_reference_["apogee"]
+    assert 0.5 < threshold < 2.0 and scale > 0 and onset <= threshold
     model = copy.deepcopy(fitted)
-    model.misfit_reference_ = {"apogee": (threshold, 50.0)}
+    model.misfit_reference_ = {"apogee": (threshold, 50.0, threshold)}
     normal = model.infer(apogee_flux=test.apogee_flux, apogee_ivar=test.apogee_ivar)
     assert np.mean(normal.misfit_factor == 1.0) > 0.9
     model_flux = model.generate_apogee(normal.labels)
@@ -231,7 +273,9 @@ def test_a_star_the_model_cannot_fit_gets_honest_uncertainties(fitted, mock_pair
     expected = 1.0 + (bad.data_chi2 - threshold * bad.dof) / 50.0
     np.testing.assert_allclose(bad.misfit_factor[poor], expected[poor])
     # the spectra's information is divided by the factor: the core labels' variance grows with it
-    untempered = fitted.infer(apogee_flux=distorted, apogee_ivar=test.apogee_ivar)
+    plain = copy.deepcopy(fitted)
+    plain.misfit_reference_ = {}
+    untempered = plain.infer(apogee_flux=distorted, apogee_ivar=test.apogee_ivar)
     ratio = bad.uncertainties[poor, :3] ** 2 / untempered.uncertainties[poor, :3] ** 2
     assert np.all(ratio > 0.5 * bad.misfit_factor[poor, None]) and np.all(ratio < 1.01 * bad.misfit_factor[poor, None])
     # regenerated spectra of such stars are the model at their labels, not an average over a wide posterior
@@ -240,23 +284,24 @@ def test_a_star_the_model_cannot_fit_gets_honest_uncertainties(fitted, mock_pair
     assert np.all(np.isfinite(variance)) and np.all(np.abs(galah - 1) < 1.5)
 
 
-def test_misfit_tempering_is_set_by_held_out_outliers(fitted):
-    """fit_misfit_reference: no outliers -> no tempering; a few stars many sigma off with a chi^2
-    excess -> the least tempering that brings their z-scores into the bulk's spread."""
+def test_misfit_tempering_is_fitted_to_held_out_errors(fitted):
+    """fit_misfit_reference against injected truth: label errors that grow with the chi^2 excess over an
+    onset give back that onset and D; errors unrelated to the chi^2 give (almost) no tempering."""
     from cannon_bridge.bridge import BridgeInferenceResult
-    from cannon_bridge.bridge.calibration import MISFIT_TAIL, fit_misfit_reference
+    from cannon_bridge.bridge.calibration import fit_misfit_reference
+    from cannon_bridge.bridge.inference import misfit_factor
+    from cannon_bridge.bridge.state import Calibration
 
     rng = np.random.default_rng(1)
-    n_stars, n_labels = 400, len(fitted.label_names_)
+    n_stars, n_labels = 1500, len(fitted.label_names_)
     truth = rng.normal(size=(n_stars, n_labels)) * fitted.label_scales_ + fitted.label_pivots_
     # unit information in scaled units: sigma = the label scale in label units
     information = np.broadcast_to(np.eye(n_labels), (n_stars, n_labels, n_labels)).copy()
     sigma = fitted.label_scales_
     dof = np.full(n_stars, 5000.0)
-    data_chi2 = dof * rng.normal(1.0, 0.01, n_stars)
-    estimate = truth + rng.normal(size=truth.shape) * sigma
+    data_chi2 = dof * (1.0 + np.abs(rng.normal(0.0, 0.02, n_stars)))
 
-    def results(estimate, data_chi2):
+    def results(estimate):
         covariance = np.broadcast_to(np.diag(sigma**2), (n_stars, n_labels, n_labels)).copy()
         result = BridgeInferenceResult(estimate, covariance, data_chi2, data_chi2 / dof, np.ones(n_stars),
                                        np.zeros(n_stars, np.int64), list(fitted.label_names_), mode="galah",
@@ -264,19 +309,23 @@ def test_misfit_tempering_is_set_by_held_out_outliers(fitted):
                                        prior_information=None)
         return [(np.arange(n_stars), None, result)]
 
-    threshold, scale = fit_misfit_reference(fitted.fitted_bridge(), results(estimate, data_chi2), truth, "galah")
-    assert scale == np.inf and 1.0 < threshold < 1.06
-    # five stars fit 30% worse and sit 15 sigma off
-    bad = np.arange(5)
-    shifted, worse = estimate.copy(), data_chi2.copy()
-    shifted[bad] = truth[bad] + 15 * sigma
-    worse[bad] = 1.3 * dof[bad]
-    threshold, scale = fit_misfit_reference(fitted.fitted_bridge(), results(shifted, worse), truth, "galah")
-    assert np.isfinite(scale)
-    factor = 1 + (worse[bad] - threshold * dof[bad]) / scale
-    z = (shifted - truth) / sigma
-    z[bad] /= np.sqrt(factor)[:, None]
-    assert np.all(np.std(z, axis=0) <= MISFIT_TAIL * 1.1)
+    # errors unrelated to the fit: the variance factors stay near 1
+    estimate = truth + rng.normal(size=truth.shape) * sigma
+    threshold, scale, onset = fit_misfit_reference(fitted.fitted_bridge(), results(estimate), truth, "galah")
+    assert 1.03 < threshold < 1.1 and onset <= threshold
+    calibration = Calibration.identity(n_labels)
+    calibration = Calibration(calibration.uncertainty_scale, misfit_reference={"galah": (threshold, scale, onset)})
+    assert np.percentile(misfit_factor(calibration, "galah", data_chi2, dof), 90) < 1.3
+    # the variance grows by (chi^2 - 1.01 dof) / 20 above reduced chi^2 1.01: up to ~20x for the worst stars
+    true_factor = 1.0 + np.maximum(data_chi2 - 1.01 * dof, 0.0) / 20.0
+    estimate = truth + rng.normal(size=truth.shape) * sigma * np.sqrt(true_factor)[:, None]
+    threshold, scale, onset = fit_misfit_reference(fitted.fitted_bridge(), results(estimate), truth, "galah")
+    assert abs(onset - 1.01) < 0.006 and 20.0 / 2 < scale < 20.0 * 2
+    calibration = Calibration(calibration.uncertainty_scale, misfit_reference={"galah": (threshold, scale, onset)})
+    found = misfit_factor(calibration, "galah", data_chi2, dof)
+    z = (estimate - truth) / sigma / np.sqrt(found)[:, None]
+    worst = data_chi2 > np.quantile(data_chi2, 0.9)
+    assert np.all(np.abs(np.std(z[worst], axis=0) - 1) < 0.2) and np.all(np.abs(np.std(z, axis=0) - 1) < 0.1)
 
 
 def test_quadratic_forms_by_term_groups_equal_the_dense_form():

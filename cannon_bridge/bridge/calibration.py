@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..engine import INFER_BATCH, concatenate_results
+from ..engine import INFER_BATCH, StarFlag, concatenate_results
 from ..stats import robust_std
 from .fusion import calibrate_fusion
 from .inference import infer, tempered, tempered_covariance
@@ -34,9 +34,8 @@ __all__ = ["CalibrationResult", "calibrate", "fit_folds", "fit_misfit_reference"
 
 logger = logging.getLogger("cannon_bridge.bridge")
 
-#: largest accepted ratio of held-out z-scores' standard deviation to their robust spread (see
-#: :func:`fit_misfit_reference`): 1.0 +- 0.05 for Gaussian errors over a few hundred stars
-MISFIT_TAIL = 1.2
+#: at most this many held-out stars choose the misfit tempering (:func:`fit_misfit_reference`)
+MISFIT_SEARCH_STARS = 4000
 #: held-out z-scores are winsorised at this many robust sigma before their RMS sets a label's uncertainty
 #: factor (:func:`z_spread`): the tails count, a single far outlier does not widen every star's error
 Z_WINSOR = 5.0
@@ -76,8 +75,11 @@ def calibrate(params, fitted: FittedBridge, setup: TrainingSetup, sources: dict,
         else:
             results = held_out(folds, spectra, mode)
             reference = dict(main.calibration.misfit_reference)
-            reference[mode] = fit_misfit_reference(main, results, labels, mode)
-            main = replace(main, calibration=replace(main.calibration, misfit_reference=reference))
+            reference[mode] = fit_misfit_reference(main, results, labels, mode, errors)
+            weighting = dict(main.calibration.weighting_scale)
+            weighting[mode] = _weighting_scale(results, labels, errors, reference[mode][0])
+            main = replace(main, calibration=replace(main.calibration, misfit_reference=reference,
+                                                     weighting_scale=weighting))
             results = [(test, sub, tempered(_with_reference(sub, reference), result)) for test, sub, result in results]
         held[mode] = results
         scale = z_spread(results, labels, errors)
@@ -186,9 +188,9 @@ def held_out(folds, spectra: dict, mode: str) -> list:
 
 
 def z_spread(results, labels, errors=None) -> np.ndarray:
-    """Spread of the held-out z-scores per label, over the stars fitted normally (the tempered ones, see
-    :func:`cannon_bridge.bridge.inference.misfit_factor`, have their own, wider scale): their RMS after
-    winsorising at :data:`Z_WINSOR` robust sigma.
+    """Spread of the held-out z-scores per label: their RMS after winsorising at :data:`Z_WINSOR`
+    robust sigma (each star's covariance tempered by its misfit, see
+    :func:`cannon_bridge.bridge.inference.misfit_factor`).
 
     Correlated model errors make each survey's chi^2 overconfident: this sets one uncertainty factor per
     label and mode. (Tempering each survey's chi^2 before stacking was tried and gave worse labels.) The
@@ -199,94 +201,112 @@ def z_spread(results, labels, errors=None) -> np.ndarray:
     catalogue values: the factor ``k`` is the one for which the residuals over ``sqrt(k^2 sigma^2 + e^2)``
     have unit RMS (winsorised likewise), so the catalogue's own error variance is not taken for the model's.
     """
+    residual = np.vstack([r.labels - labels[test] for test, _, r in results])
+    sigma = np.vstack([r.uncertainties for _, _, r in results])
+    catalogue = None if errors is None else np.vstack([errors[test] for test, _, _ in results])
+    return _label_factors(residual, sigma**2, None if catalogue is None else catalogue**2)
+
+
+def _weighting_scale(results, labels, errors, threshold) -> np.ndarray:
+    """Per label, the factor on the untempered standard deviations of the stars fitted normally (reduced
+    chi^2 up to ``threshold``; ``results`` untempered, at unit scale): the joint mode's weights."""
+    normal = [(test[k], None, replace(r, labels=r.labels[k], covariance=r.covariance[k]))
+              for test, _, r in results for k in [r.data_chi2 <= threshold * r.dof]]
+    scale = z_spread(normal, labels, errors)
+    return np.where(np.isfinite(scale), np.clip(scale, 0.5, 100.0), 1.0)
+
+
+def _label_factors(residual, s2, e2=None) -> np.ndarray:
+    """Per label, the factor k on the standard deviations for which the winsorised mean of
+    r^2 / (k^2 s^2 + e^2) is 1 (NaN where a label has no finite residual)."""
     from scipy.optimize import brentq
 
-    keep = [np.ones(len(test), bool) if r.misfit_factor is None else r.misfit_factor <= 1 for test, _, r in results]
-    residual = np.vstack([(r.labels - labels[test])[k] for (test, _, r), k in zip(results, keep)])
-    sigma = np.vstack([r.uncertainties[k] for (_, _, r), k in zip(results, keep)])
-    catalogue = (np.zeros_like(residual) if errors is None else
-                 np.vstack([errors[test][k] for (test, _, _), k in zip(results, keep)]))
-    spread = np.full(residual.shape[1], np.nan)
+    factors = np.full(residual.shape[1], np.nan)
     with np.errstate(invalid="ignore", divide="ignore"):
         for k in range(residual.shape[1]):
-            z = residual[:, k] / (sigma[:, k] if errors is None else np.sqrt(sigma[:, k] ** 2 + catalogue[:, k] ** 2))
+            e2k = np.zeros(len(residual)) if e2 is None else e2[:, k]
+            z = residual[:, k] / np.sqrt(s2[:, k] + e2k)
             ok = np.isfinite(z)
             robust = robust_std(z[ok])
             if not (np.isfinite(robust) and robust > 0):
                 continue
             cap = (Z_WINSOR * robust) ** 2
-            r2, s2, e2 = residual[ok, k] ** 2, sigma[ok, k] ** 2, catalogue[ok, k] ** 2
+            r2k, s2k, e2k = residual[ok, k] ** 2, s2[ok, k], e2k[ok]
 
             def excess(factor):
-                return np.mean(np.minimum(r2 / (factor**2 * s2 + e2), cap)) - 1.0
+                return np.mean(np.minimum(r2k / (factor**2 * s2k + e2k), cap)) - 1.0
 
-            if not np.any(e2 > 0):
-                spread[k] = np.sqrt(np.mean(np.minimum(z[ok] ** 2, cap)))
+            if not np.any(e2k > 0):
+                factors[k] = np.sqrt(np.mean(np.minimum(r2k / s2k, cap)))
             elif excess(1e-3) <= 0:
-                spread[k] = 1e-3  # the catalogue's errors alone explain the residuals
+                factors[k] = 1e-3  # the catalogue's errors alone explain the residuals
             elif excess(1e3) >= 0:
-                spread[k] = 1e3
+                factors[k] = 1e3
             else:
-                spread[k] = brentq(excess, 1e-3, 1e3, xtol=1e-6)
-    return spread
+                factors[k] = brentq(excess, 1e-3, 1e3, xtol=1e-6)
+    return factors
 
 
-def fit_misfit_reference(fitted: FittedBridge, results, labels, mode) -> tuple[float, float]:
-    """(threshold, D) of :func:`~cannon_bridge.bridge.inference.misfit_factor` from held-out training stars
-    (``results`` of one mode).
+def fit_misfit_reference(fitted: FittedBridge, results, labels, mode, errors=None) -> tuple[float, float, float]:
+    """(threshold, D, onset) of :func:`~cannon_bridge.bridge.inference.misfit_factor` from held-out
+    training stars (``results`` of one mode, untempered, at unit scale).
 
-    threshold: median + 3 robust sigma of their reduced chi^2. D: the largest (least inflation)
-    for which, on every label the spectra constrain, the z-scores' standard deviation is at most
-    ``MISFIT_TAIL`` times their robust spread (no star many sigma off); infinity when that already
-    holds untempered; never below the chi^2 spread of the well-fitted stars.
+    threshold (the ``POOR_FIT`` flag): median + 3 robust sigma of their reduced chi^2. A star's label
+    errors grow with how badly the model fits it (on physset, the core labels' held-out z-scores go
+    from an RMS of 0.6 in the best-fitted quarter of stars to 1.9 in the worst tenth), so every star's
+    spectral information is divided by 1 + (chi^2 - onset dof) / D. (onset, D) maximise the Gaussian
+    likelihood of the held-out label errors, on the labels the mode's spectra constrain, under the
+    tempered covariances with each label's factor (:func:`z_spread`) profiled out; no tempering
+    (D infinite) is one of the candidates.
     """
     rchi2 = np.concatenate([r.data_chi2 / r.dof for _, _, r in results])
     threshold = float(np.median(rchi2) + 3.0 * robust_std(rchi2))
     if not np.isfinite(threshold):
-        return threshold, np.inf
+        return threshold, np.inf, threshold
     constrained = np.arange(fitted.n_core) if mode == "apogee" else np.arange(fitted.n_labels)
-    truth = np.vstack([labels[test] for test, _, _ in results])
-    estimate = np.vstack([r.labels for _, _, r in results])
+    residual = np.vstack([r.labels - labels[test] for test, _, r in results])[:, constrained]
+    catalogue = None if errors is None else np.vstack([errors[test] for test, _, _ in results])[:, constrained]
     data_chi2 = np.concatenate([r.data_chi2 for _, _, r in results])
     dof = np.concatenate([r.dof for _, _, r in results])
-    excess = np.maximum(data_chi2 - threshold * dof, 0.0)
-    poor = np.flatnonzero(excess > 0)
-    if poor.size == 0:
-        return threshold, np.inf
-    sigma = np.vstack([r.uncertainties for _, _, r in results])
-    like = np.concatenate([r.likelihood_information for _, _, r in results])[poor]
+    like = np.concatenate([r.likelihood_information for _, _, r in results])
     prior = [r.prior_information for _, _, r in results]
-    prior = None if any(p is None for p in prior) else np.concatenate(prior)[poor]
+    prior = None if any(p is None for p in prior) else np.concatenate(prior)
+    # a strided subset bounds the search's cost on large training sets (each candidate inverts every
+    # star's information matrix)
+    keep = np.all(np.isfinite(like.reshape(len(like), -1)), axis=1) & np.isfinite(rchi2)
+    keep &= np.any(np.isfinite(residual), axis=1)
+    rows = np.flatnonzero(keep)[:: max(1, int(np.ceil(keep.sum() / MISFIT_SEARCH_STARS)))]
+    if rows.size < 10:
+        return threshold, np.inf, threshold
+    residual = residual[rows]
+    r2 = residual**2
+    e2 = None if catalogue is None else catalogue[rows] ** 2
+    like, data_chi2, dof, rchi2 = like[rows], data_chi2[rows], dof[rows], rchi2[rows]
+    prior = None if prior is None else prior[rows]
 
-    def tail_ratio(scale):
-        trial = sigma.copy()
-        if np.isfinite(scale):
-            covariance, _ = tempered_covariance(like, prior, 1.0 + excess[poor] / scale, fitted.scales)
-            trial[poor] = np.sqrt(np.einsum("sii->si", covariance))
+    def negative_log_likelihood(onset, scale):
+        factor = 1.0 + np.maximum(data_chi2 - onset * dof, 0.0) / scale if np.isfinite(scale) else np.ones(len(dof))
+        covariance, _ = tempered_covariance(like, prior, factor, fitted.scales)
+        s2 = np.einsum("sii->si", covariance)[:, constrained]
+        k = _label_factors(residual, s2, e2)
+        variance = k[None, :] ** 2 * s2 + (0.0 if e2 is None else e2)
         with np.errstate(invalid="ignore", divide="ignore"):
-            z = (estimate - truth) / trial
-        ratios = []
-        for k in constrained:
-            values = z[:, k][np.isfinite(z[:, k])]
-            robust = robust_std(values)
-            if values.size >= 10 and robust > 0:
-                ratios.append(np.std(values) / robust)
-        return max(ratios) if ratios else 0.0
+            z2 = r2 / variance
+        usable = np.isfinite(z2) & (variance > 0) & np.isfinite(k)[None, :]
+        # the same winsorisation as the factors: one far-off star does not choose the tempering
+        cap = Z_WINSOR**2 * np.nanmedian(np.where(usable, z2, np.nan)) / 0.4549  # median of chi^2_1
+        return float(np.sum(np.log(variance[usable]) + np.minimum(z2[usable], cap)))
 
-    # D no smaller than the chi^2 spread of well-fitted stars: a star one such spread above the
-    # threshold at most doubles its variance (a fit that is only a little worse is only a little less trusted)
-    floor = max(float(robust_std(rchi2) * np.median(dof)), 1.0)
-    candidates = np.concatenate([[np.inf], np.geomspace(max(1e6, floor), floor, 49)])  # least inflation first
-    ratios = np.array([tail_ratio(scale) for scale in candidates])
-    good = np.flatnonzero(ratios <= MISFIT_TAIL)
-    if good.size:
-        scale = candidates[good[0]]
-    else:  # no D tames the tail: temper only if that clearly helps (the tail is not the misfit's)
-        best = int(np.argmin(ratios))
-        scale = candidates[best] if ratios[best] < 0.9 * ratios[0] else np.inf
-    logger.info("%s: stars fitted worse than reduced chi^2 %.3f (%d of %d held-out) get their spectra's "
-                "information divided by 1 + excess chi^2 / %.3g", mode, threshold, poor.size, rchi2.size, scale)
-    return threshold, float(scale)
+    onsets = np.unique(np.concatenate([np.quantile(rchi2, np.linspace(0.0, 0.9, 10)), [threshold]]))
+    typical = float(np.median(dof))
+    candidates = [(threshold, np.inf)] + [(onset, typical * g) for onset in onsets
+                                          for g in np.geomspace(1e-4, 1e2, 31)]
+    scores = np.array([negative_log_likelihood(onset, scale) for onset, scale in candidates])
+    onset, scale = candidates[int(np.nanargmin(scores))]
+    logger.info("%s: stars fitted worse than reduced chi^2 %.3f are flagged POOR_FIT (%d of %d held-out); every "
+                "star's spectra's information is divided by 1 + (chi^2 - %.3f dof) / %.3g", mode, threshold,
+                int(np.sum(rchi2 > threshold)), rchi2.size, onset, scale)
+    return threshold, float(scale), float(onset)
 
 
 def galah_variance_scale(fitted: FittedBridge, results, galah_spectra) -> np.ndarray:
@@ -320,8 +340,8 @@ def galah_variance_scale(fitted: FittedBridge, results, galah_spectra) -> np.nda
                 chunk_ivar = np.asarray(galah_ivar[rows], dtype=np.float64)
                 noise = np.divide(1.0, chunk_ivar, out=np.zeros_like(chunk_ivar), where=chunk_ivar > 0)
                 observed = chunk_ivar > 0
-            if result.misfit_factor is not None:  # poorly fitted stars (inflated) do not set the scale
-                observed = observed & (result.misfit_factor[within] <= 1)[:, None]
+            # stars flagged POOR_FIT (regenerated at their labels, see BridgeModel.predict_galah) do not set it
+            observed = observed & ((result.flags[within] & StarFlag.POOR_FIT) == 0)[:, None]
             pixel_excess = np.sum(np.where(observed, (galah_flux[rows] - flux) ** 2 - fixed - noise, 0.0), axis=0)
             pixel_propagated = np.sum(np.where(observed, variance - fixed, 0.0), axis=0)
             excess += np.bincount(group_of_pixel, pixel_excess, n_groups)

@@ -18,7 +18,7 @@ from .._blocks import SpectraBlocks
 from .._params import BRIDGE_MODEL_CONSTRAINTS, validate_parameters
 from .._validation import check_label_errors, check_labels, check_spectra
 from ..backends import get_backend
-from ..engine import BridgeInferenceResult
+from ..engine import BridgeInferenceResult, StarFlag
 from ..errors import InvalidInputError, NotFittedError
 from ..vectorizer import PolynomialVectorizer
 from sklearn.model_selection import KFold
@@ -118,6 +118,8 @@ class BridgeModel(BaseEstimator):
         0 correlated update, 1 Kalman update of independent errors, 2 fixed blend
     fusion_weights_ : ndarray (n_labels,), weight of the APOGEE estimate for the labels with a fixed
         blend (NaN otherwise)
+    weighting_scale_ : dict survey -> ndarray (n_labels,), the factors on each survey's untempered standard
+        deviations that the joint mode weights the two surveys by (``inference.weighting_covariance``)
     apogee_regularization_, galah_regularization_ : ndarray (n_pixels,), the L1 strength of each pixel
     regularization_scores_ : dict survey -> pixel class -> {strength: held-out chi^2} (when chosen by CV)
     apogee_label_index_, galah_label_index_ : ndarray, the labels (indices into ``label_names_``) each survey uses
@@ -125,7 +127,8 @@ class BridgeModel(BaseEstimator):
     label_pivots_, label_scales_ : ndarray (n_labels,), the label scaling
     prior_ : PopulationPrior, p(heavy | core) in scaled units
     galah_variance_scale_ : float or ndarray (n_galah_pixels,), factor on the propagated label variance
-    misfit_reference_ : dict mode -> (threshold, D), the tempering of poorly fitted stars
+    misfit_reference_ : dict mode -> (threshold, D, onset): the POOR_FIT threshold (reduced chi^2) and the
+        tempering of stars by how poorly they are fitted (``inference.misfit_factor``)
     cv_scatter_ : dict survey -> ndarray (n_pixels,), out-of-sample scatter (None when not calibrated)
     training_labels_ : BridgeInferenceResult or None, the training stars' labels from both spectra and the
         catalogue (trained with ``label_errors``; None otherwise)
@@ -393,13 +396,15 @@ class BridgeModel(BaseEstimator):
         self.fusion_correlation_ = calibration.fusion_correlation
         self.fusion_methods_ = calibration.fusion_methods
         self.fusion_weights_ = calibration.fusion_weights
+        self.weighting_scale_ = calibration.weighting_scale
         self.cv_scatter_ = cv_scatter
 
     def fitted_bridge(self) -> FittedBridge:
         """The fitted state as one :class:`FittedBridge` (what inference, calibration and saving read)."""
         self._check_fitted()
         calibration = Calibration(self.uncertainty_scale_, self.galah_variance_scale_, self.misfit_reference_,
-                                  self.fusion_correlation_, self.fusion_methods_, self.fusion_weights_)
+                                  self.fusion_correlation_, self.fusion_methods_, self.fusion_weights_,
+                                  self.weighting_scale_)
         return self._settings(FittedBridge(
             self.label_names_, self.n_core_, self.label_pivots_, self.label_scales_,
             SurveyPart(self.apogee_model_, self.apogee_label_index_), SurveyPart(self.galah_model_, self.galah_label_index_),
@@ -464,7 +469,7 @@ class BridgeModel(BaseEstimator):
         # a star the model fits poorly has a posterior too wide to average the model over (it would
         # average spectra from across the training range): its spectrum is the model at its labels,
         # and the wide posterior shows in the variance
-        poor = np.flatnonzero(result.misfit_factor > 1) if result.misfit_factor is not None else []
+        poor = np.flatnonzero(result.flags & StarFlag.POOR_FIT)
         if len(poor):
             flux[poor] = generate(fitted, "galah", result.labels[poor])
         result.galah_flux, result.galah_variance = flux, variance

@@ -15,8 +15,8 @@ import numpy as np
 from ..engine import BridgeInferenceResult
 from .state import FUSION_BLEND, FUSION_CORRELATED, FUSION_KALMAN, FittedBridge
 
-__all__ = ["FusionChoice", "calibrate_fusion", "correlated_update", "error_correlation", "fuse", "fuse_update",
-           "rescale_variance"]
+__all__ = ["FusionChoice", "calibrate_fusion", "combination_covariance", "correlated_update", "error_correlation",
+           "fuse", "fuse_update", "rescale_variance"]
 
 logger = logging.getLogger("cannon_bridge.bridge")
 
@@ -31,7 +31,7 @@ class FusionChoice:
     weights: np.ndarray
 
 
-def fuse(fitted: FittedBridge, from_apogee, from_galah) -> BridgeInferenceResult:
+def fuse(fitted: FittedBridge, from_apogee, from_galah, weighting=None) -> BridgeInferenceResult:
     """Joint labels: the GALAH posterior updated by APOGEE's calibrated constraint on its labels.
 
     Both estimates' covariances are the cross-validated ones, so a survey whose chi^2 is
@@ -40,14 +40,19 @@ def fuse(fitted: FittedBridge, from_apogee, from_galah) -> BridgeInferenceResult
     training set), so the update uses the correlation measured on held-out stars; per label,
     cross-validation may instead have chosen the Kalman update of independent errors or a
     fixed blend (``Calibration.fusion_methods``).
+
+    ``weighting``: (APOGEE covariance, GALAH covariance) that set the combination's weights when they
+    differ from the results' own (the misfit-tempered) covariances
+    (:func:`~cannon_bridge.bridge.inference.weighting_covariance`); the joint covariance is then that of
+    the combination under the results' covariances.
     """
     calibration = fitted.calibration
     index = fitted.apogee.label_index
     correlation = calibration.fusion_correlation
-    labels, covariance = fuse_update(index, from_apogee, from_galah, correlation)
+    labels, covariance = fuse_update(index, from_apogee, from_galah, correlation, weighting)
     methods = calibration.fusion_methods
     if correlation is not None and methods is not None and np.any(np.asarray(methods) == FUSION_KALMAN):
-        kalman_labels, kalman_cov = fuse_update(index, from_apogee, from_galah, None)
+        kalman_labels, kalman_cov = fuse_update(index, from_apogee, from_galah, None, weighting)
         for k in np.flatnonzero(np.asarray(methods) == FUSION_KALMAN):
             labels[:, k] = kalman_labels[:, k]
             rescale_variance(covariance, k, kalman_cov[:, k, k])
@@ -74,40 +79,68 @@ def fuse(fitted: FittedBridge, from_apogee, from_galah) -> BridgeInferenceResult
                                  else None)
 
 
-def fuse_update(apogee_index, from_apogee, from_galah, correlation):
+def fuse_update(apogee_index, from_apogee, from_galah, correlation, weighting=None):
     """(labels, covariance): the GALAH posterior updated by APOGEE's estimate of its labels.
 
     With ``correlation`` (the measured correlation of both surveys' errors), the correlated
     update of :func:`correlated_update`; without it, or for stars where it fails, the Kalman
     update of independent errors. Stars with no usable covariance keep the GALAH posterior.
+    ``weighting`` (APOGEE covariance, GALAH covariance) sets the gain instead of the results' own
+    covariances, which then give the covariance of the combination (:func:`combination_covariance`).
     """
     index = apogee_index
     cov_g, cov_a = from_galah.covariance, from_apogee.covariance[:, index[:, None], index[None, :]]
+    if weighting is None:
+        weight_a, weight_g = cov_a, cov_g
+    else:
+        weight_a, weight_g = weighting[0][:, index[:, None], index[None, :]], weighting[1]
     usable = np.all(np.isfinite(cov_a.reshape(len(cov_a), -1)), axis=1) & \
-        np.all(np.isfinite(cov_g.reshape(len(cov_g), -1)), axis=1)
+        np.all(np.isfinite(cov_g.reshape(len(cov_g), -1)), axis=1) & \
+        np.all(np.isfinite(weight_a.reshape(len(cov_a), -1)), axis=1) & \
+        np.all(np.isfinite(weight_g.reshape(len(cov_g), -1)), axis=1)
     labels, covariance = from_galah.labels.copy(), cov_g.copy()
     n_joint = index.size + cov_g.shape[1]
     if correlation is not None and np.shape(correlation) == (n_joint, n_joint) and usable.any():
         rows = np.flatnonzero(usable)
-        fused, updated, sane = correlated_update(from_galah.labels[rows], cov_g[rows],
-                                                  from_apogee.labels[rows][:, index], cov_a[rows], index,
-                                                  correlation)
+        fused, updated, sane = correlated_update(
+            from_galah.labels[rows], weight_g[rows], from_apogee.labels[rows][:, index], weight_a[rows], index,
+            correlation, propagate=None if weighting is None else (cov_g[rows], cov_a[rows]))
         labels[rows[sane]], covariance[rows[sane]] = fused[sane], updated[sane]
         usable[rows[sane]] = False
     if usable.any():
         rows = np.flatnonzero(usable)
-        g = cov_g[rows]
+        g = weight_g[rows]
         innovation = from_apogee.labels[rows][:, index] - from_galah.labels[rows][:, index]
-        total = g[:, index[:, None], index[None, :]] + cov_a[rows]
+        total = g[:, index[:, None], index[None, :]] + weight_a[rows]
         gain = np.transpose(np.linalg.solve(total, np.transpose(g[:, :, index], (0, 2, 1))), (0, 2, 1))
         fused = from_galah.labels[rows] + np.einsum("skc,sc->sk", gain, innovation)
-        updated = g - gain @ g[:, index, :]
-        updated = 0.5 * (updated + np.transpose(updated, (0, 2, 1)))
+        if weighting is None:
+            updated = g - gain @ g[:, index, :]
+            updated = 0.5 * (updated + np.transpose(updated, (0, 2, 1)))
+        else:
+            updated = combination_covariance(gain, index, cov_g[rows], cov_a[rows])
         # a near-singular single-survey covariance (e.g. every APOGEE pixel masked) can make the
         # update lose positivity: those stars keep the GALAH posterior rather than a NaN uncertainty
         sane = np.all(np.einsum("sii->si", updated) > 0, axis=1) & np.all(np.isfinite(fused), axis=1)
         labels[rows[sane]], covariance[rows[sane]] = fused[sane], updated[sane]
     return labels, covariance
+
+
+def combination_covariance(gain, index, galah_cov, apogee_cov, cross=None):
+    """Covariance of x = g + G (a - g[index]) for GALAH errors of covariance ``galah_cov`` (S, K, K), APOGEE
+    errors of ``apogee_cov`` (S, c, c) and Cov(e_g, e_a) = ``cross`` (S, K, c; None: independent).
+
+    x - truth = (I - G P) e_g + G e_a, with P selecting ``index``.
+    """
+    n_labels = galah_cov.shape[1]
+    a = np.broadcast_to(np.eye(n_labels), galah_cov.shape).copy()
+    a[:, :, index] -= gain
+    gain_t = np.transpose(gain, (0, 2, 1))
+    covariance = a @ galah_cov @ np.transpose(a, (0, 2, 1)) + gain @ apogee_cov @ gain_t
+    if cross is not None:
+        mixed = a @ cross @ gain_t
+        covariance += mixed + np.transpose(mixed, (0, 2, 1))
+    return 0.5 * (covariance + np.transpose(covariance, (0, 2, 1)))
 
 
 def calibrate_fusion(fitted: FittedBridge, held, labels) -> tuple[FusionChoice, list]:
@@ -120,18 +153,26 @@ def calibrate_fusion(fitted: FittedBridge, held, labels) -> tuple[FusionChoice, 
     used for a fold is measured on the other folds. Reuses the single-survey held-out results ``held[mode]``, lists of (test rows, fold's
     FittedBridge, result). Returns the :class:`FusionChoice` and the joint mode's held-out results.
     """
+    from .inference import weighting_covariance
+
     def scaled(result, mode):
         factor = fitted.calibration.uncertainty_scale[mode]
         return replace(result, covariance=result.covariance * factor[None, :, None] * factor[None, None, :])
 
     pairs = [(test, sub, scaled(ra, "apogee"), scaled(rg, "galah"))
              for (test, sub, ra), (_, _, rg) in zip(held["apogee"], held["galah"])]
+    weightings = [(weighting_covariance(fitted, ra), weighting_covariance(fitted, rg)) for _, _, ra, rg in pairs]
+    # the correlation of the errors the weights are for (z-scores under each survey's weighting covariance)
+    weighted = [(test, sub, replace(ra, covariance=wa), replace(rg, covariance=wg))
+                for (test, sub, ra, rg), (wa, wg) in zip(pairs, weightings)]
     n_labels = fitted.n_labels
     index = fitted.apogee.label_index
-    out_of_fold = [error_correlation(fitted.label_names, index, [p for j, p in enumerate(pairs) if j != i], labels)
+    out_of_fold = [error_correlation(fitted.label_names, index, [p for j, p in enumerate(weighted) if j != i], labels)
                    for i in range(len(pairs))]
-    correlated = np.vstack([fuse_update(index, ra, rg, corr)[0] for (_, _, ra, rg), corr in zip(pairs, out_of_fold)])
-    kalman = np.vstack([fuse_update(index, ra, rg, None)[0] for _, _, ra, rg in pairs])
+    correlated = np.vstack([fuse_update(index, ra, rg, corr, weighting)[0]
+                            for (_, _, ra, rg), corr, weighting in zip(pairs, out_of_fold, weightings)])
+    kalman = np.vstack([fuse_update(index, ra, rg, None, weighting)[0]
+                        for (_, _, ra, rg), weighting in zip(pairs, weightings)])
     apogee = np.vstack([ra.labels for _, _, ra, _ in pairs])
     galah = np.vstack([rg.labels for _, _, _, rg in pairs])
     truth = np.vstack([labels[test] for test, _, _, _ in pairs])
@@ -161,13 +202,13 @@ def calibrate_fusion(fitted: FittedBridge, held, labels) -> tuple[FusionChoice, 
         logger.info("joint mode, %s: CV RMS correlated %.4g, Kalman %.4g, blend (w_apogee=%.2f) %.4g -> %s",
                     fitted.label_names[k], *np.sqrt(errors[:2]), w, np.sqrt(errors[2]),
                     ("correlated", "Kalman", "blend")[methods[k]])
-    choice = FusionChoice(error_correlation(fitted.label_names, index, pairs, labels), methods, weights)
+    choice = FusionChoice(error_correlation(fitted.label_names, index, weighted, labels), methods, weights)
     # each fold fuses with the correlation measured on the other folds
     fused = []
-    for (test, sub, ra, rg), corr in zip(pairs, out_of_fold):
+    for (test, sub, ra, rg), corr, weighting in zip(pairs, out_of_fold, weightings):
         sub = replace(sub, calibration=replace(sub.calibration, fusion_correlation=corr,
                                                fusion_methods=methods.copy(), fusion_weights=weights.copy()))
-        fused.append((test, sub, fuse(sub, ra, rg)))
+        fused.append((test, sub, fuse(sub, ra, rg, weighting)))
     return choice, fused
 
 
@@ -205,7 +246,7 @@ def rescale_variance(covariance, k, variance):
     covariance[:, :, k] *= ratio[:, None]
 
 
-def correlated_update(galah_labels, galah_cov, apogee_labels, apogee_cov, index, correlation):
+def correlated_update(galah_labels, galah_cov, apogee_labels, apogee_cov, index, correlation, propagate=None):
     """The GALAH estimate updated by APOGEE's estimate of the labels ``index``, errors correlated.
 
     Two estimates of the same labels whose errors correlate (both models learned from one training
@@ -214,6 +255,8 @@ def correlated_update(galah_labels, galah_cov, apogee_labels, apogee_cov, index,
     measured on held-out stars; with each star's standard deviations D it gives the joint error
     covariance Sigma = D R D. The best linear combination is x = g + L V^-1 (a - g_c), with
     V = Cov(a - g_c) and L = Cov(e_g, e_g,c - e_a), and its covariance is Sigma_gg - L V^-1 L^T.
+    With ``propagate`` (GALAH covariance, APOGEE covariance), the covariance returned is that of the same
+    combination when the errors have these standard deviations (:func:`combination_covariance`).
     Returns (labels, covariance, sane) where ``sane`` marks stars whose result is usable.
     """
     n_apogee = index.size
@@ -229,7 +272,14 @@ def correlated_update(galah_labels, galah_cov, apogee_labels, apogee_cov, index,
     difference[~positive] = np.eye(n_apogee)
     gain = np.transpose(np.linalg.solve(difference, np.transpose(left, (0, 2, 1))), (0, 2, 1))  # (S, K, c)
     fused = galah_labels + np.einsum("skc,sc->sk", gain, apogee_labels - galah_labels[:, index])
-    updated = s_gg - gain @ np.transpose(left, (0, 2, 1))
-    updated = 0.5 * (updated + np.transpose(updated, (0, 2, 1)))
+    if propagate is None:
+        updated = s_gg - gain @ np.transpose(left, (0, 2, 1))
+        updated = 0.5 * (updated + np.transpose(updated, (0, 2, 1)))
+    else:
+        sd = np.sqrt(np.maximum(np.concatenate([np.einsum("sii->si", propagate[1]),
+                                                np.einsum("sii->si", propagate[0])], axis=1), 0.0))
+        joint = sd[:, :, None] * correlation[None] * sd[:, None, :]
+        updated = combination_covariance(gain, index, joint[:, g_block, g_block], joint[:, a_block, a_block],
+                                         joint[:, g_block, a_block])
     sane = positive & np.all(np.einsum("sii->si", updated) > 0, axis=1) & np.all(np.isfinite(fused), axis=1)
     return fused, updated, sane

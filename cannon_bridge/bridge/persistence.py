@@ -43,8 +43,10 @@ def save_bridge(path, fitted: FittedBridge, params: dict, regularization: dict, 
         arrays["fusion_methods"] = np.asarray(calibration.fusion_methods, np.int64)
     weights = calibration.fusion_weights
     arrays["fusion_weights"] = np.asarray(np.full(fitted.n_labels, np.nan) if weights is None else weights, float)
-    for mode, (threshold, scale) in calibration.misfit_reference.items():
-        arrays[f"misfit_reference_{mode}"] = np.array([threshold, scale], float)
+    for mode, scale in calibration.weighting_scale.items():
+        arrays[f"weighting_scale_{mode}"] = np.asarray(scale, float)
+    for mode, reference in calibration.misfit_reference.items():  # (flag threshold, D, tempering onset)
+        arrays[f"misfit_reference_{mode}"] = np.array(reference, float)
     arrays["galah_variance_scale"] = np.broadcast_to(
         np.asarray(calibration.galah_variance_scale, float), (fitted.galah.model.n_features_in_,)).copy()
     params = {k: v for k, v in params.items() if k not in TABLE_PARAMETERS}
@@ -86,7 +88,8 @@ def _from_parts(path, metadata, arrays):
         misfit_reference={mode: tuple(float(v) for v in arrays[f"misfit_reference_{mode}"])
                           for mode in MODES if f"misfit_reference_{mode}" in arrays},
         fusion_correlation=arrays.get("fusion_correlation"), fusion_methods=arrays.get("fusion_methods"),
-        fusion_weights=arrays.get("fusion_weights", np.full(len(label_names), np.nan)))
+        fusion_weights=arrays.get("fusion_weights", np.full(len(label_names), np.nan)),
+        weighting_scale={mode: arrays[f"weighting_scale_{mode}"] for mode in MODES if f"weighting_scale_{mode}" in arrays})
     fitted = FittedBridge(label_names, n_core, arrays["pivots"], arrays["scales"], parts["apogee"], parts["galah"],
                           prior, calibration)
     regularization = {survey: arrays.get(f"regularization_{survey}") for survey in SURVEYS}

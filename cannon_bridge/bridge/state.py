@@ -43,14 +43,18 @@ class Calibration:
         Factors on each label's standard deviation per inference mode.
     galah_variance_scale : float or ndarray (n_galah_pixels,)
         Factor on the label-propagation part of the regenerated GALAH spectra's variance.
-    misfit_reference : dict mode -> (threshold, D)
-        Reduced chi^2 above which a star's spectra are tempered, and the tempering scale.
+    misfit_reference : dict mode -> (threshold, D, onset)
+        Reduced chi^2 above which a star is flagged ``POOR_FIT``; the tempering scale D and the
+        reduced chi^2 above which a star's spectra are tempered (see ``inference.misfit_factor``).
     fusion_correlation : ndarray or None
         Correlation of the two surveys' held-out label errors (the joint mode's update).
     fusion_methods : ndarray (n_labels,) int
         Per label: ``FUSION_CORRELATED``, ``FUSION_KALMAN`` or ``FUSION_BLEND``.
     fusion_weights : ndarray (n_labels,)
         Weight of the APOGEE estimate for labels with a fixed blend (NaN otherwise).
+    weighting_scale : dict survey mode -> ndarray (n_labels,)
+        Factors on each single-survey standard deviation before the misfit tempering, from the
+        well-fitted held-out stars: the joint mode weights the two surveys by these (see ``fusion.fuse``).
     """
 
     uncertainty_scale: dict
@@ -59,6 +63,7 @@ class Calibration:
     fusion_correlation: np.ndarray | None = None
     fusion_methods: np.ndarray | None = None
     fusion_weights: np.ndarray | None = None
+    weighting_scale: dict = field(default_factory=dict)
 
     @classmethod
     def identity(cls, n_labels: int) -> "Calibration":
