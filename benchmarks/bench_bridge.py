@@ -219,8 +219,9 @@ def robust_std(values):
     return float(0.5 * (high - low))
 
 
-def label_metrics(predicted, truth, uncertainties=None, names=LABELS):
-    """{label: {bias, rms, z_std, z_std_robust}} over the stars."""
+def label_metrics(predicted, truth, uncertainties=None, names=LABELS, keep_z=False):
+    """{label: {bias, rms, z_std, z_std_robust}} over the stars (and each star's z-score with ``keep_z``:
+    ``digest_bridge.py`` pools them over test quarters)."""
     out = {}
     for k, name in enumerate(names):
         delta = predicted[:, k] - truth[:, k]
@@ -232,6 +233,8 @@ def label_metrics(predicted, truth, uncertainties=None, names=LABELS):
             entry["z_std"] = float(np.std(z[finite])) if finite.any() else float("nan")
             entry["z_std_robust"] = robust_std(z)
             entry["median_sigma"] = float(np.median(uncertainties[:, k]))
+            if keep_z:
+                entry["z"] = [round(float(v), 4) if np.isfinite(v) else None for v in z]
         out[name] = entry
     return out
 
@@ -338,7 +341,7 @@ def run(truth_xm, snr, args, tag, linelist, mode_mask):
                          ("both", dict(apogee_flux=a_flux, apogee_ivar=a_ivar, galah_flux=test.galah_flux,
                                        galah_ivar=test.galah_ivar))):
         inferred[mode] = timer(f"infer bridge ({mode})", bridge.infer, **kwargs)
-    results["labels"]["bridge"] = {mode: label_metrics(r.labels, truth_labels, r.uncertainties)
+    results["labels"]["bridge"] = {mode: label_metrics(r.labels, truth_labels, r.uncertainties, keep_z=True)
                                    for mode, r in inferred.items()}
     results["labels"]["bridge_complete_only"] = {
         mode: label_metrics(r.labels, truth_labels, r.uncertainties) for mode, r in (

@@ -1,15 +1,19 @@
 #!/usr/bin/env python
-"""Per label and mode, the held-out RMS and z-score standard deviation from bench_bridge JSON files.
+"""Per label and mode, the held-out RMS and z-score standard deviation from bench_bridge JSON files;
+with several files (e.g. the four test quarters), also pooled over their stars.
 
 Usage::
 
-    .venv/bin/python benchmarks/digest_bridge.py benchmarks/results/bench_bridge_snr40*.json
+    .venv/bin/python benchmarks/digest_bridge.py benchmarks/results/bench_bridge_snr40.json \
+        benchmarks/results/bench_bridge_snr40_test[012].json
 """
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
+
+import numpy as np
 
 LOW, HIGH = 0.8, 1.25  # issue 23's target for the z-score standard deviation
 
@@ -29,6 +33,25 @@ def digest(path: Path) -> None:
           f"calibration {spectra['calibration']['overall']:.3f} (heavy {spectra['calibration']['heavy']:.3f})")
 
 
+def pooled(paths) -> None:
+    """z-score standard deviation and RMS per label and mode over the test stars of every file (files
+    written before bench_bridge kept each star's z-score are left out), and how many label-modes of the
+    single files are outside the target."""
+    runs = [json.loads(path.read_text())["labels"]["bridge"] for path in paths]
+    runs = [run for run in runs if "z" in next(iter(run["apogee"].values()))]
+    if len(runs) < 2:
+        return
+    for mode in ("apogee", "galah", "both"):
+        labels = list(runs[0][mode])
+        z = [np.array([v for run in runs for v in run[mode][label]["z"] if v is not None]) for label in labels]
+        rms = [np.sqrt(np.mean([run[mode][label]["rms"] ** 2 for run in runs])) for label in labels]
+        outside = sum(not LOW <= run[mode][label]["z_std"] <= HIGH for run in runs for label in labels)
+        print(f"pooled over {len(runs)} runs ({len(z[0])} stars) {mode:6s} z std "
+              + " ".join(f"{np.std(values):.2f}" for values in z)
+              + " | RMS " + " ".join(f"{value:.3g}" for value in rms)
+              + f" | label-runs outside {LOW}-{HIGH}: {outside} of {len(labels) * len(runs)}")
+
+
 def main(argv=None) -> int:
     paths = [Path(p) for p in (sys.argv[1:] if argv is None else argv)]
     if not paths:
@@ -36,6 +59,7 @@ def main(argv=None) -> int:
         return 1
     for path in paths:
         digest(path)
+    pooled(paths)
     return 0
 
 

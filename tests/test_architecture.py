@@ -15,7 +15,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "cannon_bridge"
 IMPLEMENTATIONS = ("_numba", "_numpy", "_cupy")
-DATA_LAYER = ("io", "preprocess", "crossmatch", "datasets", "mock", "data", "spectrum", "lines", "bandlimit")
+DATA_LAYER = ("io", "preprocess", "crossmatch", "datasets", "mock", "data", "spectrum", "lines", "bandlimit",
+              "build")
 MODELS = ("model", "bridge", "baselines", "engine")
 #: functions allowed above 150 lines, and why
 LONG_FUNCTIONS = {

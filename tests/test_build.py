@@ -1,0 +1,165 @@
+"""The catalogue half of the archive-to-cross-match build (cannon_bridge.build): labels picked from the surveys'
+own catalogue columns with their errors and flags, matched stars, and a report of the stars it cannot use."""
+import numpy as np
+import pytest
+from astropy.table import Table
+
+from cannon_bridge.build import (DEFAULT_LABEL_SOURCES, LabelSource, catalogue_labels, match_catalogues,
+                                 read_label_sources)
+from cannon_bridge.errors import InvalidInputError
+
+HEAVY = ["ba_fe", "y_fe", "eu_fe", "ce_fe", "nd_fe", "la_fe", "zr_fe"]
+STAR_BAD = 1 << 23
+
+
+def _apogee():
+    """Five APOGEE stars in DR17 allStar column names: rows 0-2 share Gaia ids with GALAH rows 2, 0, 1, row 3
+    shares only a 2MASS id with GALAH row 3, row 4 has no partner. Row 1's Teff is the -9999 sentinel,
+    row 2 is STAR_BAD, row 0's [Fe/H] carries FE_H_FLAG."""
+    n = 5
+    return Table({
+        "APOGEE_ID": ["2M00000000+0000000", "2M00000100+0100000", "2M00000200+0200000", "2M00000300+0300000",
+                      "2M00000400+0400000"],
+        "TELESCOPE": ["apo25m"] * n, "FIELD": ["F1"] * n,
+        "GAIAEDR3_SOURCE_ID": np.array([11, 12, 13, 0, 15], dtype=np.int64),
+        "RA": [0.0, 0.0042, 0.0083, 0.0125, 3.0], "DEC": [0.0, 1.0, 2.0, 3.0, 4.0],
+        "TEFF": [4800.0, -9999.0, 5200.0, 5600.0, 6000.0], "TEFF_ERR": [50.0, 60.0, 70.0, 80.0, 90.0],
+        "LOGG": [2.5, 2.6, 4.4, 4.1, 4.0], "LOGG_ERR": [0.05, 0.06, 0.07, 0.08, 0.09],
+        "FE_H": [-0.2, -0.1, 0.0, 0.1, 0.2], "FE_H_ERR": [0.01, 0.02, 0.03, 0.04, 0.05],
+        "FE_H_FLAG": np.array([1, 0, 0, 0, 0], dtype=np.int32),
+        "ALPHA_M": [0.10, 0.05, 0.0, 0.02, 0.03], "ALPHA_M_ERR": [0.01] * n,
+        "VMICRO": [1.2, 1.3, 1.0, 1.1, 1.4], "VMICRO_ERR": [0.05] * n,
+        "ASPCAPFLAG": np.array([0, 0, STAR_BAD, 0, 0], dtype=np.uint64),
+    })
+
+
+def _galah(capitalised=False):
+    """Five GALAH stars in DR3/DR4 allstar column names (DR3 spells the elements ``Ba_fe``): row 4 has no
+    partner; row 0's Ba carries flag_ba_fe; row 3's parameters are flagged (flag_sp: every [X/Fe] blanked)."""
+    n = 5
+    columns = {
+        "sobject_id": np.array([131216001101001, 131216001101002, 131216001101003, 131216001101004,
+                                131216001101005], dtype=np.int64),
+        "tmass_id": ["", "", "", "00000300+0300000", ""],
+        "gaiadr3_source_id": np.array([12, 13, 11, 0, 99], dtype=np.int64),
+        "ra": [0.0042, 0.0083, 0.0, 0.0125, 5.0], "dec": [1.0, 2.0, 0.0, 3.0, 5.0],
+        "flag_sp": np.array([0, 0, 0, 1, 0], dtype=np.int32),
+        "fe_h": [-0.12, 0.01, -0.22, 0.12, 0.0], "e_fe_h": [0.05] * n,
+        "flag_fe_h": np.zeros(n, dtype=np.int32),
+    }
+    for j, name in enumerate(HEAVY):
+        element = name.split("_")[0]
+        key = element.capitalize() + "_fe" if capitalised else name
+        columns[key] = 0.1 * j + 0.01 * np.arange(n)
+        columns[f"e_{key}"] = np.full(n, 0.05 + 0.01 * j)
+        columns[f"flag_{key}"] = np.array([1 if name == "ba_fe" and row == 0 else 0 for row in range(n)], np.int32)
+    return Table(columns)
+
+
+def _write(tmp_path, capitalised=False):
+    apogee, galah = tmp_path / "allStar.fits", tmp_path / "galah_allstar.fits"
+    _apogee().write(apogee)
+    _galah(capitalised).write(galah)
+    return apogee, galah
+
+
+@pytest.mark.parametrize("capitalised", [False, True], ids=["dr4_names", "dr3_names"])
+def test_labels_come_from_each_surveys_columns_with_their_errors_and_flags(tmp_path, capitalised):
+    result = match_catalogues(*_write(tmp_path, capitalised))
+    names = result.labels.names
+    assert names == ["teff", "logg", "fe_h", "alpha_fe", "vmic"] + HEAVY
+    # APOGEE row 2 (STAR_BAD) keeps only its heavy labels; row 4 and GALAH row 4 have no partner
+    assert list(result.match.apogee_index) == [0, 1, 2, 3] and list(result.match.galah_index) == [2, 0, 1, 3]
+    assert list(result.match.method) == ["gaia_dr3", "gaia_dr3", "gaia_dr3", "2mass"]
+    labels, errors = result.labels.labels, result.labels.errors
+    apogee = _apogee()
+    for pair, row in enumerate([0, 1, 2, 3]):
+        for k, column in enumerate(["TEFF", "LOGG", "FE_H", "ALPHA_M", "VMICRO"]):
+            expected = apogee[column][row]
+            if (column == "TEFF" and row == 1) or row == 2 or (column == "FE_H" and row == 0):
+                assert np.isnan(labels[pair, k]) and np.isnan(errors[pair, k]), (pair, column)
+            else:
+                assert labels[pair, k] == expected and errors[pair, k] == apogee[column + "_ERR"][row]
+    for j, name in enumerate(HEAVY):
+        k = 5 + j
+        for pair, galah_row in enumerate([2, 0, 1, 3]):
+            flagged = galah_row == 3 or (name == "ba_fe" and galah_row == 0)
+            if flagged:
+                assert np.isnan(labels[pair, k])
+            else:
+                assert labels[pair, k] == pytest.approx(0.1 * j + 0.01 * galah_row)
+                assert errors[pair, k] == pytest.approx(0.05 + 0.01 * j)
+    assert result.labels.provenance["ba_fe"]["n_missing"] == 2
+    assert result.labels.provenance["teff"] == {"survey": "apogee", "column": "TEFF", "error": "TEFF_ERR", "flag": None,
+                                                "flag_bits": None, "n_missing": 2}
+    assert list(result.apogee["APOGEE_ID"]) == list(apogee["APOGEE_ID"][:4])
+    assert list(result.galah["sobject_id"]) == list(_galah()["sobject_id"][[2, 0, 1, 3]])
+    report = {(row["survey"], row["id"]): row["reason"] for row in result.report}
+    assert report == {("apogee", "2M00000400+0400000"): "no match", ("galah", "131216001101005"): "no match"}
+
+
+def test_a_label_mapping_file_overrides_and_extends_the_defaults(tmp_path):
+    apogee_path, galah_path = _write(tmp_path)
+    apogee = _apogee()
+    apogee["MG_FE"], apogee["MG_FE_ERR"] = [0.1, 0.2, 0.3, 0.4, 0.5], [0.02] * 5
+    apogee["MG_QUALITY"] = np.array([1, 2, 0, 0, 0], dtype=np.int32)  # bit 1 blanks, bit 2 does not
+    apogee.write(apogee_path, overwrite=True)
+    mapping = tmp_path / "labels.toml"
+    mapping.write_text('[labels.fe_h]\nsurvey = "galah"\ncolumn = "fe_h"\nerror = "e_fe_h"\nflag = "flag_fe_h"\n\n'
+                       '[labels.mg_fe]\nsurvey = "apogee"\ncolumn = "MG_FE"\nerror = "MG_FE_ERR"\n'
+                       'flag = "MG_QUALITY"\nflag_bits = 1\n')
+    sources = read_label_sources(mapping)
+    assert [s.label for s in sources] == ["teff", "logg", "fe_h", "alpha_fe", "vmic"] + HEAVY + ["mg_fe"]
+    result = match_catalogues(apogee_path, galah_path, label_sources=sources)
+    fe_h = result.labels.labels[:, result.labels.names.index("fe_h")]
+    # GALAH's [Fe/H] of the partners (rows 2, 0, 1; row 3 is flag_sp)
+    np.testing.assert_allclose(fe_h, [-0.22, -0.12, 0.01, np.nan])
+    mg = result.labels.labels[:, result.labels.names.index("mg_fe")]
+    np.testing.assert_allclose(mg, [np.nan, 0.2, np.nan, 0.4])  # row 0: bit 1 set; row 2: STAR_BAD
+    mapping.write_text('defaults = false\n[labels.teff]\nsurvey = "apogee"\ncolumn = "teff"\nerror = "teff_err"\n')
+    assert [s.label for s in read_label_sources(mapping)] == ["teff"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[labels.teff\n", "not valid TOML"),
+    ('[labels.teff]\nsurvey = "apogee"\ncolumn = "TEFF"\n', "lacks ['error']"),
+    ('[labels.teff]\nsurvey = "apogee"\ncolumn = "TEFF"\nerror = "TEFF_ERR"\nunits = "K"\n', "unknown keys ['units']"),
+    ('[labels.teff]\nsurvey = "gaia"\ncolumn = "TEFF"\nerror = "TEFF_ERR"\n', "survey must be one of"),
+    ('[labels.teff]\nsurvey = "apogee"\ncolumn = "TEFF"\nerror = "TEFF_ERR"\nflag_bits = 3\n', "flag_bits needs"),
+    ("defaults = false\n", "names no label"),
+    ("labelz = 1\n", "unknown top-level keys"),
+])
+def test_a_bad_label_mapping_is_refused_with_the_reason(tmp_path, text, message):
+    path = tmp_path / "labels.toml"
+    path.write_text(text)
+    with pytest.raises(InvalidInputError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        read_label_sources(path)
+
+
+def test_a_column_the_catalogue_lacks_is_named_with_the_fix():
+    apogee, galah = _apogee(), _galah()
+    del apogee["VMICRO_ERR"]
+    with pytest.raises(InvalidInputError, match=r"no column 'VMICRO_ERR'.*--labels FILE.toml"):
+        catalogue_labels(apogee, galah, [0], [2])
+    galah["ba_fe"] = ["x"] * len(galah)
+    with pytest.raises(InvalidInputError, match="not one number per star"):
+        catalogue_labels(_apogee(), galah, [0], [2])
+
+
+def test_pairs_with_every_label_flagged_are_reported_and_left_out(tmp_path):
+    apogee, galah = _apogee(), _galah()
+    galah["flag_sp"][0] = 1  # APOGEE row 1's partner: heavy labels gone; its Teff is -9999 already
+    apogee.write(tmp_path / "allStar.fits")
+    galah.write(tmp_path / "galah.fits")
+    sources = [s for s in DEFAULT_LABEL_SOURCES if s.label in ("teff", *HEAVY)]
+    result = match_catalogues(tmp_path / "allStar.fits", tmp_path / "galah.fits", label_sources=sources)
+    assert 1 not in result.match.apogee_index and len(result) == 3
+    assert ("apogee", 1, "2M00000100+0100000", "every label flagged") in [tuple(row) for row in result.report]
+    # a value without a usable error is missing too
+    apogee["TEFF_ERR"][0] = np.nan
+    result = catalogue_labels(apogee, galah, [0, 3], [2, 3], [LabelSource("teff", "apogee", "TEFF", "TEFF_ERR")])
+    np.testing.assert_array_equal(np.isnan(result.labels[:, 0]), [True, False])
+    apogee[[1]].write(tmp_path / "one.fits")
+    galah[[0]].write(tmp_path / "partner.fits")
+    with pytest.raises(InvalidInputError, match="no usable star"):
+        match_catalogues(tmp_path / "one.fits", tmp_path / "partner.fits", label_sources=sources)
