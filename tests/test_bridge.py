@@ -326,6 +326,13 @@ def test_misfit_tempering_is_fitted_to_held_out_errors(fitted):
     z = (estimate - truth) / sigma / np.sqrt(found)[:, None]
     worst = data_chi2 > np.quantile(data_chi2, 0.9)
     assert np.all(np.abs(np.std(z[worst], axis=0) - 1) < 0.2) and np.all(np.abs(np.std(z, axis=0) - 1) < 0.1)
+    # a fold whose model could fit no pixel (its stars carry no information) is passed over
+    empty = BridgeInferenceResult(np.full((3, n_labels), np.nan), np.full((3, n_labels, n_labels), np.nan),
+                                  np.full(3, np.nan), np.full(3, np.nan), np.zeros(3, np.int64), np.zeros(3, np.int64),
+                                  list(fitted.label_names_), mode="galah", data_chi2=np.zeros(3), dof=np.ones(3))
+    again = fit_misfit_reference(fitted.fitted_bridge(), results(estimate) + [(np.arange(3), None, empty)],
+                                 truth, "galah")
+    assert again[1:] == (scale, onset)
 
 
 def test_quadratic_forms_by_term_groups_equal_the_dense_form():

@@ -207,6 +207,15 @@ def z_spread(results, labels, errors=None) -> np.ndarray:
     return _label_factors(residual, sigma**2, None if catalogue is None else catalogue**2)
 
 
+def _information(matrices, result, n_labels) -> np.ndarray:
+    """(n_stars, n_labels, n_labels) information matrices of a result; NaN where a fold model could fit
+    no pixel of the survey and its stars carry none."""
+    matrices = np.asarray(matrices, dtype=float)
+    if matrices.shape != (len(result.labels), n_labels, n_labels):
+        return np.full((len(result.labels), n_labels, n_labels), np.nan)
+    return matrices
+
+
 def _weighting_scale(results, labels, errors, threshold) -> np.ndarray:
     """Per label, the factor on the untempered standard deviations of the stars fitted normally (reduced
     chi^2 up to ``threshold``; ``results`` untempered, at unit scale): the joint mode's weights."""
@@ -268,9 +277,10 @@ def fit_misfit_reference(fitted: FittedBridge, results, labels, mode, errors=Non
     catalogue = None if errors is None else np.vstack([errors[test] for test, _, _ in results])[:, constrained]
     data_chi2 = np.concatenate([r.data_chi2 for _, _, r in results])
     dof = np.concatenate([r.dof for _, _, r in results])
-    like = np.concatenate([r.likelihood_information for _, _, r in results])
+    like = np.concatenate([_information(r.likelihood_information, r, fitted.n_labels) for _, _, r in results])
     prior = [r.prior_information for _, _, r in results]
-    prior = None if any(p is None for p in prior) else np.concatenate(prior)
+    prior = (None if any(p is None for p in prior)
+             else np.concatenate([_information(p, r, fitted.n_labels) for p, (_, _, r) in zip(prior, results)]))
     # a strided subset bounds the search's cost on large training sets (each candidate inverts every
     # star's information matrix)
     keep = np.all(np.isfinite(like.reshape(len(like), -1)), axis=1) & np.isfinite(rchi2)
