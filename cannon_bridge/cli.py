@@ -1,4 +1,4 @@
-"""Command line: ``cannon-bridge demo | train | predict | generate | validate``."""
+"""Command line: ``cannon-bridge demo | build | train | predict | generate | validate | predict-files``."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +12,8 @@ DESCRIPTION = """\
 cannon_bridge: generate GALAH spectra (and heavy-element labels) from APOGEE spectra.
 
   cannon-bridge demo                       end-to-end run on built-in mock data -> demo_output/report.md
+  cannon-bridge build --apogee-allstar F --galah-allstar F --cache DIR -o MATCH.fits
+                                           a CrossMatch from the surveys' catalogues and downloaded spectra
   cannon-bridge train  MATCH.fits -o M.fits   train a BridgeModel on a CrossMatch file
   cannon-bridge predict M.fits MATCH.fits -o labels.fits   labels (+ uncertainties) from APOGEE spectra
   cannon-bridge generate M.fits MATCH.fits -o galah.fits   regenerated GALAH spectra from APOGEE spectra
@@ -30,6 +32,22 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", "-o", default="demo_output", help="output folder (default: demo_output)")
     demo.add_argument("--n-stars", type=int, default=2000, help="stars in the mock cross-match (default 2000)")
     demo.add_argument("--seed", type=int, default=0)
+    build = sub.add_parser(
+        "build", help="a CrossMatch from the surveys' catalogues and the spectra in a download cache",
+        description="Match an APOGEE allStar and a GALAH allstar (Gaia DR3 id, 2MASS id, sky position), take each\n"
+                    "label from its survey's column with its error and flags (core from APOGEE, heavy elements\n"
+                    "from GALAH; --labels FILE.toml overrides), read each star's spectra from DIR under the\n"
+                    "archives' own paths, normalise, move GALAH to the rest frame and resample onto the model\n"
+                    "grids. Writes MATCH.fits and MATCH_report.ecsv (the stars that could not be used, and why).",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    build.add_argument("--apogee-allstar", type=Path, required=True, help="APOGEE DR17 allStar (FITS, VOTable, CSV)")
+    build.add_argument("--galah-allstar", type=Path, required=True, help="GALAH DR3 or DR4 allstar")
+    build.add_argument("--cache", type=Path, required=True, metavar="DIR",
+                       help="download cache holding the spectra (cannon_bridge.datasets layout)")
+    build.add_argument("--output", "-o", type=Path, required=True, help="CrossMatch file to write (FITS)")
+    build.add_argument("--labels", type=Path, default=None, help="TOML label mapping (see cannon_bridge.build.labels)")
+    build.add_argument("--galah-grid", default="v6", help="GALAH model grid (default v6: the iraf 6.0 reduction's)")
+    build.add_argument("--overwrite", action="store_true")
     train = sub.add_parser("train", help="train a BridgeModel on a CrossMatch FITS file")
     train.add_argument("crossmatch", type=Path)
     train.add_argument("--output", "-o", type=Path, required=True, help="model file to write (FITS)")
@@ -107,6 +125,18 @@ def main(argv=None) -> int:
 
             metrics = run_demo(args.output, n_stars=args.n_stars, seed=args.seed)
             print(f"wrote {Path(args.output) / 'report.md'} (fit {metrics['seconds']['fit']:.0f} s)")
+            return 0
+        if args.command == "build":
+            from .build import DEFAULT_LABEL_SOURCES, build_crossmatch, read_label_sources
+
+            if args.output.exists() and not args.overwrite:
+                raise FileExistsError(f"{args.output} exists; pass --overwrite")
+            sources = DEFAULT_LABEL_SOURCES if args.labels is None else read_label_sources(args.labels)
+            result = build_crossmatch(args.apogee_allstar, args.galah_allstar, args.cache, sources,
+                                      galah_grid=args.galah_grid)
+            written, report = result.write(args.output, overwrite=args.overwrite)
+            print(f"wrote {written}: {len(result.crossmatch)} stars; {report}: {len(result.report)} catalogue "
+                  "stars not used (see its reason column)")
             return 0
         from .bridge import BridgeModel
         from .data import CrossMatch

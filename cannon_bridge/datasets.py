@@ -69,6 +69,7 @@ from typing import Any, Callable, NamedTuple
 from .errors import DownloadError, InvalidInputError  # DownloadError lives in errors; re-exported here
 
 __all__ = [
+    "cache_path",
     "DownloadError",
     "ChecksumMismatchError",
     "FetchFailure",
@@ -177,6 +178,19 @@ def default_cache_dir() -> Path:
 
 def _cache_root(cache_dir) -> Path:
     return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+
+
+def cache_path(product: str, cache_dir=None, **fields) -> Path:
+    """Where :func:`download` keeps ``product`` (a key of :data:`PRODUCTS`) with these template ``fields``
+    (e.g. ``apogee_id``, ``field``, ``telescope``; ``night``, ``sobject_id``, ``ccd``).
+
+    >>> cache_path("apogee_dr17_apstar", "/c", telescope="apo25m", field="F", apogee_id="2M0+0").as_posix()
+    '/c/sdss/dr17/apogee/spectro/redux/dr17/stars/apo25m/F/apStar-dr17-2M0+0.fits'
+    """
+    if product not in PRODUCTS:
+        raise InvalidInputError(f"unknown product {product!r}: one of {sorted(PRODUCTS)}")
+    entry = PRODUCTS[product]
+    return _cache_root(cache_dir) / _CACHE_FOLDER[entry.archive] / entry.cache.format(**fields)
 
 
 def _base_url(archive: str, base_url: str | None) -> str:

@@ -163,3 +163,111 @@ def test_pairs_with_every_label_flagged_are_reported_and_left_out(tmp_path):
     galah[[0]].write(tmp_path / "partner.fits")
     with pytest.raises(InvalidInputError, match="no usable star"):
         match_catalogues(tmp_path / "one.fits", tmp_path / "partner.fits", label_sources=sources)
+
+
+# ---------------------------------------------------------------- spectra from a cache of real files
+APSTARS = {"2M19485057+5005279": "K04_083+13", "2M17335483-2753043": "000+02"}
+GALAH_NIGHT = "210115"
+
+
+def _mirror(shared_dir, tmp_path):
+    """A download cache of real files under the archives' relative paths (links, not copies): the two DR17
+    apStar files and three GALAH v6.0 per-camera sets (the third star lacks its APOGEE file, one GALAH set
+    is cut in half)."""
+    from cannon_bridge.build.spectra import cached_apogee_paths, cached_galah_paths
+
+    cache = tmp_path / "cache"
+    for apogee_id, field in APSTARS.items():
+        target = cached_apogee_paths(cache, apogee_id, field, "apo25m")[1]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(shared_dir / "data" / "apogee_real" / f"apStar-dr17-{apogee_id}.fits")
+    source = shared_dir / "data" / "galah_real" / "galah_workshop_iraf6.0" / GALAH_NIGHT / "spectra" / "com"
+    sobject_ids = sorted({p.name[:15] for p in source.glob("*.fits")})[:4]
+    for sobject_id in sobject_ids:
+        for ccd, target in enumerate(cached_galah_paths(cache, sobject_id), start=1):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if sobject_id == sobject_ids[3] and ccd == 2:  # damaged: half of the file
+                data = (source / f"{sobject_id}{ccd}.fits").read_bytes()
+                target.write_bytes(data[: len(data) // 2])
+            else:
+                target.symlink_to(source / f"{sobject_id}{ccd}.fits")
+    return cache, [int(s) for s in sobject_ids]
+
+
+def test_build_puts_real_files_on_the_model_grids_and_reports_missing_and_damaged_ones(shared_dir, tmp_path):
+    from cannon_bridge.build import build_crossmatch
+    from cannon_bridge.build.spectra import apogee_model_grid, galah_model_grid
+    from cannon_bridge.data import CrossMatch, apogee_gap_mask
+
+    cache, sobject_ids = _mirror(shared_dir, tmp_path)
+    apogee = _apogee()[:4]
+    apogee["APOGEE_ID"] = list(APSTARS) + ["2M00000200+0200000", list(APSTARS)[0]]
+    apogee["FIELD"] = list(APSTARS.values()) + ["F1", list(APSTARS.values())[0]]
+    apogee["GAIAEDR3_SOURCE_ID"] = [11, 12, 13, 14]
+    apogee["ASPCAPFLAG"] = np.zeros(4, np.uint64)
+    galah = _galah()[:4]
+    galah["sobject_id"] = sobject_ids
+    galah["gaiadr3_source_id"] = [11, 12, 13, 14]
+    galah["tmass_id"] = [""] * 4
+    apogee.write(tmp_path / "allStar.fits")
+    galah.write(tmp_path / "galah.fits")
+    result = build_crossmatch(tmp_path / "allStar.fits", tmp_path / "galah.fits", tmp_path / "cache", progress=False)
+    xm = result.crossmatch
+    assert len(xm) == 2 and list(xm.ids) == [f"{a}|{g}" for a, g in zip(APSTARS, sobject_ids[:2])]
+    np.testing.assert_allclose(xm.apogee_wavelength, apogee_model_grid())
+    np.testing.assert_allclose(xm.galah_wavelength, galah_model_grid()[0])
+    assert xm.apogee_flux.dtype == np.float32 and xm.galah_flux.dtype == np.float32
+    # continuum-normalised (apStar is not: the build normalises it), chip gaps at ivar 0
+    for survey in ("apogee", "galah"):
+        flux, ivar = getattr(xm, f"{survey}_flux"), getattr(xm, f"{survey}_ivar")
+        assert np.all(np.isfinite(flux)) and np.all(ivar >= 0)
+        used = ivar > 0
+        assert np.mean(used) > 0.6
+        assert 0.85 < np.median(flux[used]) < 1.05 and np.percentile(flux[used], 99) < 1.2
+    assert np.all(xm.apogee_ivar[:, apogee_gap_mask(8575)] == 0)
+    # labels and errors as the catalogues give them (row 1's Teff is the -9999 sentinel)
+    np.testing.assert_allclose(xm.labels[:, 0], [4800.0, np.nan])
+    np.testing.assert_allclose(xm.label_errors[:, 0], [50.0, np.nan])
+    assert xm.meta["label_teff"] == "apogee:TEFF+-TEFF_ERR" and xm.meta["label_ba_fe"].startswith("galah:ba_fe")
+    reasons = {row["id"]: row["reason"] for row in result.report}
+    assert reasons == {"2M00000200+0200000": "missing file", list(APSTARS)[0]: "damaged file"}
+    assert "truncated" in result.report["detail"][list(result.report["reason"]).index("damaged file")]
+    written, report = result.write(tmp_path / "match.fits")
+    loaded = CrossMatch.load(written)
+    np.testing.assert_array_equal(loaded.galah_ivar, xm.galah_ivar)
+    np.testing.assert_array_equal(loaded.label_errors, xm.label_errors)
+    assert Table.read(report, format="ascii.ecsv")["reason"].tolist() == list(result.report["reason"])
+
+
+def test_the_build_command_gives_the_same_as_the_function(shared_dir, tmp_path):
+    from cannon_bridge.build import build_crossmatch
+    from cannon_bridge.cli import main
+    from cannon_bridge.data import CrossMatch
+
+    cache, sobject_ids = _mirror(shared_dir, tmp_path)
+    apogee = _apogee()[:2]
+    apogee["APOGEE_ID"], apogee["FIELD"] = list(APSTARS), list(APSTARS.values())
+    apogee["GAIAEDR3_SOURCE_ID"] = [11, 12]
+    galah = _galah()[:2]
+    galah["sobject_id"], galah["gaiadr3_source_id"] = sobject_ids[:2], [11, 12]
+    apogee.write(tmp_path / "allStar.fits")
+    galah.write(tmp_path / "galah.fits")
+    mapping = tmp_path / "labels.toml"
+    mapping.write_text('defaults = false\n[labels.teff]\nsurvey = "apogee"\ncolumn = "TEFF"\nerror = "TEFF_ERR"\n')
+    args = ["build", "--apogee-allstar", str(tmp_path / "allStar.fits"), "--galah-allstar", str(tmp_path / "galah.fits"),
+            "--cache", str(cache), "-o", str(tmp_path / "match.fits"), "--labels", str(mapping)]
+    assert main(args) == 0
+    assert main(args) == 2  # exists: --overwrite needed
+    built = CrossMatch.load(tmp_path / "match.fits")
+    direct = build_crossmatch(tmp_path / "allStar.fits", tmp_path / "galah.fits", cache,
+                              read_label_sources(mapping), progress=False).crossmatch
+    assert built.label_names == ["teff"] and list(built.ids) == list(direct.ids)
+    np.testing.assert_array_equal(built.apogee_flux, direct.apogee_flux)
+    np.testing.assert_array_equal(built.labels, direct.labels)
+    assert (tmp_path / "match_report.ecsv").exists()
+    with pytest.raises(InvalidInputError, match="no star could be built.*missing file"):
+        build_crossmatch(tmp_path / "allStar.fits", tmp_path / "galah.fits", tmp_path / "empty", progress=False)
+    del apogee["FIELD"]
+    apogee.write(tmp_path / "allStar.fits", overwrite=True)
+    with pytest.raises(InvalidInputError, match=r"lack \['FIELD'\]"):
+        build_crossmatch(tmp_path / "allStar.fits", tmp_path / "galah.fits", cache, progress=False)

@@ -1,0 +1,116 @@
+"""From the surveys' catalogues and a download cache to a training set: :func:`build_crossmatch`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from astropy.table import Table
+from tqdm.auto import tqdm
+
+from ..data import CrossMatch
+from ..errors import InvalidInputError
+from .catalogues import match_catalogues
+from .labels import DEFAULT_LABEL_SOURCES
+from .spectra import (RV_COLUMNS, MissingFileError, apogee_model_grid, apogee_on_grid, cached_apogee_paths,
+                      cached_galah_paths, galah_model_grid, galah_on_grid)
+
+__all__ = ["BuildResult", "build_crossmatch"]
+
+#: fewest usable pixels per survey for a star to be kept
+MIN_PIXELS = 100
+
+
+@dataclass
+class BuildResult:
+    """A built training set: the :class:`~cannon_bridge.data.CrossMatch` and the report table (survey, row,
+    id, reason: one row per catalogue star that could not be used)."""
+
+    crossmatch: CrossMatch
+    report: Table
+
+    def write(self, path, overwrite: bool = False) -> tuple[Path, Path]:
+        """The cross-match to ``path`` (FITS) and the report beside it (``<stem>_report.ecsv``)."""
+        path = Path(path)
+        written = self.crossmatch.save(path, overwrite=overwrite)
+        report = path.with_name(path.stem + "_report.ecsv")
+        self.report.write(report, format="ascii.ecsv", overwrite=True)
+        return written, report
+
+
+def build_crossmatch(apogee_allstar, galah_allstar, cache_dir, label_sources=DEFAULT_LABEL_SOURCES,
+                     galah_grid: str = "v6", progress: bool = True, **crossmatch_options) -> BuildResult:
+    """The training set of every star both catalogues hold whose spectra are in ``cache_dir``.
+
+    Catalogues: :func:`~cannon_bridge.build.catalogues.match_catalogues` (labels with errors by
+    ``label_sources``). Spectra: each star's files under the archives' relative paths in ``cache_dir``
+    (:func:`~cannon_bridge.build.spectra.cached_apogee_paths`, APOGEE ``TELESCOPE``, ``FIELD`` and
+    ``APOGEE_ID``; :func:`~cannon_bridge.build.spectra.cached_galah_paths`, GALAH ``sobject_id``), read,
+    normalised, GALAH in the rest frame (its files' radial velocity, else the catalogue's), on the model
+    grids (APOGEE's apStar grid, GALAH's ``galah_grid``) as float32. A star whose file is missing or
+    damaged, or has fewer than :data:`MIN_PIXELS` usable pixels in a survey, is reported and left out:
+    one bad star never stops the build.
+    """
+    matched = match_catalogues(apogee_allstar, galah_allstar, label_sources, **crossmatch_options)
+    apogee_grid = apogee_model_grid()
+    galah_wavelength, galah_ccd = galah_model_grid(galah_grid)
+    n_stars = len(matched)
+    apogee_flux = np.ones((n_stars, apogee_grid.size), np.float32)
+    apogee_ivar = np.zeros((n_stars, apogee_grid.size), np.float32)
+    galah_flux = np.ones((n_stars, galah_wavelength.size), np.float32)
+    galah_ivar = np.zeros((n_stars, galah_wavelength.size), np.float32)
+    kept = np.zeros(n_stars, bool)
+    problems = []
+    columns = {name.lower(): name for name in matched.apogee.colnames}
+    galah_columns = {name.lower(): name for name in matched.galah.colnames}
+    lacking = [name.upper() for name in ("apogee_id", "field", "telescope") if name not in columns]
+    lacking += ["sobject_id (GALAH)"] if "sobject_id" not in galah_columns else []
+    if lacking:
+        raise InvalidInputError(f"the catalogues lack {lacking}: the spectra's cache paths need the APOGEE "
+                                "allStar's TELESCOPE, FIELD and APOGEE_ID and the GALAH catalogue's sobject_id")
+    rv_column = next((galah_columns[c] for c in RV_COLUMNS if c in galah_columns), None)
+    for i in tqdm(range(n_stars), desc="build: spectra", disable=not progress):
+        star = matched.apogee[i]
+        apogee_id = str(star[columns["apogee_id"]]).strip()
+        try:
+            paths = cached_apogee_paths(cache_dir, apogee_id, str(star[columns["field"]]).strip(),
+                                        str(star[columns["telescope"]]).strip())
+            a_flux, a_ivar, _ = apogee_on_grid(paths)
+            rv = float(matched.galah[i][rv_column]) if rv_column is not None else None
+            g_flux, g_ivar, _ = galah_on_grid(cached_galah_paths(cache_dir, matched.galah[i][galah_columns["sobject_id"]]),
+                                              galah_grid, rv=rv)
+        except MissingFileError as exc:
+            problems.append((int(matched.match.apogee_index[i]), apogee_id, "missing file", str(exc)))
+            continue
+        except (InvalidInputError, OSError, ValueError) as exc:
+            problems.append((int(matched.match.apogee_index[i]), apogee_id, "damaged file", str(exc)))
+            continue
+        short = [survey for survey, ivar in (("APOGEE", a_ivar), ("GALAH", g_ivar)) if np.sum(ivar > 0) < MIN_PIXELS]
+        if short:
+            problems.append((int(matched.match.apogee_index[i]), apogee_id, "no usable pixels",
+                             f"fewer than {MIN_PIXELS} usable pixels in {' and '.join(short)}"))
+            continue
+        apogee_flux[i], apogee_ivar[i], galah_flux[i], galah_ivar[i] = a_flux, a_ivar, g_flux, g_ivar
+        kept[i] = True
+    rows = [(r["survey"], int(r["row"]), str(r["id"]), str(r["reason"]), "") for r in matched.report]
+    rows += [("apogee", row, identifier, reason, detail) for row, identifier, reason, detail in problems]
+    report = Table(rows=rows or None, names=("survey", "row", "id", "reason", "detail"),
+                   dtype=(str, np.int64, str, str, str))
+    if not kept.any():
+        raise InvalidInputError(f"no star could be built: {n_stars} matched stars, none with usable spectra in "
+                                f"{cache_dir} (reasons: {sorted(set(r for _, _, r, _ in problems))}); check the "
+                                "cache folder (the archives' own relative paths, as cannon_bridge.datasets stores them)")
+    keep = np.flatnonzero(kept)
+    labels = matched.labels
+    meta = {"source": "cannon_bridge.build", "galah_grid": galah_grid, "n_reported": len(report)}
+    for name, provenance in labels.provenance.items():
+        meta[f"label_{name}"] = f"{provenance['survey']}:{provenance['column']}+-{provenance['error']}" + (
+            f" flag {provenance['flag']}" if provenance["flag"] else "")
+    # both surveys' ids: APOGEE_ID|sobject_id
+    ids = np.array([f"{str(a).strip()}|{int(g)}" for a, g in zip(matched.apogee[columns["apogee_id"]][keep],
+                                                                  matched.galah[galah_columns["sobject_id"]][keep])])
+    crossmatch = CrossMatch(list(labels.names), labels.labels[keep], apogee_grid, apogee_flux[keep],
+                            apogee_ivar[keep], galah_wavelength, galah_flux[keep], galah_ivar[keep], ids=ids,
+                            galah_ccd=galah_ccd, meta=meta, label_errors=labels.errors[keep])
+    return BuildResult(crossmatch, report)
+
