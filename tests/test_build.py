@@ -2,7 +2,7 @@
 own catalogue columns with their errors and flags, matched stars, and a report of the stars it cannot use."""
 import numpy as np
 import pytest
-from astropy.table import Table
+from astropy.table import Table, vstack
 
 from cannon_bridge.build import (DEFAULT_LABEL_SOURCES, LabelSource, catalogue_labels, match_catalogues,
                                  read_label_sources)
@@ -271,3 +271,20 @@ def test_the_build_command_gives_the_same_as_the_function(shared_dir, tmp_path):
     apogee.write(tmp_path / "allStar.fits", overwrite=True)
     with pytest.raises(InvalidInputError, match=r"lack \['FIELD'\]"):
         build_crossmatch(tmp_path / "allStar.fits", tmp_path / "galah.fits", cache, progress=False)
+
+
+def test_of_repeat_galah_observations_the_highest_snr_is_kept(tmp_path):
+    apogee, galah = _apogee(), _galah()
+    repeat = galah[[2]]  # a second observation of APOGEE row 0's partner (Gaia 11), at higher S/N
+    repeat["sobject_id"] = [140101001101001]
+    repeat["ba_fe"] = [0.55]
+    galah = vstack([galah, repeat])
+    galah["snr_c2_iraf"] = [30.0, 40.0, 20.0, 50.0, 60.0, 80.0]
+    apogee.write(tmp_path / "allStar.fits")
+    galah.write(tmp_path / "galah.fits")
+    result = match_catalogues(tmp_path / "allStar.fits", tmp_path / "galah.fits")
+    assert list(result.match.galah_index) == [5, 0, 1, 3]
+    assert result.labels.labels[0, result.labels.names.index("ba_fe")] == 0.55
+    reasons = {(row["survey"], row["id"]): row["reason"] for row in result.report}
+    assert reasons[("galah", "131216001101003")] == "repeat observation (lower S/N)"
+    assert reasons[("galah", "131216001101005")] == "no match"

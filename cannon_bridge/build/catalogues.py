@@ -17,6 +17,8 @@ __all__ = ["CatalogueMatch", "match_catalogues"]
 
 #: the id column of each survey's catalogue (matched case-insensitively) that names a star in reports
 ID_COLUMNS = {"apogee": "APOGEE_ID", "galah": "sobject_id"}
+#: S/N columns of a GALAH catalogue tried in order: of several observations of one star the highest is kept
+SNR_COLUMNS = ("snr_c2_iraf", "snr_px_ccd3", "snr_c3_iraf", "snr")
 
 
 @dataclass
@@ -46,19 +48,24 @@ def match_catalogues(apogee_allstar, galah_allstar, label_sources=DEFAULT_LABEL_
     each label from its survey.
 
     ``label_sources``: the mapping (:func:`~cannon_bridge.build.labels.read_label_sources`);
-    ``crossmatch_options`` go to :func:`~cannon_bridge.crossmatch.crossmatch`. Stars of either catalogue
-    without a partner are reported as "no match", matched pairs with every label missing as "every label
-    flagged" (and left out).
+    ``crossmatch_options`` go to :func:`~cannon_bridge.crossmatch.crossmatch`. Of several GALAH rows of one
+    star (the same Gaia or 2MASS id: repeat observations) the one of highest S/N (:data:`SNR_COLUMNS`) is
+    kept and the others are reported as "repeat observation (lower S/N)". Stars of either catalogue without
+    a partner are reported as "no match", matched pairs with every label missing as "every label flagged"
+    (and left out).
     """
     apogee = read_apogee_allstar(apogee_allstar)
     galah = read_galah_allstar(galah_allstar)
-    match = crossmatch(apogee, galah, **crossmatch_options)
+    order = _by_snr(galah)
+    match = crossmatch(apogee, galah[order], **crossmatch_options)
+    repeats = order[[row for entry in match.report["duplicates"] for row in entry.get("galah_rows", [])[1:]]]
+    match = MatchResult(match.apogee_index, order[match.galah_index], match.method, match.separation, match.report)
     labels = catalogue_labels(apogee, galah, match.apogee_index, match.galah_index, label_sources)
     usable = np.any(np.isfinite(labels.labels), axis=1)
     report = []
     for survey, table, matched in (("apogee", apogee, match.apogee_index), ("galah", galah, match.galah_index)):
         unmatched = np.setdiff1d(np.arange(len(table)), matched)
-        report += [(survey, int(row), identifier, "no match")
+        report += [(survey, int(row), identifier, "repeat observation (lower S/N)" if row in repeats else "no match")
                    for row, identifier in zip(unmatched, _ids(table, survey, unmatched))]
     flagged = np.flatnonzero(~usable)
     report += [("apogee", int(row), identifier, "every label flagged")
@@ -75,6 +82,16 @@ def match_catalogues(apogee_allstar, galah_allstar, label_sources=DEFAULT_LABEL_
                    np.array([str(v) for v in columns[2]], dtype=str), np.array(columns[3], dtype=str)],
                   names=("survey", "row", "id", "reason"))
     return CatalogueMatch(apogee[kept.apogee_index], galah[kept.galah_index], kept, labels, table)
+
+
+def _by_snr(galah) -> np.ndarray:
+    """GALAH rows by decreasing S/N (NaN last; the catalogue's order where it has no S/N column)."""
+    lookup = {name.lower(): name for name in galah.colnames}
+    column = next((lookup[name] for name in SNR_COLUMNS if name in lookup), None)
+    if column is None:
+        return np.arange(len(galah))
+    snr = np.ma.filled(np.ma.asarray(galah[column]).astype(float), np.nan)
+    return np.argsort(-np.where(np.isfinite(snr), snr, -np.inf), kind="stable")
 
 
 def _ids(table, survey, rows) -> list:
