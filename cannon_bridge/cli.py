@@ -15,6 +15,8 @@ cannon_bridge: generate GALAH spectra (and heavy-element labels) from APOGEE spe
   cannon-bridge build --apogee-allstar F --galah-allstar F --cache DIR -o MATCH.fits
                                            a CrossMatch from the surveys' catalogues and downloaded spectra
   cannon-bridge train  MATCH.fits -o M.fits   train a BridgeModel on a CrossMatch file
+  cannon-bridge label-apogee M.fits --apogee-allstar F --cache DIR -o CATALOGUE.fits
+                                           labels for every APOGEE star whose spectrum is in the cache
   cannon-bridge predict M.fits MATCH.fits -o labels.fits   labels (+ uncertainties) from APOGEE spectra
   cannon-bridge generate M.fits MATCH.fits -o galah.fits   regenerated GALAH spectra from APOGEE spectra
   cannon-bridge validate M.fits MATCH.fits -o DIR          labels vs the cross-match, per-line metrics, plots
@@ -48,6 +50,20 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--labels", type=Path, default=None, help="TOML label mapping (see cannon_bridge.build.labels)")
     build.add_argument("--galah-grid", default="v6", help="GALAH model grid (default v6: the iraf 6.0 reduction's)")
     build.add_argument("--overwrite", action="store_true")
+    label = sub.add_parser(
+        "label-apogee", help="labels, uncertainties and flags for every star of an APOGEE allStar (resumable)",
+        description="Find each star's aspcapStar (else apStar, normalised) in the download cache, infer its labels\n"
+                    "chunk by chunk (CATALOGUE_work/: a killed run started again skips finished chunks) and write\n"
+                    "CATALOGUE.fits (APOGEE_ID, TELESCOPE, FIELD, labels, e_<label>, chi2, flags) and\n"
+                    "CATALOGUE_report.ecsv (the stars that could not be labelled, and why).",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    label.add_argument("model", type=Path, help="model file (BridgeModel or CannonModel FITS)")
+    label.add_argument("--apogee-allstar", type=Path, required=True)
+    label.add_argument("--cache", type=Path, required=True, metavar="DIR")
+    label.add_argument("--output", "-o", type=Path, required=True, help="labelled catalogue to write (FITS)")
+    label.add_argument("--chunk-size", type=int, default=256, help="stars per chunk (default 256)")
+    label.add_argument("--cluster", default="sync",
+                       help="'sync' (this process, default), 'local' (a dask LocalCluster) or a scheduler address")
     train = sub.add_parser("train", help="train a BridgeModel on a CrossMatch FITS file")
     train.add_argument("crossmatch", type=Path)
     train.add_argument("--output", "-o", type=Path, required=True, help="model file to write (FITS)")
@@ -137,6 +153,14 @@ def main(argv=None) -> int:
             written, report = result.write(args.output, overwrite=args.overwrite)
             print(f"wrote {written}: {len(result.crossmatch)} stars; {report}: {len(result.report)} catalogue "
                   "stars not used (see its reason column)")
+            return 0
+        if args.command == "label-apogee":
+            from .survey_labels import label_apogee
+
+            table, report = label_apogee(args.model, args.apogee_allstar, args.cache, args.output,
+                                         client=args.cluster, chunk_size=args.chunk_size)
+            print(f"wrote {args.output}: {len(table)} stars labelled; {len(report)} could not be "
+                  f"(see {args.output.with_name(args.output.stem + '_report.ecsv')})")
             return 0
         from .bridge import BridgeModel
         from .data import CrossMatch

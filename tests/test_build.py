@@ -288,3 +288,34 @@ def test_of_repeat_galah_observations_the_highest_snr_is_kept(tmp_path):
     reasons = {(row["survey"], row["id"]): row["reason"] for row in result.report}
     assert reasons[("galah", "131216001101003")] == "repeat observation (lower S/N)"
     assert reasons[("galah", "131216001101005")] == "no match"
+
+
+def test_label_apogee_labels_every_cached_star_joined_to_its_id_and_resumes(shared_dir, tmp_path):
+    """label-apogee on a mirror of the two real apStar files (and one star without a file): a linear APOGEE
+    model trained on mock spectra labels both, joined to APOGEE_ID; a second run reuses the finished chunks."""
+    from cannon_bridge import CannonModel
+    from cannon_bridge.build.spectra import apogee_model_grid
+    from cannon_bridge.cli import main
+    from cannon_bridge.mock import make_crossmatch
+    from cannon_bridge.survey_labels import label_apogee
+
+    cache, _ = _mirror(shared_dir, tmp_path)
+    mock = make_crossmatch(120, seed=3)
+    model = CannonModel(["teff", "logg", "fe_h"], order=1, backend="numpy").fit(
+        mock.apogee_flux, mock.labels_for(["teff", "logg", "fe_h"]), mock.apogee_ivar, wavelength=apogee_model_grid())
+    model.save(tmp_path / "model.fits")
+    apogee = _apogee()[:3]
+    apogee["APOGEE_ID"] = list(APSTARS)[::-1] + ["2M00000200+0200000"]
+    apogee["FIELD"] = list(APSTARS.values())[::-1] + ["F1"]
+    apogee.write(tmp_path / "allStar.fits")
+    table, report = label_apogee(tmp_path / "model.fits", tmp_path / "allStar.fits", cache, tmp_path / "cat.fits",
+                                 chunk_size=1, progress=False)
+    assert list(table["APOGEE_ID"]) == sorted(APSTARS) and list(table["FIELD"]) == [APSTARS[k] for k in sorted(APSTARS)]
+    assert all(np.isfinite(table[name]).all() for name in ("teff", "e_teff", "fe_h", "e_fe_h"))
+    assert list(report["APOGEE_ID"]) == ["2M00000200+0200000"] and list(report["reason"]) == ["missing file"]
+    again = ["label-apogee", str(tmp_path / "model.fits"), "--apogee-allstar", str(tmp_path / "allStar.fits"),
+             "--cache", str(cache), "-o", str(tmp_path / "cat.fits"), "--chunk-size", "1"]
+    assert main(again) == 0
+    reread = Table.read(tmp_path / "cat.fits")
+    np.testing.assert_array_equal(reread["teff"], table["teff"])
+    assert Table.read(tmp_path / "cat_report.ecsv", format="ascii.ecsv")["reason"].tolist() == ["missing file"]

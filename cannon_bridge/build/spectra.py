@@ -22,7 +22,7 @@ from ..io.galah import read_galah
 from ..preprocess import normalize_spectrum, resample_spectrum
 
 __all__ = ["GALAH_GRIDS", "MissingFileError", "apogee_model_grid", "apogee_on_grid", "galah_model_grid",
-           "galah_on_grid", "cached_apogee_paths", "cached_galah_paths"]
+           "galah_on_grid", "cached_apogee_paths", "cached_galah_paths", "read_normalised_apogee"]
 
 #: (CRVAL1, CDELT1) per CCD of each selectable GALAH model grid, 4,096 pixels per CCD
 GALAH_GRIDS = {
@@ -66,15 +66,21 @@ def cached_galah_paths(cache_dir, sobject_id) -> list[Path]:
             for ccd in range(1, 5)]
 
 
+def read_normalised_apogee(path):
+    """An APOGEE file (aspcapStar, apStar, apVisit) as a continuum-normalised
+    :class:`~cannon_bridge.spectrum.Spectrum` (normalised here when the file is not): a ``reader`` for
+    :func:`cannon_bridge.scale.predict_files`."""
+    spectrum = read_apogee(path)
+    return spectrum if spectrum.normalized else normalize_spectrum(spectrum)
+
+
 def apogee_on_grid(paths) -> tuple[np.ndarray, np.ndarray, str]:
     """(flux, ivar, path used) of the first of ``paths`` that exists, normalised and on the apStar grid with
     the chip gaps at ivar 0. Raises :class:`MissingFileError` when none exists."""
     path = next((Path(p) for p in paths if Path(p).exists()), None)
     if path is None:
         raise MissingFileError(f"no APOGEE file: looked for {', '.join(str(p) for p in paths)}")
-    spectrum = read_apogee(path)
-    if not spectrum.normalized:
-        spectrum = normalize_spectrum(spectrum)
+    spectrum = read_normalised_apogee(path)
     grid = apogee_model_grid()
     flux, ivar = _on_grid(spectrum, grid)
     ivar[apogee_gap_mask(grid.size)] = 0.0

@@ -1,0 +1,64 @@
+"""Label every star of an APOGEE catalogue with a trained model: :func:`label_apogee`
+(``cannon-bridge label-apogee``)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from astropy.table import Table, join
+
+from .build.spectra import cached_apogee_paths, read_normalised_apogee
+from .errors import InvalidInputError
+from .io.apogee import read_apogee_allstar
+from .scale import predict_files
+
+__all__ = ["label_apogee"]
+
+#: catalogue columns carried into the labelled catalogue when present
+CARRIED = ("APOGEE_ID", "TELESCOPE", "FIELD")
+
+
+def label_apogee(model, apogee_allstar, cache_dir, output, client="sync", chunk_size: int = 256,
+                 progress: bool = True) -> tuple[Table, Table]:
+    """Labels, uncertainties and flags for every star of an APOGEE allStar whose spectrum is in the cache.
+
+    Each star's aspcapStar (else apStar, normalised here) is found under the archive's path in ``cache_dir``
+    (:func:`~cannon_bridge.build.spectra.cached_apogee_paths`) and labelled by
+    :func:`~cannon_bridge.scale.predict_files`, chunk by chunk in ``<output stem>_work/`` (a killed run
+    started again skips the finished chunks; ``client`` as there). Returns (catalogue, report): one row per
+    labelled star joined to its ``APOGEE_ID``, ``TELESCOPE`` and ``FIELD`` (labels, ``e_<label>``, chi^2,
+    flags); and one row per star that could not be labelled (``APOGEE_ID``, ``reason``: "missing file", or the
+    reader's or the test step's message). Writes both: ``output`` (FITS) and ``<stem>_report.ecsv``.
+    """
+    output = Path(output)
+    catalogue = read_apogee_allstar(apogee_allstar)
+    lookup = {name.upper(): name for name in catalogue.colnames}
+    lacking = [name for name in CARRIED if name not in lookup]
+    if lacking:
+        raise InvalidInputError(f"{apogee_allstar} lacks {lacking}: the spectra's cache paths need TELESCOPE, FIELD "
+                                "and APOGEE_ID (the DR17 allStar has them)")
+    rows = Table({name: [str(v).strip() for v in catalogue[lookup[name]]] for name in CARRIED})
+    found = [next((p for p in cached_apogee_paths(cache_dir, row["APOGEE_ID"], row["FIELD"], row["TELESCOPE"])
+                   if p.exists()), None) for row in rows]
+    rows["path"] = ["" if p is None else str(p.resolve()) for p in found]
+    files = [path for path in rows["path"] if path]
+    if not files:
+        raise InvalidInputError(f"none of the {len(rows)} stars of {apogee_allstar} has a spectrum in {cache_dir}: "
+                                "fetch them first (cannon_bridge.datasets.fetch_apogee_aspcapstar / fetch_apogee_apstar)")
+    work = output.with_name(output.stem + "_work")
+    labelled = predict_files(model, files, work, client=client, chunk_size=chunk_size,
+                             reader=read_normalised_apogee, progress=progress)
+    labelled = labelled[[name for name in labelled.colnames if name not in ("id", "row")]]
+    result = join(rows[rows["path"] != ""], labelled, keys="path", join_type="inner")
+    result.sort("APOGEE_ID")
+    ids = [str(i) for i in rows["APOGEE_ID"][rows["path"] == ""]]
+    reasons = ["missing file"] * len(ids)
+    if labelled.meta.get("n_failed"):
+        by_path = dict(zip(rows["path"], rows["APOGEE_ID"]))
+        failed = Table.read(work / "failures.fits")
+        ids += [str(by_path.get(str(p), p)) for p in failed["path"]]
+        reasons += [f"{error}: {message}" for error, message in zip(failed["error"], failed["message"])]
+    report = Table({"APOGEE_ID": ids, "reason": reasons}, dtype=(str, str))
+    result.meta = {"NSTARS": len(rows), "NLABELED": len(result), "NREPORT": len(report)}  # FITS-short keys
+    result.write(output, overwrite=True)
+    report.write(output.with_name(output.stem + "_report.ecsv"), format="ascii.ecsv", overwrite=True)
+    return result, report
