@@ -26,6 +26,18 @@ A CrossMatch file is what cannon_bridge.data.CrossMatch.save writes (labels, bot
 """
 
 
+def _command(sub, name: str, summary: str, description: str) -> argparse.ArgumentParser:
+    """A subcommand whose ``--help`` shows ``description`` as written (line breaks kept)."""
+    return sub.add_parser(name, help=summary, description=description,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _batch_options(parser: argparse.ArgumentParser, unit: str) -> None:
+    parser.add_argument("--chunk-size", type=int, default=256, help=f"{unit} per chunk (default 256)")
+    parser.add_argument("--cluster", default="sync",
+                        help="'sync' (this process, default), 'local' (a dask LocalCluster) or a scheduler address")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cannon-bridge", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,14 +46,13 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", "-o", default="demo_output", help="output folder (default: demo_output)")
     demo.add_argument("--n-stars", type=int, default=2000, help="stars in the mock cross-match (default 2000)")
     demo.add_argument("--seed", type=int, default=0)
-    build = sub.add_parser(
-        "build", help="a CrossMatch from the surveys' catalogues and the spectra in a download cache",
-        description="Match an APOGEE allStar and a GALAH allstar (Gaia DR3 id, 2MASS id, sky position), take each\n"
-                    "label from its survey's column with its error and flags (core from APOGEE, heavy elements\n"
-                    "from GALAH; --labels FILE.toml overrides), read each star's spectra from DIR under the\n"
-                    "archives' own paths, normalise, move GALAH to the rest frame and resample onto the model\n"
-                    "grids. Writes MATCH.fits and MATCH_report.ecsv (the stars that could not be used, and why).",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    build = _command(
+        sub, "build", "a CrossMatch from the surveys' catalogues and the spectra in a download cache",
+        "Match an APOGEE allStar and a GALAH allstar (Gaia DR3 id, 2MASS id, sky position), take each\n"
+        "label from its survey's column with its error and flags (core from APOGEE, heavy elements\n"
+        "from GALAH; --labels FILE.toml overrides), read each star's spectra from DIR under the\n"
+        "archives' own paths, normalise, move GALAH to the rest frame and resample onto the model\n"
+        "grids. Writes MATCH.fits and MATCH_report.ecsv (the stars that could not be used, and why).")
     build.add_argument("--apogee-allstar", type=Path, required=True, help="APOGEE DR17 allStar (FITS, VOTable, CSV)")
     build.add_argument("--galah-allstar", type=Path, required=True, help="GALAH DR3 or DR4 allstar")
     build.add_argument("--cache", type=Path, required=True, metavar="DIR",
@@ -50,20 +61,17 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--labels", type=Path, default=None, help="TOML label mapping (see cannon_bridge.build.labels)")
     build.add_argument("--galah-grid", default="v6", help="GALAH model grid (default v6: the iraf 6.0 reduction's)")
     build.add_argument("--overwrite", action="store_true")
-    label = sub.add_parser(
-        "label-apogee", help="labels, uncertainties and flags for every star of an APOGEE allStar (resumable)",
-        description="Find each star's aspcapStar (else apStar, normalised) in the download cache, infer its labels\n"
-                    "chunk by chunk (CATALOGUE_work/: a killed run started again skips finished chunks) and write\n"
-                    "CATALOGUE.fits (APOGEE_ID, TELESCOPE, FIELD, labels, e_<label>, chi2, flags) and\n"
-                    "CATALOGUE_report.ecsv (the stars that could not be labelled, and why).",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    label = _command(
+        sub, "label-apogee", "labels, uncertainties and flags for every star of an APOGEE allStar (resumable)",
+        "Find each star's aspcapStar (else apStar, normalised) in the download cache, infer its labels\n"
+        "chunk by chunk (CATALOGUE_work/: a killed run started again skips finished chunks) and write\n"
+        "CATALOGUE.fits (APOGEE_ID, TELESCOPE, FIELD, labels, e_<label>, chi2, flags) and\n"
+        "CATALOGUE_report.ecsv (the stars that could not be labelled, and why).")
     label.add_argument("model", type=Path, help="model file (BridgeModel or CannonModel FITS)")
     label.add_argument("--apogee-allstar", type=Path, required=True)
     label.add_argument("--cache", type=Path, required=True, metavar="DIR")
     label.add_argument("--output", "-o", type=Path, required=True, help="labelled catalogue to write (FITS)")
-    label.add_argument("--chunk-size", type=int, default=256, help="stars per chunk (default 256)")
-    label.add_argument("--cluster", default="sync",
-                       help="'sync' (this process, default), 'local' (a dask LocalCluster) or a scheduler address")
+    _batch_options(label, "stars")
     train = sub.add_parser("train", help="train a BridgeModel on a CrossMatch FITS file")
     train.add_argument("crossmatch", type=Path)
     train.add_argument("--output", "-o", type=Path, required=True, help="model file to write (FITS)")
@@ -104,19 +112,16 @@ def _parser() -> argparse.ArgumentParser:
                           help="table format (default ecsv)")
     validate.add_argument("--no-plots", action="store_true", help="write the tables only")
     validate.add_argument("--overwrite", action="store_true", help="replace existing output tables")
-    files = sub.add_parser(
-        "predict-files", help="label many spectrum files, chunk by chunk (resumable; on a dask cluster if asked)",
-        description="Read each APOGEE spectrum file (apStar, apVisit, aspcapStar), resample it onto the model's grid\n"
-                    "and infer its labels. Results are written chunk by chunk to DIR/chunks/; a killed run started\n"
-                    "again with the same arguments skips the finished chunks. Files that cannot be labelled go to\n"
-                    "DIR/failures.fits with the reason; DIR/labels.fits holds every label at the end.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    files = _command(
+        sub, "predict-files", "label many spectrum files, chunk by chunk (resumable; on a dask cluster if asked)",
+        "Read each APOGEE spectrum file (apStar, apVisit, aspcapStar), resample it onto the model's grid\n"
+        "and infer its labels. Results are written chunk by chunk to DIR/chunks/; a killed run started\n"
+        "again with the same arguments skips the finished chunks. Files that cannot be labelled go to\n"
+        "DIR/failures.fits with the reason; DIR/labels.fits holds every label at the end.")
     files.add_argument("model", type=Path, help="model file (CannonModel or BridgeModel FITS)")
     files.add_argument("files", type=Path, nargs="+", help="spectrum files")
     files.add_argument("--output", "-o", type=Path, required=True, metavar="DIR", help="output folder")
-    files.add_argument("--chunk-size", type=int, default=256, help="files per chunk (default 256)")
-    files.add_argument("--cluster", default="sync",
-                       help="'sync' (this process, default), 'local' (a dask LocalCluster) or a scheduler address")
+    _batch_options(files, "files")
     return parser
 
 

@@ -43,7 +43,8 @@ def label_apogee(model, apogee_allstar, cache_dir, output, client="sync", chunk_
     files = [path for path in rows["path"] if path]
     if not files:
         raise InvalidInputError(f"none of the {len(rows)} stars of {apogee_allstar} has a spectrum in {cache_dir}: "
-                                "fetch them first (cannon_bridge.datasets.fetch_apogee_aspcapstar / fetch_apogee_apstar)")
+                                "fetch them first (cannon_bridge.datasets.fetch_apogee_aspcapstar or "
+                                "fetch_apogee_apstar)")
     work = output.with_name(output.stem + "_work")
     labelled = predict_files(model, files, work, client=client, chunk_size=chunk_size,
                              reader=read_normalised_apogee, progress=progress)

@@ -254,8 +254,9 @@ def test_the_build_command_gives_the_same_as_the_function(shared_dir, tmp_path):
     galah.write(tmp_path / "galah.fits")
     mapping = tmp_path / "labels.toml"
     mapping.write_text('defaults = false\n[labels.teff]\nsurvey = "apogee"\ncolumn = "TEFF"\nerror = "TEFF_ERR"\n')
-    args = ["build", "--apogee-allstar", str(tmp_path / "allStar.fits"), "--galah-allstar", str(tmp_path / "galah.fits"),
-            "--cache", str(cache), "-o", str(tmp_path / "match.fits"), "--labels", str(mapping)]
+    args = ["build", "--apogee-allstar", str(tmp_path / "allStar.fits"),
+            "--galah-allstar", str(tmp_path / "galah.fits"), "--cache", str(cache),
+            "-o", str(tmp_path / "match.fits"), "--labels", str(mapping)]
     assert main(args) == 0
     assert main(args) == 2  # exists: --overwrite needed
     built = CrossMatch.load(tmp_path / "match.fits")

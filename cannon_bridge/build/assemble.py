@@ -77,8 +77,8 @@ def build_crossmatch(apogee_allstar, galah_allstar, cache_dir, label_sources=DEF
                                         str(star[columns["telescope"]]).strip())
             a_flux, a_ivar, _ = apogee_on_grid(paths)
             rv = float(matched.galah[i][rv_column]) if rv_column is not None else None
-            g_flux, g_ivar, _ = galah_on_grid(cached_galah_paths(cache_dir, matched.galah[i][galah_columns["sobject_id"]]),
-                                              galah_grid, rv=rv)
+            galah_paths = cached_galah_paths(cache_dir, matched.galah[i][galah_columns["sobject_id"]])
+            g_flux, g_ivar, _ = galah_on_grid(galah_paths, galah_grid, rv=rv)
         except MissingFileError as exc:
             problems.append((int(matched.match.apogee_index[i]), apogee_id, "missing file", str(exc)))
             continue
@@ -99,7 +99,7 @@ def build_crossmatch(apogee_allstar, galah_allstar, cache_dir, label_sources=DEF
     if not kept.any():
         raise InvalidInputError(f"no star could be built: {n_stars} matched stars, none with usable spectra in "
                                 f"{cache_dir} (reasons: {sorted(set(r for _, _, r, _ in problems))}); check the "
-                                "cache folder (the archives' own relative paths, as cannon_bridge.datasets stores them)")
+                                "cache folder (the archives' own relative paths, as cannon_bridge.datasets keeps them)")
     keep = np.flatnonzero(kept)
     labels = matched.labels
     meta = {"source": "cannon_bridge.build", "galah_grid": galah_grid, "n_reported": len(report)}

@@ -68,8 +68,9 @@ def match_catalogues(apogee_allstar, galah_allstar, label_sources=DEFAULT_LABEL_
         report += [(survey, int(row), identifier, "repeat observation (lower S/N)" if row in repeats else "no match")
                    for row, identifier in zip(unmatched, _ids(table, survey, unmatched))]
     flagged = np.flatnonzero(~usable)
+    flagged_rows = match.apogee_index[flagged]
     report += [("apogee", int(row), identifier, "every label flagged")
-               for row, identifier in zip(match.apogee_index[flagged], _ids(apogee, "apogee", match.apogee_index[flagged]))]
+               for row, identifier in zip(flagged_rows, _ids(apogee, "apogee", flagged_rows))]
     if not usable.any():
         raise InvalidInputError(f"no usable star: {len(match)} pairs matched (of {len(apogee)} APOGEE and "
                                 f"{len(galah)} GALAH rows), none with a label left after the flags")
