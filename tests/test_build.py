@@ -320,3 +320,28 @@ def test_label_apogee_labels_every_cached_star_joined_to_its_id_and_resumes(shar
     reread = Table.read(tmp_path / "cat.fits")
     np.testing.assert_array_equal(reread["teff"], table["teff"])
     assert Table.read(tmp_path / "cat_report.ecsv", format="ascii.ecsv")["reason"].tolist() == ["missing file"]
+
+
+def test_files_named_in_path_columns_are_used_a_galah_dr4_product_included(shared_dir, tmp_path):
+    """apogee_path (absolute) and galah_path (relative to the cache: a real GALAH DR4 per-star product) stand in
+    for the archive layout; TELESCOPE and FIELD are then not needed."""
+    from cannon_bridge.build import build_crossmatch
+
+    cache = tmp_path / "cache"
+    (cache / "dr4").mkdir(parents=True)
+    dr4 = shared_dir / "data" / "galah_real" / "galah_dr4_allstar_fits" / "210919003601115_allstar_fit_spectrum.fits"
+    (cache / "dr4" / dr4.name).symlink_to(dr4)
+    apogee = _apogee()[:1]
+    apogee["APOGEE_ID"] = [list(APSTARS)[0]]
+    del apogee["FIELD"], apogee["TELESCOPE"]
+    apogee["apogee_path"] = [str(shared_dir / "data" / "apogee_real" / f"apStar-dr17-{list(APSTARS)[0]}.fits")]
+    galah = _galah()[2:3]  # Gaia 11, as APOGEE row 0
+    galah["sobject_id"] = [int(dr4.name[:15])]
+    galah["galah_path"] = [f"dr4/{dr4.name}"]
+    apogee.write(tmp_path / "allStar.fits")
+    galah.write(tmp_path / "galah.fits")
+    result = build_crossmatch(tmp_path / "allStar.fits", tmp_path / "galah.fits", cache, progress=False)
+    xm = result.crossmatch
+    assert len(xm) == 1 and len(result.report) == 0
+    used = xm.galah_ivar[0] > 0
+    assert used.mean() > 0.5 and 0.85 < np.median(xm.galah_flux[0][used]) < 1.05

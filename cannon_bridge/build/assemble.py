@@ -19,6 +19,9 @@ __all__ = ["BuildResult", "build_crossmatch"]
 
 #: fewest usable pixels per survey for a star to be kept
 MIN_PIXELS = 100
+#: optional catalogue columns naming a star's files explicitly (relative to the cache folder unless absolute;
+#: several GALAH per-camera files separated by ";", or one GALAH DR4 per-star product)
+PATH_COLUMNS = {"apogee": "apogee_path", "galah": "galah_path"}
 
 
 @dataclass
@@ -45,7 +48,8 @@ def build_crossmatch(apogee_allstar, galah_allstar, cache_dir, label_sources=DEF
     Catalogues: :func:`~cannon_bridge.build.catalogues.match_catalogues` (labels with errors by
     ``label_sources``). Spectra: each star's files under the archives' relative paths in ``cache_dir``
     (:func:`~cannon_bridge.build.spectra.cached_apogee_paths`, APOGEE ``TELESCOPE``, ``FIELD`` and
-    ``APOGEE_ID``; :func:`~cannon_bridge.build.spectra.cached_galah_paths`, GALAH ``sobject_id``), read,
+    ``APOGEE_ID``; :func:`~cannon_bridge.build.spectra.cached_galah_paths`, GALAH ``sobject_id``) or named in
+    the catalogues' :data:`PATH_COLUMNS` (e.g. a GALAH DR4 per-star product), read,
     normalised, GALAH in the rest frame (its files' radial velocity, else the catalogue's), on the model
     grids (APOGEE's apStar grid, GALAH's ``galah_grid``) as float32. A star whose file is missing or
     damaged, or has fewer than :data:`MIN_PIXELS` usable pixels in a survey, is reported and left out:
@@ -63,21 +67,26 @@ def build_crossmatch(apogee_allstar, galah_allstar, cache_dir, label_sources=DEF
     problems = []
     columns = {name.lower(): name for name in matched.apogee.colnames}
     galah_columns = {name.lower(): name for name in matched.galah.colnames}
-    lacking = [name.upper() for name in ("apogee_id", "field", "telescope") if name not in columns]
+    apogee_path, galah_path = (lookup.get(PATH_COLUMNS[survey]) for survey, lookup in
+                               (("apogee", columns), ("galah", galah_columns)))
+    lacking = ["APOGEE_ID"] if "apogee_id" not in columns else []
+    lacking += [name.upper() for name in ("field", "telescope") if name not in columns and apogee_path is None]
     lacking += ["sobject_id (GALAH)"] if "sobject_id" not in galah_columns else []
     if lacking:
         raise InvalidInputError(f"the catalogues lack {lacking}: the spectra's cache paths need the APOGEE "
-                                "allStar's TELESCOPE, FIELD and APOGEE_ID and the GALAH catalogue's sobject_id")
+                                "allStar's TELESCOPE, FIELD and APOGEE_ID and the GALAH catalogue's sobject_id "
+                                f"(or give each star's files in columns {list(PATH_COLUMNS.values())})")
     rv_column = next((galah_columns[c] for c in RV_COLUMNS if c in galah_columns), None)
     for i in tqdm(range(n_stars), desc="build: spectra", disable=not progress):
         star = matched.apogee[i]
         apogee_id = str(star[columns["apogee_id"]]).strip()
         try:
-            paths = cached_apogee_paths(cache_dir, apogee_id, str(star[columns["field"]]).strip(),
-                                        str(star[columns["telescope"]]).strip())
+            paths = _explicit(star, apogee_path, cache_dir) or cached_apogee_paths(
+                cache_dir, apogee_id, str(star[columns["field"]]).strip(), str(star[columns["telescope"]]).strip())
             a_flux, a_ivar, _ = apogee_on_grid(paths)
             rv = float(matched.galah[i][rv_column]) if rv_column is not None else None
-            galah_paths = cached_galah_paths(cache_dir, matched.galah[i][galah_columns["sobject_id"]])
+            galah_paths = _explicit(matched.galah[i], galah_path, cache_dir) or cached_galah_paths(
+                cache_dir, matched.galah[i][galah_columns["sobject_id"]])
             g_flux, g_ivar, _ = galah_on_grid(galah_paths, galah_grid, rv=rv)
         except MissingFileError as exc:
             problems.append((int(matched.match.apogee_index[i]), apogee_id, "missing file", str(exc)))
@@ -114,3 +123,14 @@ def build_crossmatch(apogee_allstar, galah_allstar, cache_dir, label_sources=DEF
                             galah_ccd=galah_ccd, meta=meta, label_errors=labels.errors[keep])
     return BuildResult(crossmatch, report)
 
+
+
+def _explicit(row, column, cache_dir) -> list:
+    """The files a path column names for this star (relative to ``cache_dir`` unless absolute); [] if none."""
+    if column is None:
+        return []
+    text = str(row[column]).strip()
+    if not text or text.lower() in ("none", "nan", "--"):
+        return []
+    return [Path(part.strip()) if Path(part.strip()).is_absolute() else Path(cache_dir) / part.strip()
+            for part in text.split(";") if part.strip()]
