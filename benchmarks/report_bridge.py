@@ -222,7 +222,7 @@ def section_learning_curve():
     return lines
 
 
-def section_uncertainties(runs):
+def section_uncertainties(runs, quarters=None):
     lines = ["## Uncertainties", "",
              "z = (inferred − true)/σ over the test stars, standard deviation (target 0.6–1.6), min–max over labels:", "",
              "| mode | " + " | ".join(f"S/N {s}" for s in runs) + " |", "|---" * (len(runs) + 1) + "|"]
@@ -232,6 +232,20 @@ def section_uncertainties(runs):
             z = [v["z_std"] for v in r["labels"]["bridge"][mode].values()]
             cells.append(f"{min(z):.2f}–{max(z):.2f}")
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    pooled = {q: r for q, r in (quarters or {}).items() if "z" in next(iter(r["labels"]["bridge"]["apogee"].values()))}
+    if len(pooled) > 1:
+        n_stars = sum(len(next(iter(r["labels"]["bridge"]["apogee"].values()))["z"]) for r in pooled.values())
+        lines += ["", f"S/N 40, each quarter of the stars as the test set in turn ({len(pooled)} quarters, {n_stars} test "
+                  "stars pooled; a z std over one quarter's 92 stars is itself uncertain by ~7%, more where the errors "
+                  "have tails): z std pooled, min–max over labels, and the label–quarter pairs outside 0.8–1.25:", "",
+                  "| mode | pooled z std | outside 0.8–1.25 in a quarter |", "|---|---|---|"]
+        for mode in ("apogee", "galah", "both"):
+            names = list(next(iter(pooled.values()))["labels"]["bridge"][mode])
+            z = [np.std([v for r in pooled.values() for v in r["labels"]["bridge"][mode][name]["z"] if v is not None])
+                 for name in names]
+            outside = [f"{name} (q{q}: {r['labels']['bridge'][mode][name]['z_std']:.2f})" for q, r in pooled.items()
+                       for name in names if not 0.8 <= r["labels"]["bridge"][mode][name]["z_std"] <= 1.25]
+            lines.append(f"| {mode} | {min(z):.2f}–{max(z):.2f} | {', '.join(outside) or 'none'} |")
     lines += ["", "The uncertainties come from the Gauss–Newton Hessian, scaled per label and mode by 4-fold "
               "cross-validation on the training stars (the winsorised RMS of the held-out training stars' z-scores). "
               "A star's label errors grow with how badly the model fits it (held-out core-label z-scores: RMS 0.6 "
@@ -361,7 +375,7 @@ def build() -> str:
     lines = []
     for part in (section_header(runs), section_summary(runs, quarters), section_spectra(runs), section_labels(runs),
                  section_plain(quarters), section_learning_curve(),
-                 section_uncertainties(runs), section_targets(runs), section_noisy_labels(), section_times(runs),
+                 section_uncertainties(runs, quarters), section_targets(runs), section_noisy_labels(), section_times(runs),
                  section_limits()):
         lines += part
     return "\n".join(lines)
