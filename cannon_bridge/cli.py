@@ -52,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
         "label from its survey's column with its error and flags (core from APOGEE, heavy elements\n"
         "from GALAH; --labels FILE.toml overrides), read each star's spectra from DIR under the\n"
         "archives' own paths, normalise, move GALAH to the rest frame and resample onto the model\n"
-        "grids. Writes MATCH.fits and MATCH_report.ecsv (the stars that could not be used, and why).")
+        "grids, chunk by chunk (MATCH_work/: a killed build started again skips finished chunks). Writes\n"
+        "MATCH.fits and MATCH_report.ecsv (the stars that could not be used, and why).")
     build.add_argument("--apogee-allstar", type=Path, required=True, help="APOGEE DR17 allStar (FITS, VOTable, CSV)")
     build.add_argument("--galah-allstar", type=Path, required=True, help="GALAH DR3 or DR4 allstar")
     build.add_argument("--cache", type=Path, required=True, metavar="DIR",
@@ -61,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--labels", type=Path, default=None, help="TOML label mapping (see cannon_bridge.build.labels)")
     build.add_argument("--galah-grid", default="v6", help="GALAH model grid (default v6: the iraf 6.0 reduction's)")
     build.add_argument("--overwrite", action="store_true")
+    _batch_options(build, "stars")
     label = _command(
         sub, "label-apogee", "labels, uncertainties and flags for every star of an APOGEE allStar (resumable)",
         "Find each star's aspcapStar (else apStar, normalised) in the download cache, infer its labels\n"
@@ -152,9 +154,16 @@ def main(argv=None) -> int:
 
             if args.output.exists() and not args.overwrite:
                 raise FileExistsError(f"{args.output} exists; pass --overwrite")
+            from .scale import open_client
+
             sources = DEFAULT_LABEL_SOURCES if args.labels is None else read_label_sources(args.labels)
-            result = build_crossmatch(args.apogee_allstar, args.galah_allstar, args.cache, sources,
-                                      galah_grid=args.galah_grid)
+            client, close = open_client(args.cluster)
+            try:  # finished chunks are kept beside the output: a killed build started again skips them
+                result = build_crossmatch(args.apogee_allstar, args.galah_allstar, args.cache, sources,
+                                          galah_grid=args.galah_grid, chunk_size=args.chunk_size, client=client,
+                                          work_dir=args.output.with_name(args.output.stem + "_work"))
+            finally:
+                close()
             written, report = result.write(args.output, overwrite=args.overwrite)
             print(f"wrote {written}: {len(result.crossmatch)} stars; {report}: {len(result.report)} catalogue "
                   "stars not used (see its reason column)")

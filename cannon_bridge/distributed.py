@@ -84,9 +84,9 @@ def fit_distributed(model, flux, labels, ivar=None, wavelength=None, client=None
                                  or n_blocks < 1):
         raise InvalidInputError(f"n_blocks must be an int >= 1 (pixel blocks); got {n_blocks!r}")
 
-    from .scale import _open_client  # the cluster connection predict_files shares
+    from .scale import open_client  # the cluster connection predict_files shares
 
-    connection, close = _open_client(client)
+    connection, close = open_client(client)
     try:
         if n_blocks is None:
             n_blocks = 1 if connection is None else 2 * max(sum(connection.nthreads().values()), 1)

@@ -41,7 +41,7 @@ from ._validation import check_spectra
 from .errors import (BackendUnavailableError, CannonBridgeWarning, GridMismatchError, InvalidInputError,
                      ModelFileError)
 
-__all__ = ["predict_files", "fit_distributed", "MANIFEST_NAME", "LABELS_NAME", "FAILURES_NAME"]
+__all__ = ["predict_files", "fit_distributed", "open_client", "MANIFEST_NAME", "LABELS_NAME", "FAILURES_NAME"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +69,9 @@ def _import_distributed():
     return distributed
 
 
-def _open_client(client) -> tuple[Any, Callable[[], None]]:
-    """(client or None for in-process, close function) from the ``client`` argument."""
+def open_client(client) -> tuple[Any, Callable[[], None]]:
+    """(client or None for in-process, close function) from a ``client`` argument as :func:`predict_files`
+    takes it (None or "local", False or "sync", a scheduler address, a Client or a cluster object)."""
     if client is False or (isinstance(client, str) and client in ("sync", "synchronous")):
         return None, lambda: None
     if client is None or (isinstance(client, str) and client == "local"):
@@ -648,7 +649,7 @@ def _merge_chunks(chunks, output: Path, run_id, model_sha, names):
 
 def _run_chunks(model, chunks, todo, output, run_id, client, reader, resample, bar) -> None:
     """Compute the chunks in ``todo``; each is written as soon as it is done."""
-    connection, close = _open_client(client)
+    connection, close = open_client(client)
     try:
         if connection is None:
             for index in todo:

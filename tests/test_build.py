@@ -194,6 +194,20 @@ def _mirror(shared_dir, tmp_path):
     return cache, [int(s) for s in sobject_ids]
 
 
+def _two_matched_stars(shared_dir, tmp_path):
+    """(cache, APOGEE table): the mirror, and catalogues (allStar.fits, galah.fits in ``tmp_path``) pairing the
+    two real apStar stars with the first two GALAH stars of the mirror."""
+    cache, sobject_ids = _mirror(shared_dir, tmp_path)
+    apogee = _apogee()[:2]
+    apogee["APOGEE_ID"], apogee["FIELD"] = list(APSTARS), list(APSTARS.values())
+    apogee["GAIAEDR3_SOURCE_ID"] = [11, 12]
+    galah = _galah()[:2]
+    galah["sobject_id"], galah["gaiadr3_source_id"] = sobject_ids[:2], [11, 12]
+    apogee.write(tmp_path / "allStar.fits")
+    galah.write(tmp_path / "galah.fits")
+    return cache, apogee
+
+
 def test_build_puts_real_files_on_the_model_grids_and_reports_missing_and_damaged_ones(shared_dir, tmp_path):
     from cannon_bridge.build import build_crossmatch
     from cannon_bridge.build.spectra import apogee_model_grid, galah_model_grid
@@ -244,14 +258,7 @@ def test_the_build_command_gives_the_same_as_the_function(shared_dir, tmp_path):
     from cannon_bridge.cli import main
     from cannon_bridge.data import CrossMatch
 
-    cache, sobject_ids = _mirror(shared_dir, tmp_path)
-    apogee = _apogee()[:2]
-    apogee["APOGEE_ID"], apogee["FIELD"] = list(APSTARS), list(APSTARS.values())
-    apogee["GAIAEDR3_SOURCE_ID"] = [11, 12]
-    galah = _galah()[:2]
-    galah["sobject_id"], galah["gaiadr3_source_id"] = sobject_ids[:2], [11, 12]
-    apogee.write(tmp_path / "allStar.fits")
-    galah.write(tmp_path / "galah.fits")
+    cache, apogee = _two_matched_stars(shared_dir, tmp_path)
     mapping = tmp_path / "labels.toml"
     mapping.write_text('defaults = false\n[labels.teff]\nsurvey = "apogee"\ncolumn = "TEFF"\nerror = "TEFF_ERR"\n')
     args = ["build", "--apogee-allstar", str(tmp_path / "allStar.fits"),
@@ -345,3 +352,33 @@ def test_files_named_in_path_columns_are_used_a_galah_dr4_product_included(share
     assert len(xm) == 1 and len(result.report) == 0
     used = xm.galah_ivar[0] > 0
     assert used.mean() > 0.5 and 0.85 < np.median(xm.galah_flux[0][used]) < 1.05
+
+
+def test_a_build_keeps_its_finished_chunks_and_a_restart_reads_them_back(shared_dir, tmp_path):
+    """chunk_size 1 with a work folder: a second build reads every chunk back (the cache can even be gone); a
+    chunk cut short is built again; a dask client gives the same."""
+    from dask.distributed import Client
+
+    from cannon_bridge.build import build_crossmatch
+
+    cache, apogee = _two_matched_stars(shared_dir, tmp_path)
+    work = tmp_path / "work"
+
+    def build(**kwargs):
+        return build_crossmatch(tmp_path / "allStar.fits", tmp_path / "galah.fits", cache, progress=False,
+                                work_dir=work, chunk_size=1, **kwargs).crossmatch
+
+    first = build()
+    assert sorted(p.name for p in work.iterdir()) == ["chunk_00000.npz", "chunk_00001.npz"]
+    moved = tmp_path / "moved"
+    cache.rename(moved)
+    again = build()  # nothing to read: both chunks come back from the work folder
+    np.testing.assert_array_equal(again.galah_flux, first.galah_flux)
+    moved.rename(cache)
+    data = (work / "chunk_00001.npz").read_bytes()
+    (work / "chunk_00001.npz").write_bytes(data[: len(data) // 3])
+    with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None) as client:
+        rebuilt = build(client=client)
+    np.testing.assert_array_equal(rebuilt.apogee_flux, first.apogee_flux)
+    np.testing.assert_array_equal(rebuilt.apogee_ivar, first.apogee_ivar)
+    assert (work / "chunk_00001.npz").stat().st_size > len(data) // 3
