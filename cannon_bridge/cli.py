@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     _batch_options(build, "stars")
     label = _command(
         sub, "label-apogee", "labels, uncertainties and flags for every star of an APOGEE allStar (resumable)",
-        "Find each star's aspcapStar (else apStar, normalised) in the download cache, infer its labels\n"
+        "Find each star's apStar in the download cache, normalise it, infer its labels\n"
         "chunk by chunk (CATALOGUE_work/: a killed run started again skips finished chunks) and write\n"
         "CATALOGUE.fits (APOGEE_ID, TELESCOPE, FIELD, labels, e_<label>, chi2, flags) and\n"
         "CATALOGUE_report.ecsv (the stars that could not be labelled, and why).")

@@ -21,7 +21,7 @@ def label_apogee(model, apogee_allstar, cache_dir, output, client="sync", chunk_
                  progress: bool = True) -> tuple[Table, Table]:
     """Labels, uncertainties and flags for every star of an APOGEE allStar whose spectrum is in the cache.
 
-    Each star's aspcapStar (else apStar, normalised here) is found under the archive's path in ``cache_dir``
+    Each star's apStar (normalised here) is found under the archive's path in ``cache_dir``
     (:func:`~cannon_bridge.build.spectra.cached_apogee_paths`) and labelled by
     :func:`~cannon_bridge.scale.predict_files`, chunk by chunk in ``<output stem>_work/`` (a killed run
     started again skips the finished chunks; ``client`` as there). Returns (catalogue, report): one row per
@@ -43,8 +43,7 @@ def label_apogee(model, apogee_allstar, cache_dir, output, client="sync", chunk_
     files = [path for path in rows["path"] if path]
     if not files:
         raise InvalidInputError(f"none of the {len(rows)} stars of {apogee_allstar} has a spectrum in {cache_dir}: "
-                                "fetch them first (cannon_bridge.datasets.fetch_apogee_aspcapstar or "
-                                "fetch_apogee_apstar)")
+                                "fetch them first (cannon_bridge.datasets.fetch_apogee_apstar)")
     work = output.with_name(output.stem + "_work")
     labelled = predict_files(model, files, work, client=client, chunk_size=chunk_size,
                              reader=read_normalised_apogee, progress=progress)
