@@ -178,7 +178,7 @@ def _mirror(shared_dir, tmp_path):
 
     cache = tmp_path / "cache"
     for apogee_id, field in APSTARS.items():
-        target = cached_apogee_paths(cache, apogee_id, field, "apo25m")[1]
+        target = cached_apogee_paths(cache, apogee_id, field, "apo25m")[0]
         target.parent.mkdir(parents=True, exist_ok=True)
         target.symlink_to(shared_dir / "data" / "apogee_real" / f"apStar-dr17-{apogee_id}.fits")
     source = shared_dir / "data" / "galah_real" / "galah_workshop_iraf6.0" / GALAH_NIGHT / "spectra" / "com"
