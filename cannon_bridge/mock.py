@@ -15,7 +15,8 @@ import numpy as np
 from .data import GALAH_CCD_COVERAGE, CrossMatch, apogee_gap_mask
 from .lines import BUILTIN_GALAH_LINES
 
-__all__ = ["make_crossmatch", "apogee_grid", "galah_grid", "CORE_LABELS", "HEAVY_LABELS", "ABUNDANCE_LABELS"]
+__all__ = ["make_crossmatch", "write_mock_archive", "apogee_grid", "galah_grid", "CORE_LABELS", "HEAVY_LABELS",
+           "ABUNDANCE_LABELS"]
 
 CORE_LABELS = ["teff", "logg", "fe_h", "alpha_fe", "vmic"]
 HEAVY_LABELS = ["ba_fe", "y_fe", "eu_fe", "ce_fe", "nd_fe", "la_fe", "zr_fe"]
@@ -197,3 +198,70 @@ def make_crossmatch(n_stars: int, seed: int = 0, snr_apogee: float = 100.0, snr_
         ids=np.array([f"mock{i:06d}" for i in range(n_stars)]), galah_ccd=galah_ccd, is_giant=giant,
         meta={"source": "mock", "seed": int(seed), "snr_apogee": float(snr_apogee), "snr_galah": float(snr_galah)},
     )
+
+
+def write_mock_archive(n_stars: int, folder, seed: int = 0) -> dict:
+    """The stars of :func:`make_crossmatch` written as the surveys' own files, laid out as the archives (and
+    :mod:`cannon_bridge.datasets`' cache) keep them: DR17 apStar files (fluxed: the normalised mock spectrum
+    times a smooth continuum), GALAH v6.0 per-camera files (normalised, seen at a radial velocity of
+    -80 to 80 km/s given in their headers) and an allStar and a GALAH allstar in the surveys' column names.
+
+    Returns {"root": folder, "apogee_allstar": path, "galah_allstar": path, "crossmatch": the mock CrossMatch
+    (its spectra and labels: the truth), "apogee_ids", "sobject_ids"}. For tests, benchmarks and the
+    archive-to-catalogue notebook.
+    """
+    from pathlib import Path
+
+    from astropy.io import fits
+    from astropy.table import Table
+
+    from .build.spectra import GALAH_GRIDS, cached_apogee_paths, cached_galah_paths
+
+    folder = Path(folder)
+    data = make_crossmatch(n_stars, seed=seed)
+    rng = np.random.default_rng(seed)
+    ids = [f"2M{k:08d}+{k % 10**7:07d}" for k in range(n_stars)]
+    sobject_ids = [200101001001000 + k for k in range(n_stars)]
+    continuum = 800.0 * (data.apogee_wavelength / 15000.0) ** -2
+    rvs = rng.uniform(-80, 80, n_stars)
+    c_kms = 299792.458
+    for k in range(n_stars):
+        error = np.where(data.apogee_ivar[k] > 0, continuum / np.sqrt(np.maximum(data.apogee_ivar[k], 1e-30)), 1e10)
+        header = fits.Header({"CRVAL1": 4.179, "CDELT1": 6e-6, "CRPIX1": 1, "CTYPE1": "LOG-LINEAR",
+                              "NWAVE": data.apogee_wavelength.size, "OBJID": ids[k], "NVISITS": 0})
+        path = cached_apogee_paths(folder, ids[k], "MOCK", "apo25m")[0]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fluxed = (data.apogee_flux[k] * continuum).astype(np.float32)
+        fits.HDUList([fits.PrimaryHDU(header=header), fits.ImageHDU(fluxed), fits.ImageHDU(error.astype(np.float32)),
+                      fits.ImageHDU(np.zeros(data.apogee_wavelength.size, np.int16))]).writeto(path, overwrite=True)
+        for ccd, target in enumerate(cached_galah_paths(folder, sobject_ids[k]), start=1):
+            start, step = GALAH_GRIDS["v6"][ccd - 1]
+            in_ccd = data.galah_ccd == ccd
+            observed = start + step * np.arange(4096)
+            normalized = np.interp(observed / (1 + rvs[k] / c_kms), data.galah_wavelength[in_ccd],
+                                   data.galah_flux[k][in_ccd])
+            head = fits.Header({"CRVAL1": start, "CDELT1": step, "CRPIX1": 1.0, "CTYPE1": "LINEAR", "PIPE_VER": "6.0",
+                                "RVCOM": rvs[k], "RVCOM_OK": 1, "RV": rvs[k], "RV_OK": 1, "SNR": 40.0})
+            target.parent.mkdir(parents=True, exist_ok=True)
+            hdus = [fits.PrimaryHDU((normalized * 5e4).astype(np.float32), header=head)]
+            for name, values in (("normalized", normalized), ("relative_error", np.full(4096, 1 / 40.0)),
+                                 ("sky", np.zeros(4096)), ("teluric", np.ones(4096)), ("scattered", np.zeros(4096)),
+                                 ("cross_talk", np.zeros(4096)), ("resolution_profile", np.full(4096, 0.2))):
+                hdus.append(fits.ImageHDU(np.asarray(values, np.float32), header=head.copy(), name=name))
+            fits.HDUList(hdus).writeto(target, overwrite=True)
+    labels = {name: data.labels_for([name])[:, 0] for name in data.label_names}
+    gaia = np.arange(1, n_stars + 1)
+    apogee = Table({"APOGEE_ID": ids, "TELESCOPE": ["apo25m"] * n_stars, "FIELD": ["MOCK"] * n_stars,
+                    "GAIAEDR3_SOURCE_ID": gaia, "RA": np.zeros(n_stars), "DEC": np.zeros(n_stars)})
+    for name, column in (("teff", "TEFF"), ("logg", "LOGG"), ("fe_h", "FE_H"), ("alpha_fe", "ALPHA_M"),
+                         ("vmic", "VMICRO")):
+        apogee[column], apogee[column + "_ERR"] = labels[name], np.full(n_stars, 0.05 if name != "teff" else 50.0)
+    galah = Table({"sobject_id": sobject_ids, "gaiadr3_source_id": gaia, "ra": np.zeros(n_stars),
+                   "dec": np.zeros(n_stars), "flag_sp": np.zeros(n_stars, np.int32)})
+    for name in HEAVY_LABELS:
+        galah[name], galah[f"e_{name}"] = labels[name], np.full(n_stars, 0.1)
+        galah[f"flag_{name}"] = np.where(np.isfinite(labels[name]), 0, 1).astype(np.int32)
+    apogee.write(folder / "allStar.fits", overwrite=True)
+    galah.write(folder / "galah_allstar.fits", overwrite=True)
+    return {"root": folder, "apogee_allstar": folder / "allStar.fits", "galah_allstar": folder / "galah_allstar.fits",
+            "crossmatch": data, "apogee_ids": ids, "sobject_ids": sobject_ids}

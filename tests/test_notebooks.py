@@ -92,3 +92,16 @@ def test_label_transfer_notebook(own_kernel):
     else:
         assert "section is skipped" in text
     print(f"label_transfer.ipynb: {seconds:.0f} s")
+
+
+def test_archive_to_catalogue_notebook(own_kernel):
+    """The whole path on a mock archive: fetch from a local server, build, train, label every APOGEE star, validate."""
+    nb, seconds = run_notebook("archive_to_catalogue.ipynb")
+    text = _text(nb)
+    assert f"python: {own_kernel}" in text
+    assert "fetched 500 files" in text  # 100 stars x (1 apStar + 4 GALAH cameras)
+    assert "built 100 stars" in text and "0 reported" in text
+    assert "labelled 100 APOGEE stars" in text and "0 not labelled" in text
+    assert "label_teff" in text and "apogee:TEFF+-TEFF_ERR" in text
+    assert _n_images(nb) >= 1
+    print(f"archive_to_catalogue.ipynb: {seconds:.0f} s")
