@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from astropy.table import Table, join
 
 from .build.spectra import cached_apogee_paths, read_normalised_apogee
@@ -18,7 +19,7 @@ CARRIED = ("APOGEE_ID", "TELESCOPE", "FIELD")
 
 
 def label_apogee(model, apogee_allstar, cache_dir, output, client="sync", chunk_size: int = 256,
-                 progress: bool = True) -> tuple[Table, Table]:
+                 progress: bool = True, galah_spectra: bool = False) -> tuple[Table, Table]:
     """Labels, uncertainties and flags for every star of an APOGEE allStar whose spectrum is in the cache.
 
     Each star's apStar (normalised here) is found under the archive's path in ``cache_dir``
@@ -28,8 +29,13 @@ def label_apogee(model, apogee_allstar, cache_dir, output, client="sync", chunk_
     labelled star joined to its ``APOGEE_ID``, ``TELESCOPE`` and ``FIELD`` (labels, ``e_<label>``, chi^2,
     flags); and one row per star that could not be labelled (``APOGEE_ID``, ``reason``: "missing file", or the
     reader's or the test step's message). Writes both: ``output`` (FITS) and ``<stem>_report.ecsv``.
+
+    ``galah_spectra`` (a BridgeModel): also the GALAH spectrum of every labelled star, the bridge's GALAH model
+    at its labels, in ``<stem>_galah.fits`` (HDUs FLUX (n_stars, n_pixels) float32, WAVELENGTH (air Angstrom),
+    IDS: the APOGEE_ID of each row, in the catalogue's order).
     """
     output = Path(output)
+    bridge = _bridge(model) if galah_spectra else None
     catalogue = read_apogee_allstar(apogee_allstar)
     lookup = {name.upper(): name for name in catalogue.colnames}
     lacking = [name for name in CARRIED if name not in lookup]
@@ -60,5 +66,37 @@ def label_apogee(model, apogee_allstar, cache_dir, output, client="sync", chunk_
     report = Table({"APOGEE_ID": ids, "reason": reasons}, dtype=(str, str))
     result.meta = {"NSTARS": len(rows), "NLABELED": len(result), "NREPORT": len(report)}  # FITS-short keys
     result.write(output, overwrite=True)
+    if bridge is not None:
+        _write_galah(bridge, result, output.with_name(output.stem + "_galah.fits"))
     report.write(output.with_name(output.stem + "_report.ecsv"), format="ascii.ecsv", overwrite=True)
     return result, report
+
+
+def _bridge(model):
+    """The BridgeModel ``model`` is (or whose file it names); refused for a single-survey model."""
+    from .bridge import BridgeModel
+
+    if isinstance(model, BridgeModel):
+        return model
+    if isinstance(model, (str, Path)):
+        from astropy.io import fits
+
+        if Path(model).is_file() and fits.getheader(model, 0).get("CB_KIND") == "BridgeModel":
+            return BridgeModel.load(model)
+    raise InvalidInputError(f"regenerated GALAH spectra need a BridgeModel; {model!r} is not one (pass "
+                            "galah_spectra=False, or a model trained by `cannon-bridge train`)")
+
+
+def _write_galah(bridge, catalogue, path, block: int = 4096) -> None:
+    """The bridge's GALAH model at each labelled star's labels, block by block (float32 output)."""
+    from astropy.io import fits
+
+    labels = np.column_stack([np.asarray(catalogue[name], dtype=float) for name in bridge.label_names_])
+    flux = np.empty((len(labels), bridge.galah_model_.n_features_in_), np.float32)
+    for start in range(0, len(labels), block):
+        flux[start:start + block] = bridge.generate_galah(labels[start:start + block])
+    ids = fits.BinTableHDU(Table({"APOGEE_ID": np.asarray(catalogue["APOGEE_ID"], dtype=str)}), name="IDS")
+    hdus = [fits.PrimaryHDU(), fits.ImageHDU(flux, name="FLUX")]
+    if bridge.galah_wavelength_ is not None:  # a bridge fitted without wavelengths has none to give
+        hdus.append(fits.ImageHDU(np.asarray(bridge.galah_wavelength_, dtype=float), name="WAVELENGTH"))
+    fits.HDUList(hdus + [ids]).writeto(path, overwrite=True)

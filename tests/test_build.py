@@ -321,6 +321,9 @@ def test_label_apogee_labels_every_cached_star_joined_to_its_id_and_resumes(shar
     assert list(table["APOGEE_ID"]) == sorted(APSTARS) and list(table["FIELD"]) == [APSTARS[k] for k in sorted(APSTARS)]
     assert all(np.isfinite(table[name]).all() for name in ("teff", "e_teff", "fe_h", "e_fe_h"))
     assert list(report["APOGEE_ID"]) == ["2M00000200+0200000"] and list(report["reason"]) == ["missing file"]
+    with pytest.raises(InvalidInputError, match="need a BridgeModel"):
+        label_apogee(tmp_path / "model.fits", tmp_path / "allStar.fits", cache, tmp_path / "cat2.fits",
+                     galah_spectra=True, progress=False)
     again = ["label-apogee", str(tmp_path / "model.fits"), "--apogee-allstar", str(tmp_path / "allStar.fits"),
              "--cache", str(cache), "-o", str(tmp_path / "cat.fits"), "--chunk-size", "1"]
     assert main(again) == 0

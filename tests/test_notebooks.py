@@ -102,6 +102,7 @@ def test_archive_to_catalogue_notebook(own_kernel):
     assert "fetched 500 files" in text  # 100 stars x (1 apStar + 4 GALAH cameras)
     assert "built 100 stars" in text and "0 reported" in text
     assert "labelled 100 APOGEE stars" in text and "0 not labelled" in text
+    assert "regenerated GALAH spectra: (100, 16384)" in text
     assert "label_teff" in text and "apogee:TEFF+-TEFF_ERR" in text
     assert _n_images(nb) >= 1
     print(f"archive_to_catalogue.ipynb: {seconds:.0f} s")
