@@ -23,7 +23,7 @@ import numpy as np
 from ..engine import INFER_BATCH, StarFlag, concatenate_results
 from ..stats import robust_std
 from .fusion import calibrate_fusion
-from .inference import infer, tempered, tempered_covariance
+from .inference import infer, tempered, tempered_covariance, tempering
 from .prior import PopulationPrior
 from .propagation import generate, model_variance
 from .state import MODES, SURVEYS, Calibration, FittedBridge, SurveyPart
@@ -295,8 +295,7 @@ def fit_misfit_reference(fitted: FittedBridge, results, labels, mode, errors=Non
     prior = None if prior is None else prior[rows]
 
     def negative_log_likelihood(onset, scale):
-        factor = 1.0 + np.maximum(data_chi2 - onset * dof, 0.0) / scale if np.isfinite(scale) else np.ones(len(dof))
-        covariance, _ = tempered_covariance(like, prior, factor, fitted.scales)
+        covariance, _ = tempered_covariance(like, prior, tempering(data_chi2, dof, onset, scale), fitted.scales)
         s2 = np.einsum("sii->si", covariance)[:, constrained]
         k = _label_factors(residual, s2, e2)
         variance = k[None, :] ** 2 * s2 + (0.0 if e2 is None else e2)

@@ -94,10 +94,8 @@ def fuse_update(apogee_index, from_apogee, from_galah, correlation, weighting=No
         weight_a, weight_g = cov_a, cov_g
     else:
         weight_a, weight_g = weighting[0][:, index[:, None], index[None, :]], weighting[1]
-    usable = np.all(np.isfinite(cov_a.reshape(len(cov_a), -1)), axis=1) & \
-        np.all(np.isfinite(cov_g.reshape(len(cov_g), -1)), axis=1) & \
-        np.all(np.isfinite(weight_a.reshape(len(cov_a), -1)), axis=1) & \
-        np.all(np.isfinite(weight_g.reshape(len(cov_g), -1)), axis=1)
+    usable = np.logical_and.reduce([np.all(np.isfinite(m.reshape(len(m), -1)), axis=1)
+                                    for m in (cov_a, cov_g, weight_a, weight_g)])
     labels, covariance = from_galah.labels.copy(), cov_g.copy()
     n_joint = index.size + cov_g.shape[1]
     if correlation is not None and np.shape(correlation) == (n_joint, n_joint) and usable.any():

@@ -23,7 +23,7 @@ from .censoring import pixel_groups
 from .state import Calibration, FittedBridge
 
 __all__ = ["infer", "infer_single", "label_covariance", "misfit_factor", "poorly_fitted", "tempered",
-           "tempered_covariance", "weighting_covariance"]
+           "tempered_covariance", "tempering", "weighting_covariance"]
 
 
 def infer(fitted: FittedBridge, apogee_flux=None, apogee_ivar=None, galah_flux=None, galah_ivar=None,
@@ -279,10 +279,8 @@ def weighting_covariance(fitted: FittedBridge, result: BridgeInferenceResult) ->
     factor = fitted.calibration.weighting_scale.get(result.mode)
     if result.likelihood_information is None or factor is None:
         return result.covariance
-    reference = fitted.calibration.misfit_reference.get(result.mode)
-    misfit = np.ones(len(result.labels))
-    if reference is not None and np.isfinite(reference[0]) and np.isfinite(reference[1]) and reference[1] > 0:
-        misfit = 1.0 + np.maximum(result.data_chi2 - reference[0] * result.dof, 0.0) / reference[1]
+    threshold, scale, *_ = fitted.calibration.misfit_reference.get(result.mode, (np.inf, np.inf))
+    misfit = tempering(result.data_chi2, result.dof, threshold, scale)
     covariance, _ = tempered_covariance(result.likelihood_information, result.prior_information, misfit,
                                         fitted.scales)
     return covariance * factor[None, :, None] * factor[None, None, :]
@@ -302,6 +300,11 @@ def misfit_factor(calibration: Calibration, mode, data_chi2, dof):
         return np.ones(len(data_chi2))
     threshold, scale, *rest = reference[mode]
     onset = rest[0] if rest else threshold  # a bridge saved with (threshold, D) tempered above its threshold
+    return tempering(data_chi2, dof, onset, scale)
+
+
+def tempering(data_chi2, dof, onset, scale) -> np.ndarray:
+    """1 + (chi^2 - onset dof) / scale where positive, else 1 (everywhere 1 without a finite, positive scale)."""
     if not (np.isfinite(onset) and np.isfinite(scale) and scale > 0):
         return np.ones(len(data_chi2))
     return 1.0 + np.maximum(np.asarray(data_chi2) - onset * np.asarray(dof), 0.0) / scale

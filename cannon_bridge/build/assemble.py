@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from astropy.table import Table
+from astropy.table import Table, vstack
 from tqdm.auto import tqdm
 
 from ..data import CrossMatch
@@ -78,21 +78,25 @@ def build_crossmatch(apogee_allstar, galah_allstar, cache_dir, label_sources=DEF
     kept = np.zeros(n_stars, bool)
     problems = []
     for k, chunk in _chunk_results(chunks, galah_grid, work_dir, client, progress):
-        rows = slice(k * chunk_size, k * chunk_size + len(chunks[k]))
+        rows = slice(k * chunk_size, k * chunk_size + len(chunks[k]))  # chunks are consecutive stars
         apogee_flux[rows], apogee_ivar[rows] = chunk["apogee_flux"], chunk["apogee_ivar"]
         galah_flux[rows], galah_ivar[rows] = chunk["galah_flux"], chunk["galah_ivar"]
         kept[rows] = chunk["kept"]
         problems += [tuple(p) for p in json.loads(str(chunk["problems"]))]
     problems.sort()
-    rows = [(r["survey"], int(r["row"]), str(r["id"]), str(r["reason"]), "") for r in matched.report]
-    rows += [("apogee", row, identifier, reason, detail) for row, identifier, reason, detail in problems]
-    report = Table(rows=rows or None, names=("survey", "row", "id", "reason", "detail"),
-                   dtype=(str, np.int64, str, str, str))
+    report = matched.report.copy()
+    report["detail"] = np.zeros(len(report), dtype="U1")  # the catalogue half has no reader message
+    if problems:
+        report = vstack([report, Table(rows=[("apogee",) + tuple(p) for p in problems],
+                                       names=report.colnames, dtype=(str, np.int64, str, str, str))])
     if not kept.any():
         raise InvalidInputError(f"no star could be built: {n_stars} matched stars, none with usable spectra in "
                                 f"{cache_dir} (reasons: {sorted(set(r for _, _, r, _ in problems))}); check the "
                                 "cache folder (the archives' own relative paths, as cannon_bridge.datasets keeps them)")
     keep = np.flatnonzero(kept)
+    # the kept stars moved to the front in place: no second copy of the spectra (6 GB at 30,000 stars)
+    apogee_flux, apogee_ivar, galah_flux, galah_ivar = (_compact(array, keep) for array in
+                                                        (apogee_flux, apogee_ivar, galah_flux, galah_ivar))
     labels = matched.labels
     meta = {"source": "cannon_bridge.build", "galah_grid": galah_grid, "n_reported": len(report)}
     for name, provenance in labels.provenance.items():
@@ -100,10 +104,18 @@ def build_crossmatch(apogee_allstar, galah_allstar, cache_dir, label_sources=DEF
             f" flag {provenance['flag']}" if provenance["flag"] else "")
     # both surveys' ids: APOGEE_ID|sobject_id
     ids = np.array([f"{task['apogee_id']}|{task['sobject_id']}" for task in (tasks[i] for i in keep)])
-    crossmatch = CrossMatch(list(labels.names), labels.labels[keep], apogee_grid, apogee_flux[keep],
-                            apogee_ivar[keep], galah_wavelength, galah_flux[keep], galah_ivar[keep], ids=ids,
+    crossmatch = CrossMatch(list(labels.names), labels.labels[keep], apogee_grid, apogee_flux,
+                            apogee_ivar, galah_wavelength, galah_flux, galah_ivar, ids=ids,
                             galah_ccd=galah_ccd, meta=meta, label_errors=labels.errors[keep])
     return BuildResult(crossmatch, report)
+
+
+def _compact(array, keep) -> np.ndarray:
+    """Rows ``keep`` (ascending) of ``array`` moved to its front in place; the view of those rows."""
+    for new, old in enumerate(keep):
+        if new != old:
+            array[new] = array[old]
+    return array[:len(keep)]
 
 
 def _tasks(matched, cache_dir) -> list[dict]:

@@ -65,8 +65,8 @@ def match_catalogues(apogee_allstar, galah_allstar, label_sources=DEFAULT_LABEL_
     report = []
     for survey, table, matched in (("apogee", apogee, match.apogee_index), ("galah", galah, match.galah_index)):
         unmatched = np.setdiff1d(np.arange(len(table)), matched)
-        report += [(survey, int(row), identifier, "repeat observation (lower S/N)" if row in repeats else "no match")
-                   for row, identifier in zip(unmatched, _ids(table, survey, unmatched))]
+        reasons = np.where(np.isin(unmatched, repeats), "repeat observation (lower S/N)", "no match")
+        report += list(zip([survey] * unmatched.size, unmatched.tolist(), _ids(table, survey, unmatched), reasons))
     flagged = np.flatnonzero(~usable)
     flagged_rows = match.apogee_index[flagged]
     report += [("apogee", int(row), identifier, "every label flagged")
