@@ -385,3 +385,96 @@ def test_a_build_keeps_its_finished_chunks_and_a_restart_reads_them_back(shared_
     np.testing.assert_array_equal(rebuilt.apogee_flux, first.apogee_flux)
     np.testing.assert_array_equal(rebuilt.apogee_ivar, first.apogee_ivar)
     assert (work / "chunk_00001.npz").stat().st_size > len(data) // 3
+
+
+# ---------------------------------------------------------------- the DR17 aspcapStar layout
+def _write_aspcapstar(path, flux, error, apogee_id="2M00000100+0100000", teff=4750.0):
+    """A file in the DR17 aspcapStar layout: HDU1 normalised flux (grid cards on HDU1), HDU2 its error, HDU3 a
+    best-fitting spectrum, HDU4 the ASPCAP table; pixels ASPCAP did not fit at flux 0."""
+    from astropy.io import fits
+
+    header = fits.Header({"CRVAL1": 4.179, "CDELT1": 6e-6, "CRPIX1": 1, "CTYPE1": "LOG-LINEAR", "DC-FLAG": 1})
+    table = Table({"APOGEE_ID": [apogee_id], "TEFF": [teff], "LOGG": [2.5], "M_H": [-0.2],
+                   "ASPCAPFLAG": np.array([0], np.uint64)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(flux.astype(np.float32), header=header),
+                  fits.ImageHDU(error.astype(np.float32), header=header),
+                  fits.ImageHDU(np.clip(flux, 0.2, 1.0).astype(np.float32), header=header),
+                  fits.BinTableHDU(table)]).writeto(path)
+    return path
+
+
+def _aspcap_like(seed=0):
+    from cannon_bridge.data import apogee_gap_mask
+
+    gen = np.random.default_rng(seed)
+    flux = 1.0 - 0.3 * gen.random(8575) ** 8
+    error = np.full(8575, 0.01)
+    gaps = apogee_gap_mask(8575)
+    flux[gaps] = 0.0
+    return flux, error, gaps
+
+
+def test_an_aspcapstar_file_is_read_as_a_normalised_spectrum_on_the_apstar_grid(tmp_path):
+    from cannon_bridge.build.spectra import apogee_model_grid
+    from cannon_bridge.io import read_apogee
+
+    flux, error, gaps = _aspcap_like()
+    error[100] = np.nan  # a pixel ASPCAP masked
+    path = _write_aspcapstar(tmp_path / "aspcapStar-dr17-2M00000100+0100000.fits", flux, error)
+    spectrum = read_apogee(path)
+    assert spectrum.normalized and spectrum.meta["format"] == "aspcapStar"
+    assert spectrum.meta["id"] == "2M00000100+0100000" and spectrum.meta["aspcap"]["teff"] == 4750.0
+    np.testing.assert_allclose(spectrum.wavelength.value, apogee_model_grid(), rtol=1e-9)
+    good = ~gaps
+    good[100] = False
+    np.testing.assert_allclose(spectrum.flux[good], flux[good].astype(np.float32))
+    np.testing.assert_allclose(spectrum.ivar[good], 1.0 / np.float32(0.01) ** 2, rtol=1e-5)
+    assert np.all(spectrum.ivar[~good] == 0)
+    with pytest.raises(InvalidInputError, match="aspcapStar file .*visits=True applies to apStar"):
+        read_apogee(path, visits=True)
+
+
+def test_a_cut_aspcapstar_file_is_refused_with_the_fix(tmp_path):
+    from astropy.io import fits
+
+    from cannon_bridge.io import read_apogee
+
+    flux, error, _ = _aspcap_like()
+    path = _write_aspcapstar(tmp_path / "full.fits", flux, error)
+    with fits.open(path) as hdus:  # only the primary and the flux HDU kept: the error HDU is lost
+        fits.HDUList([hdus[0].copy(), hdus[1].copy()]).writeto(tmp_path / "aspcapStar-dr17-2M00000100+0100000.fits")
+    with pytest.raises(InvalidInputError, match=r"missing HDU2 \(normalised flux error\).*truncated"):
+        read_apogee(tmp_path / "aspcapStar-dr17-2M00000100+0100000.fits")
+
+
+def test_the_build_reads_an_aspcapstar_file_where_a_star_has_no_apstar(shared_dir, tmp_path):
+    """A star whose cache holds only its aspcapStar file is built from it (as ASPCAP normalised it); one with
+    both is built from its apStar file."""
+    from cannon_bridge.build import build_crossmatch
+    from cannon_bridge.build.spectra import apogee_on_grid, cached_apogee_paths
+    from cannon_bridge.io import read_apogee
+    from cannon_bridge.preprocess import normalize_spectrum
+
+    cache, apogee = _two_matched_stars(shared_dir, tmp_path)
+    first, second = list(APSTARS.items())
+    before = build_crossmatch(tmp_path / "allStar.fits", tmp_path / "galah.fits", cache, progress=False).crossmatch
+    # the second star: its apStar replaced by an aspcapStar file holding the same normalised spectrum
+    apstar, aspcap = cached_apogee_paths(cache, second[0], second[1], "apo25m")
+    normalised = normalize_spectrum(read_apogee(apstar))
+    error = np.where(normalised.ivar > 0, 1.0 / np.sqrt(np.maximum(normalised.ivar, 1e-30)), np.inf)
+    _write_aspcapstar(aspcap, np.where(normalised.ivar > 0, normalised.flux, 0.0), error, apogee_id=second[0])
+    apstar.unlink()
+    # the first star has both: its apStar file is the one read
+    apstar_first, aspcap_first = cached_apogee_paths(cache, first[0], first[1], "apo25m")
+    flux_first, error_first, _ = _aspcap_like(seed=3)
+    _write_aspcapstar(aspcap_first, flux_first, error_first, apogee_id=first[0])
+    assert apogee_on_grid([apstar_first, aspcap_first])[2] == str(apstar_first)
+    after = build_crossmatch(tmp_path / "allStar.fits", tmp_path / "galah.fits", cache, progress=False,
+                             work_dir=tmp_path / "second_build").crossmatch
+    assert len(after) == 2 and list(after.ids) == list(before.ids)
+    np.testing.assert_array_equal(after.apogee_flux[0], before.apogee_flux[0])
+    used = (after.apogee_ivar[1] > 0) & (before.apogee_ivar[1] > 0)
+    assert used.mean() > 0.6
+    np.testing.assert_allclose(after.apogee_flux[1][used], before.apogee_flux[1][used], atol=2e-6)
+    np.testing.assert_allclose(after.apogee_ivar[1][used], before.apogee_ivar[1][used], rtol=1e-4)

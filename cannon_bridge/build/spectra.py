@@ -53,10 +53,10 @@ def galah_model_grid(name: str = "v6") -> tuple[np.ndarray, np.ndarray]:
 
 
 def cached_apogee_paths(cache_dir, apogee_id: str, field: str, telescope: str) -> list[Path]:
-    """Where a star's DR17 apStar file sits in the cache (as a list of candidates: the aspcapStar FITS layout
-    is not read yet, so it is not one)."""
+    """Where a star's DR17 spectrum may sit in the cache, in the order tried: its apStar file (normalised here,
+    as the model's training spectra are), then its aspcapStar file (ASPCAP's normalisation, used as it is)."""
     fields = dict(apogee_id=str(apogee_id).strip(), field=str(field).strip(), telescope=str(telescope).strip())
-    return [cache_path("apogee_dr17_apstar", cache_dir, **fields)]
+    return [cache_path("apogee_dr17_apstar", cache_dir, **fields), cache_path("apogee_dr17_aspcapstar", cache_dir, **fields)]
 
 
 def cached_galah_paths(cache_dir, sobject_id) -> list[Path]:
@@ -67,7 +67,7 @@ def cached_galah_paths(cache_dir, sobject_id) -> list[Path]:
 
 
 def read_normalised_apogee(path):
-    """An APOGEE file (apStar, apVisit, DR14 normalised npz) as a continuum-normalised
+    """An APOGEE file (apStar, aspcapStar, apVisit, DR14 normalised npz) as a continuum-normalised
     :class:`~cannon_bridge.spectrum.Spectrum` (normalised here when the file is not): a ``reader`` for
     :func:`cannon_bridge.scale.predict_files`."""
     spectrum = read_apogee(path)

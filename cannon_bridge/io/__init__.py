@@ -4,7 +4,7 @@ One module per survey, each with a reader for its spectra and one for its
 catalogue (``allStar`` / ``allstar``):
 
 ========================  =====================================================
-:func:`read_apogee`       DR17 apStar, apVisit, DR14 aspcapStar-style ``.npz``
+:func:`read_apogee`       DR17 apStar and aspcapStar, apVisit, DR14 aspcapStar-style ``.npz``
 :func:`read_galah`        GALAH per-CCD FITS (IRAF reductions v5.3 and v6.0),
                           DR4 ``allstar_fit_spectrum`` tables
 :func:`read_apogee_allstar`  APOGEE allStar catalogue, flagged labels -> NaN
@@ -172,10 +172,11 @@ def _fix(path: Path, what: str) -> str:
 
 
 _EXPECTED = {
-    "APOGEE": "pass an APOGEE apStar (apStar-*.fits), apVisit (apVisit-*.fits) or aspcapStar-style .npz spectrum",
+    "APOGEE": "pass an APOGEE apStar (apStar-*.fits), aspcapStar (aspcapStar-*.fits), apVisit (apVisit-*.fits) or "
+              "aspcapStar-style .npz spectrum",
     "GALAH": ("pass GALAH per-CCD spectra (<sobject_id><ccd>.fits, reductions v5.3 / v6.0) or a DR4 "
               "<sobject_id>_allstar_fit_spectrum.fits table"),
-    "spectrum": "pass an APOGEE (apStar, apVisit, aspcapStar-style .npz) or GALAH (per-CCD, DR4 fit table) spectrum",
+    "spectrum": "pass an APOGEE (apStar, aspcapStar, apVisit, aspcapStar-style .npz) or GALAH (per-CCD, DR4 fit table) spectrum",
     "APOGEE allStar": "pass an APOGEE allStar catalogue (FITS, VOTable or CSV)",
     "GALAH catalogue": "pass a GALAH allstar catalogue or reduction table (FITS, VOTable or CSV)",
 }

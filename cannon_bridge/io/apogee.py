@@ -1,4 +1,4 @@
-"""APOGEE readers: apStar, apVisit, the DR14 aspcapStar-style ``.npz`` and the allStar catalogue.
+"""APOGEE readers: apStar, apVisit, DR17 aspcapStar, the DR14 aspcapStar-style ``.npz`` and the allStar catalogue.
 
 Formats (detected from the HDUs, see :func:`read_apogee`):
 
@@ -12,6 +12,11 @@ Formats (detected from the HDUs, see :func:`read_apogee`):
     HDU1 flux, HDU2 error, HDU3 mask, HDU4 wavelength (Angstrom, vacuum),
     each ``(3, 4096)``: one row per chip, wavelength decreasing (chip a = red
     first). The reader flips them to one increasing grid. Observed frame.
+``aspcapStar`` (DR17)
+    HDU1 the continuum-normalised flux (ASPCAP's continuum), HDU2 its error, HDU3 the best-fitting synthetic
+    spectrum, each 1-D on the apStar grid, whose ``CRVAL1``/``CDELT1``/``CRPIX1`` sit in the HDU1 header; HDU4
+    (optional) the ASPCAP table. Rest frame, vacuum; pixels ASPCAP did not fit (the chip gaps, masked pixels)
+    hold flux 0 or a non-finite error and are read at ivar 0.
 ``DR14 normalised npz``
     ``wavelength_nm``, ``normalized_flux``, ``inverse_variance`` (or
     ``normalized_error``), ``good_pixel_mask``, optionally ``apstar_pixel``
@@ -34,7 +39,7 @@ from ..data import APOGEE_CHIP_GAPS
 from ..errors import InvalidInputError
 from ..preprocess import segment_index, snr_estimate
 from ..spectrum import Spectrum
-from . import (_check_path, _header_number, _header_value, _ivar_from_sigma, _other_kind, _read_fits,
+from . import (_APOGEE_ID, _check_path, _header_number, _header_value, _ivar_from_sigma, _other_kind, _read_fits,
                _read_table, _remedy, _replace_float_column, _sniff, _spectrum)
 
 logger = logging.getLogger(__name__)
@@ -121,11 +126,14 @@ def _ivar_from_error(flux, error, bitmask=None, bad_bits=APOGEE_PIXMASK_BAD):
 
 # ---------------------------------------------------------------- detection
 def _identify_apogee(hdus) -> str | None:
-    """'apStar', 'apVisit' or None from the HDUs of a FITS file."""
+    """'apStar', 'aspcapStar', 'apVisit' or None from the HDUs of a FITS file."""
     header = hdus[0].header
     if _apstar_header(header):
         if len(hdus) > 1 and not hdus[1].is_table:
             return "apStar"
+    if (len(hdus) > 1 and not hdus[1].is_table and hdus[1].data is not None and hdus[1].data.ndim == 1
+            and "CRVAL1" in hdus[1].header and "CDELT1" in hdus[1].header and "NWAVE" not in header):
+        return "aspcapStar"  # the grid on the flux HDU, one spectrum: apStar keeps it in HDU0 and has rows
     if len(hdus) > 4 and all(not hdu.is_table for hdu in hdus[1:5]):
         flux, wave = hdus[1].data, hdus[4].data
         bunit = str(hdus[4].header.get("BUNIT", "")).lower()
@@ -179,6 +187,7 @@ def _layout_error(path, hdus, detail=""):
     return InvalidInputError(
         f"{path} is not an APOGEE apStar or apVisit file{': ' + detail if detail else ''} "
         f"(expected apStar: log-linear grid CRVAL1/CDELT1 in HDU0 and flux/error/mask in HDU1-3; "
+        f"aspcapStar: normalised flux and error in HDU1-2 with CRVAL1/CDELT1 in the HDU1 header; "
         f"apVisit: flux/error/mask/wavelength of shape (3, 4096) in HDU1-4). Found HDUs {names}{what}."
         + _remedy(path, "APOGEE", damaged))
 
@@ -195,7 +204,7 @@ def _require(path, hdus, index, what, fmt):
 
 # -------------------------------------------------------------------- readers
 def read_apogee(path, visits: bool = False, bad_bits: int = APOGEE_PIXMASK_BAD) -> Spectrum:
-    """Read an APOGEE spectrum: DR17 apStar, apVisit, or the DR14 normalised ``.npz``.
+    """Read an APOGEE spectrum: DR17 apStar, DR17 aspcapStar, apVisit, or the DR14 normalised ``.npz``.
 
     Parameters
     ----------
@@ -235,6 +244,12 @@ def read_apogee(path, visits: bool = False, bad_bits: int = APOGEE_PIXMASK_BAD) 
         _check_listed_hdus(path, hdus, fmt)
     if fmt == "apStar":
         return _read_apstar(path, hdus, visits, bad_bits)
+    if fmt == "aspcapStar":
+        if visits:
+            raise InvalidInputError(f"{path} is an aspcapStar file (the combined, normalised spectrum); visits=True "
+                                    "applies to apStar files. What to do: call read_apogee without visits=True, or "
+                                    "pass the star's apStar file")
+        return _read_aspcapstar(path, hdus)
     if fmt == "apVisit":
         if visits:
             raise InvalidInputError(f"{path} is an apVisit file (a single visit); visits=True applies to apStar files. "
@@ -317,6 +332,63 @@ def _read_apstar(path, hdus, visits, bad_bits) -> Spectrum:
     meta["pixel_mask"] = bitmask.astype(np.int64)
     return _spectrum(path, wavelength=wavelength * u.AA, flux=flux, ivar=ivar, mask=bad, medium="vacuum",
                      meta=meta, segment=segment, normalized=False)
+
+
+#: ASPCAP table columns copied into ``meta["aspcap"]`` of an aspcapStar spectrum (when the table has them)
+_ASPCAP_COLUMNS = ("TEFF", "TEFF_ERR", "LOGG", "LOGG_ERR", "M_H", "M_H_ERR", "ALPHA_M", "ALPHA_M_ERR", "VMICRO",
+                   "VMICRO_ERR", "FE_H", "FE_H_ERR", "ASPCAPFLAG", "SNR", "VHELIO_AVG")
+
+
+def _read_aspcapstar(path, hdus) -> Spectrum:
+    flux = np.asarray(_require(path, hdus, 1, "normalised flux", "aspcapStar"), dtype=np.float64)
+    error = np.asarray(_require(path, hdus, 2, "normalised flux error", "aspcapStar"), dtype=np.float64)
+    if flux.shape != error.shape:
+        raise InvalidInputError(f"aspcapStar file {path}: flux {flux.shape} and error {error.shape} HDUs differ in "
+                                "shape (the file is damaged)." + _remedy(path, "APOGEE", damaged=True))
+    if flux.size == 0:
+        raise InvalidInputError(f"aspcapStar file {path}: the flux HDU is empty")
+    grid = hdus[1].header
+    try:
+        crval, cdelt = float(grid["CRVAL1"]), float(grid["CDELT1"])
+        crpix = float(grid.get("CRPIX1", 1.0))
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"aspcapStar file {path}: CRVAL1/CDELT1 of HDU1 are not numbers (corrupt header)") from None
+    pixel = np.arange(flux.size)
+    with np.errstate(over="ignore", invalid="ignore"):
+        wavelength = 10.0 ** (crval + cdelt * (pixel + 1 - crpix))
+    if not (np.all(np.isfinite(wavelength)) and np.all(wavelength > 0)):
+        raise InvalidInputError(f"aspcapStar file {path}: the log-linear grid CRVAL1 = {crval}, CDELT1 = {cdelt} "
+                                "gives non-finite wavelengths")
+    # ASPCAP leaves the pixels it did not fit at flux 0 (chip gaps, masked pixels)
+    good = np.isfinite(flux) & np.isfinite(error) & (error > 0) & (flux > 0)
+    ivar, good = _ivar_from_sigma(error, good)
+    header = hdus[0].header
+    match = re.search(_APOGEE_ID, path.name)
+    meta = {
+        "id": str(_header_value(header, "OBJID", match.group(1) if match else path.stem)).strip(),
+        "survey": "apogee", "format": "aspcapStar", "source": path.name, "rest_frame": True, "rv_to_rest": 0.0,
+        "snr": _header_number(header, "SNR", np.nan, path),
+        "field": str(_header_value(header, "FIELD", "")).strip(),
+        "telescope": str(_header_value(header, "TELESCOP", "")).strip(),
+    }
+    table = hdus[4].data if len(hdus) > 4 and hdus[4].is_table and hdus[4].data is not None else None
+    if table is not None and len(table):
+        names = {name.upper(): name for name in table.colnames}
+        meta["aspcap"] = {key.lower(): _scalar(table[names[key]][0]) for key in _ASPCAP_COLUMNS if key in names}
+        if "APOGEE_ID" in names and not match:
+            meta["id"] = str(table[names["APOGEE_ID"]][0]).strip()
+    segment = _apstar_segments(pixel) if flux.size == _APSTAR_NPIX else segment_index(wavelength, "apogee")
+    return _spectrum(path, wavelength=wavelength * u.AA, flux=np.where(good, flux, 1.0), ivar=ivar, mask=~good,
+                     medium="vacuum", meta=meta, segment=segment, normalized=True)
+
+
+def _scalar(value):
+    """A table cell as a plain Python number or string (arrays: a list)."""
+    value = np.asarray(value)
+    if value.ndim:
+        return value.tolist()
+    item = value.item()
+    return item.strip() if isinstance(item, str) else item
 
 
 def _read_apvisit(path, hdus, bad_bits) -> Spectrum:
