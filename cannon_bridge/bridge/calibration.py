@@ -115,8 +115,8 @@ def fit_folds(params, fitted: FittedBridge, setup: TrainingSetup, sources: dict,
     """([(test rows, fold's FittedBridge)], cv scatter): each fold's bridge and every pixel's scatter from
     the held-out stars' residuals at their true labels (where every label the pixel needs is known).
 
-    With ``latent``, a fold is fitted on its training stars' posterior means (from the whole training set,
-    ambiguous labels left out, as the bridge's last M-step) and the residuals are taken at the posterior means.
+    With ``latent``, a fold is fitted on its training stars' posterior means (from the whole training set, as
+    the bridge's last M-step) and the residuals are taken at the posterior means.
     """
     fold_setup = replace(setup, progress=False)
     if latent is not None:
