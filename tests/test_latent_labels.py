@@ -267,3 +267,35 @@ def test_with_exact_catalogue_values_the_latent_fit_is_the_exact_fit():
                    galah_ivar=new.galah_ivar)
     one, other = exact.infer(**spectra), latent.infer(**spectra)
     assert np.max(np.abs(one.labels - other.labels) / one.uncertainties) < 0.05
+
+
+def test_the_fusion_correlation_takes_the_catalogues_error_out(rng):
+    """Both surveys' held-out residuals against a catalogue value share its error: measured against noisy values
+    the correlation of the two surveys' errors would come out near 1; with the errors given it is the truth's."""
+    from types import SimpleNamespace
+
+    from cannon_bridge.bridge.fusion import error_correlation
+
+    n_stars, rho = 6000, 0.5
+    truth = rng.normal(size=(n_stars, 2))
+    u_apogee, u_galah = 0.05, 0.08  # each survey's (correct) uncertainty in label 0; label 1 is GALAH's only
+    shared = rng.normal(size=n_stars)
+    apogee_error = u_apogee * (np.sqrt(rho) * shared + np.sqrt(1 - rho) * rng.normal(size=n_stars))
+    galah_error = u_galah * (np.sqrt(rho) * shared + np.sqrt(1 - rho) * rng.normal(size=n_stars))
+    errors = np.column_stack([rng.uniform(0.05, 0.15, n_stars), np.full(n_stars, 0.1)])
+    catalogue = truth + errors * rng.normal(size=truth.shape)
+    apogee = SimpleNamespace(labels=np.column_stack([truth[:, 0] + apogee_error, np.zeros(n_stars)]),
+                             uncertainties=np.column_stack([np.full(n_stars, u_apogee), np.ones(n_stars)]))
+    galah = SimpleNamespace(labels=np.column_stack([truth[:, 0] + galah_error, truth[:, 1] + 0.1 * rng.normal(size=n_stars)]),
+                            uncertainties=np.column_stack([np.full(n_stars, u_galah), np.full(n_stars, 0.1)]))
+    pairs = [(np.arange(n_stars), None, apogee, galah)]
+    index = np.array([0])
+    exact = error_correlation(["a", "b"], index, pairs, truth)
+    naive = error_correlation(["a", "b"], index, pairs, catalogue)
+    corrected = error_correlation(["a", "b"], index, pairs, catalogue, errors)
+    assert abs(exact[0, 1] - rho) < 0.04
+    assert naive[0, 1] > rho + 0.3  # the shared catalogue error
+    assert abs(corrected[0, 1] - rho) < 0.06
+    # different labels share no catalogue error (near 0: the noise of a correlation of 6,000 stars, magnified
+    # by taking out the catalogue share of each variance)
+    assert abs(corrected[0, 2]) < 0.12

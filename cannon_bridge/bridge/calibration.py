@@ -69,7 +69,7 @@ def calibrate(params, fitted: FittedBridge, setup: TrainingSetup, sources: dict,
     held = {}
     for mode in MODES:
         if mode == "both" and fitted.joint == "fusion":
-            choice, results = calibrate_fusion(main, held, labels)
+            choice, results = calibrate_fusion(main, held, labels, errors)
             main = replace(main, calibration=replace(main.calibration, fusion_correlation=choice.correlation,
                                                      fusion_methods=choice.methods, fusion_weights=choice.weights))
         else:
