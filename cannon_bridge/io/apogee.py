@@ -132,7 +132,7 @@ def _identify_apogee(hdus) -> str | None:
         if len(hdus) > 1 and not hdus[1].is_table:
             return "apStar"
     if (len(hdus) > 1 and not hdus[1].is_table and hdus[1].data is not None and hdus[1].data.ndim == 1
-            and "CRVAL1" in hdus[1].header and "CDELT1" in hdus[1].header and "NWAVE" not in header):
+            and "NWAVE" not in header and _log_h_band_grid(hdus[1].header)):
         return "aspcapStar"  # the grid on the flux HDU, one spectrum: apStar keeps it in HDU0 and has rows
     if len(hdus) > 4 and all(not hdu.is_table for hdu in hdus[1:5]):
         flux, wave = hdus[1].data, hdus[4].data
@@ -141,6 +141,15 @@ def _identify_apogee(hdus) -> str | None:
                 and flux.shape[0] == 3 and ("wave" in bunit or 14000 < np.nanmedian(wave) < 18000)):
             return "apVisit"
     return None
+
+
+def _log_h_band_grid(header) -> bool:
+    """A log10-Angstrom grid starting in the H band (an aspcapStar's HDU1; a GALAH camera file's linear grid
+    in Angstrom also has CRVAL1/CDELT1)."""
+    try:
+        return 4.0 < float(header["CRVAL1"]) < 4.3 and 0.0 < float(header["CDELT1"]) < 1e-3
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def _apstar_header(header) -> bool:
