@@ -250,10 +250,10 @@ def test_with_exact_catalogue_values_the_latent_fit_is_the_exact_fit():
     them as exact, whatever the spectra dispute (the fold models misplace the stars at the edges of the
     training set: those must not be dropped or moved)."""
     names = CORE + HEAVY
-    truth = make_crossmatch(150, seed=21, missing_fraction=0.0)
+    truth = make_crossmatch(100, seed=21, missing_fraction=0.0)
     new = make_crossmatch(30, seed=22, missing_fraction=0.0)
     errors = 1e-6 * np.std(truth.labels_for(names), axis=0) * np.ones((len(truth), len(names)))
-    settings = dict(backend="numpy", cv_folds=3, apogee_regularization=30.0, galah_regularization=30.0,
+    settings = dict(backend="numpy", cv_folds=2, apogee_regularization=30.0, galah_regularization=30.0,
                     calibrate=False)
     exact = BridgeModel(CORE, HEAVY, **settings).fit(truth)
     latent = BridgeModel(CORE, HEAVY, **settings).fit(truth, label_errors=errors)
