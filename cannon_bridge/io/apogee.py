@@ -267,6 +267,23 @@ def read_apogee(path, visits: bool = False, bad_bits: int = APOGEE_PIXMASK_BAD) 
     raise _layout_error(path, hdus)
 
 
+def _log_linear_grid(path, header, n_pixels: int, fmt: str) -> tuple[np.ndarray, np.ndarray]:
+    """(wavelength in Angstrom, chip number per pixel) of the log10 grid ``CRVAL1``/``CDELT1``/``CRPIX1`` in
+    ``header``, the apStar chips where it is the 8,575-pixel apStar grid."""
+    try:
+        crval, cdelt = float(header["CRVAL1"]), float(header["CDELT1"])
+        crpix = float(header.get("CRPIX1", 1.0))
+    except (KeyError, TypeError, ValueError):
+        raise InvalidInputError(f"{fmt} file {path} has no log-linear wavelength grid (CRVAL1/CDELT1)") from None
+    pixel = np.arange(n_pixels)
+    with np.errstate(over="ignore", invalid="ignore"):
+        wavelength = 10.0 ** (crval + cdelt * (pixel + 1 - crpix))
+    if not (np.all(np.isfinite(wavelength)) and np.all(wavelength > 0)):
+        raise InvalidInputError(
+            f"{fmt} file {path}: the log-linear grid CRVAL1 = {crval}, CDELT1 = {cdelt} gives non-finite wavelengths")
+    return wavelength, _apstar_segments(pixel) if n_pixels == _APSTAR_NPIX else segment_index(wavelength, "apogee")
+
+
 def _read_apstar(path, hdus, visits, bad_bits) -> Spectrum:
     header = hdus[0].header
     flux = _require(path, hdus, 1, "flux", "apStar")
@@ -279,22 +296,11 @@ def _read_apstar(path, hdus, visits, bad_bits) -> Spectrum:
     n_rows, n_pixels = flux.shape
     if n_rows == 0 or n_pixels == 0:
         raise InvalidInputError(f"apStar file {path}: the flux HDU is empty (shape {flux.shape})")
-    grid = header if "CRVAL1" in header else hdus[1].header
-    try:
-        crval, cdelt = float(grid["CRVAL1"]), float(grid["CDELT1"])
-        crpix = float(grid.get("CRPIX1", 1.0))
-    except (KeyError, TypeError, ValueError):
-        raise InvalidInputError(f"apStar file {path} has no log-linear wavelength grid (CRVAL1/CDELT1)") from None
     n_wave = _header_number(header, "NWAVE", n_pixels, path, int)
     if n_wave != n_pixels:
         raise InvalidInputError(f"apStar file {path}: NWAVE = {n_wave} but the flux HDU has {n_pixels} pixels")
-    pixel = np.arange(n_pixels)
-    with np.errstate(over="ignore", invalid="ignore"):
-        wavelength = 10.0 ** (crval + cdelt * (pixel + 1 - crpix))
-    if not (np.all(np.isfinite(wavelength)) and np.all(wavelength > 0)):
-        raise InvalidInputError(
-            f"apStar file {path}: the log-linear grid CRVAL1 = {crval}, CDELT1 = {cdelt} gives non-finite wavelengths")
-    segment = _apstar_segments(pixel) if n_pixels == _APSTAR_NPIX else segment_index(wavelength, "apogee")
+    wavelength, segment = _log_linear_grid(path, header if "CRVAL1" in header else hdus[1].header, n_pixels,
+                                           "apStar")
 
     n_visits = _header_number(header, "NVISITS", max(n_rows - 2, 1), path, int)
     # rows 0 and 1 are combined spectra, the visits follow; a single-visit file
@@ -356,21 +362,10 @@ def _read_aspcapstar(path, hdus) -> Spectrum:
                                 "shape (the file is damaged)." + _remedy(path, "APOGEE", damaged=True))
     if flux.size == 0:
         raise InvalidInputError(f"aspcapStar file {path}: the flux HDU is empty")
-    grid = hdus[1].header
-    try:
-        crval, cdelt = float(grid["CRVAL1"]), float(grid["CDELT1"])
-        crpix = float(grid.get("CRPIX1", 1.0))
-    except (TypeError, ValueError):
-        raise InvalidInputError(f"aspcapStar file {path}: CRVAL1/CDELT1 of HDU1 are not numbers (corrupt header)") from None
-    pixel = np.arange(flux.size)
-    with np.errstate(over="ignore", invalid="ignore"):
-        wavelength = 10.0 ** (crval + cdelt * (pixel + 1 - crpix))
-    if not (np.all(np.isfinite(wavelength)) and np.all(wavelength > 0)):
-        raise InvalidInputError(f"aspcapStar file {path}: the log-linear grid CRVAL1 = {crval}, CDELT1 = {cdelt} "
-                                "gives non-finite wavelengths")
-    # ASPCAP leaves the pixels it did not fit at flux 0 (chip gaps, masked pixels)
-    good = np.isfinite(flux) & np.isfinite(error) & (error > 0) & (flux > 0)
-    ivar, good = _ivar_from_sigma(error, good)
+    wavelength, segment = _log_linear_grid(path, hdus[1].header, flux.size, "aspcapStar")
+    ivar, bad = _ivar_from_error(flux, error)
+    bad |= ~(flux > 0)  # ASPCAP leaves the pixels it did not fit at flux 0 (chip gaps, masked pixels)
+    ivar[bad] = 0.0
     header = hdus[0].header
     match = re.search(_APOGEE_ID, path.name)
     meta = {
@@ -386,8 +381,7 @@ def _read_aspcapstar(path, hdus) -> Spectrum:
         meta["aspcap"] = {key.lower(): _scalar(table[names[key]][0]) for key in _ASPCAP_COLUMNS if key in names}
         if "APOGEE_ID" in names and not match:
             meta["id"] = str(table[names["APOGEE_ID"]][0]).strip()
-    segment = _apstar_segments(pixel) if flux.size == _APSTAR_NPIX else segment_index(wavelength, "apogee")
-    return _spectrum(path, wavelength=wavelength * u.AA, flux=np.where(good, flux, 1.0), ivar=ivar, mask=~good,
+    return _spectrum(path, wavelength=wavelength * u.AA, flux=np.where(bad, 1.0, flux), ivar=ivar, mask=bad,
                      medium="vacuum", meta=meta, segment=segment, normalized=True)
 
 
