@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from cannon_bridge.bridge import BridgeModel
-from cannon_bridge.bridge.latent import LatentLabels, _destretched, _responsibilities, _tempering_matrix
+from cannon_bridge.bridge.latent import (LatentLabels, _calibrated, _responsibilities, _tempered,
+                                          _variance_factor)
 from cannon_bridge.bridge.state import FittedBridge
 from cannon_bridge.engine import StarFlag
 from cannon_bridge.errors import InvalidInputError
@@ -72,34 +73,66 @@ def test_the_population_prior_from_posterior_means_adds_their_covariance_back(rn
     assert fit(mean) < 0.7 * width**2 and fit(measured) > 1.5 * width**2
 
 
-def test_destretching_puts_the_spectral_estimates_on_the_catalogue_scale(rng):
-    truth = rng.normal(0.1, 0.3, size=(3000, 2))
-    errors = np.full(truth.shape, 0.2)
+def test_the_spectral_estimates_are_mapped_onto_the_labels_out_of_fold(rng):
+    from sklearn.model_selection import KFold
+
+    n_stars = 3000
+    truth = rng.normal(size=(n_stars, 3))  # two core labels, one heavy
+    errors = rng.uniform(0.2, 0.6, size=truth.shape)
     values = truth + errors * rng.normal(size=truth.shape)
-    stretched = 0.05 + np.array([1.5, 0.6]) * truth + 0.05 * rng.normal(size=truth.shape)
-    covariance = np.broadcast_to(np.diag([0.05**2, 0.05**2]), (3000, 2, 2)).copy()
-    mean, covariance, slopes = _destretched(stretched, covariance, values, errors, np.isfinite(values))
-    np.testing.assert_allclose(slopes, [1.5, 0.6], rtol=0.05)
-    for k in range(2):
-        assert abs(np.polyfit(truth[:, k], mean[:, k], 1)[0] - 1.0) < 0.05
-        assert abs(np.mean(mean[:, k] - truth[:, k])) < 0.02
-    np.testing.assert_allclose(np.sqrt(covariance[0].diagonal()), 0.05 / slopes, rtol=1e-12)
+    estimates = np.column_stack([truth[:, 0] + 0.3 * truth[:, 0] ** 2 - 0.2 * truth[:, 0] * truth[:, 1],  # distorted
+                                 0.6 * truth[:, 1],  # attenuated
+                                 0.25 * truth[:, 2]])  # the spectra say little
+    estimates += np.array([0.1, 0.1, 0.3]) * rng.normal(size=truth.shape)
+    splits = list(KFold(4, shuffle=True, random_state=0).split(truth))
+    mapped, chosen, _ = _calibrated(estimates, values, errors, np.isfinite(values), splits, n_core=2)
+    assert chosen[0] != "linear" and chosen[2] == "linear"
+
+    def rms(estimate, k):
+        return np.sqrt(np.mean((estimate[:, k] - truth[:, k]) ** 2))
+
+    linear = [np.polyval(np.polyfit(estimates[:, k], values[:, k], 1), estimates[:, k]) for k in range(3)]
+    assert rms(mapped, 0) < 0.85 * rms(np.column_stack(linear), 0)  # the curvature is (partly) taken out
+    assert rms(mapped, 1) < 0.2  # the slope
+    # a weak estimate is shrunk toward the population, never stretched (dividing by its slope of 0.25 would
+    # give 0.3 / 0.25 = 1.2, more than the population's spread of 1)
+    assert rms(mapped, 2) < 0.85
+    for k in range(3):  # E[l | m]: the truth's slope on the mapped estimate is 1
+        assert abs(np.polyfit(mapped[:, k], truth[:, k], 1)[0] - 1.0) < 0.05, k
+    # out of fold: a star's own catalogue value never enters its mapping
+    assert abs(np.corrcoef(mapped[:, 2] - truth[:, 2], values[:, 2] - truth[:, 2])[0, 1]) < 0.05
 
 
-def test_tempering_matrix_matches_the_error_covariance_the_catalogue_shows(rng):
+def test_the_spectral_covariance_is_widened_to_the_error_covariance_the_catalogue_shows(rng):
     n_stars = 20000
     wanted = np.array([[0.04, 0.02], [0.02, 0.05]])
     truth = rng.normal(size=(n_stars, 2))
     errors = np.full(truth.shape, 0.1)
     values = truth + errors * rng.normal(size=truth.shape)
     mean = truth + rng.multivariate_normal(np.zeros(2), wanted, size=n_stars)
-    stated = np.broadcast_to(0.01 * np.eye(2), (n_stars, 2, 2))  # the spectra say 0.1: 2x too confident
-    transform = _tempering_matrix(values, errors, mean, stated, np.isfinite(values))
-    np.testing.assert_allclose(transform @ stated[0] @ transform.T, wanted, atol=0.003)
+    # the spectra say 0.1 on average, 2x too confident, and less for half the stars (higher S/N)
+    stated = np.where((np.arange(n_stars) % 2 == 0)[:, None, None], 0.015, 0.005) * np.eye(2)[None]
+    tempered = _tempered(values, errors, mean, stated, np.isfinite(values))
+    np.testing.assert_allclose(tempered.mean(axis=0), wanted, atol=0.003)
+    # the same excess for every star: a star's own noise still counts
+    np.testing.assert_allclose(tempered[0] - tempered[1], stated[0] - stated[1], atol=1e-12)
     # never narrower than the spectra say
     loose = np.broadcast_to(np.eye(2), (n_stars, 2, 2))
-    np.testing.assert_allclose(_tempering_matrix(values, errors, mean, loose, np.isfinite(values)), np.eye(2),
-                               atol=1e-9)
+    np.testing.assert_allclose(_tempered(values, errors, mean, loose, np.isfinite(values)), loose, atol=1e-9)
+
+
+def test_the_mapping_is_trusted_less_where_it_extrapolates(rng):
+    leverage = rng.gamma(2.0, 0.5, size=5000)
+    variance = np.full(5000, 0.01)
+    residual = np.sqrt(variance + 0.02 * leverage) * rng.normal(size=5000)  # excess grows with leverage
+    factor = _variance_factor(residual, variance, leverage, np.ones(5000, bool))
+    high, low = leverage > np.percentile(leverage, 90), leverage < np.percentile(leverage, 50)
+    expected = np.maximum(leverage / leverage.mean(), 1.0)  # the excess is 0.02 x leverage; never narrower
+    assert np.mean(factor[high]) == pytest.approx(np.mean(expected[high]), rel=0.15)
+    np.testing.assert_allclose(factor[low], 1.0, atol=0.05)
+    # no trend: no factor
+    flat = _variance_factor(np.sqrt(0.03) * rng.normal(size=5000), variance, leverage, np.ones(5000, bool))
+    assert np.all(np.abs(flat - 1.0) < 0.15)
 
 
 def test_the_m_step_fits_on_the_posterior_means_in_physical_units_ambiguous_labels_included(rng):
@@ -113,7 +146,7 @@ def test_the_m_step_fits_on_the_posterior_means_in_physical_units_ambiguous_labe
     ambiguous = np.zeros((500, 2), bool)
     ambiguous[3, 1] = True
     latent = LatentLabels(mean, covariance, np.zeros((500, 2)), np.zeros((500, 2)), {}, ambiguous, mean, covariance,
-                          np.ones(2))
+                          ["linear", "linear"])
     physical = latent.fit_labels(Scale())
     # an ambiguous label stays in the fit at its posterior mean (the disputed stars hold the model's edges)
     np.testing.assert_allclose(physical, mean * Scale.scales + Scale.pivots, rtol=1e-14)
