@@ -37,6 +37,21 @@ from cannon_bridge.lines import read_galah_mode_mask, read_turbospectrum_linelis
 
 
 
+def recipe(quick: bool = False):
+    """(linelist, mode_mask, train, test, test_truth, truth_train) of the physset recipe (S/N 40, quarter 3 as
+    the test set; ``test_truth`` the test stars' noise-free CrossMatch), or None (with a message) when the
+    development data is not in ../shared."""
+    physset = ROOT / bb.DEFAULT_PHYSSET
+    if not physset.exists():
+        print(f"{physset} not found: this benchmark needs the development data in ../shared")
+        return None
+    truth_xm = CrossMatch.from_physset(physset)
+    linelist = read_turbospectrum_linelist(bb.resolve(bb.LINELIST), elements=bb.HEAVY_ELEMENTS)
+    mode_mask = read_galah_mode_mask(bb.resolve(bb.MODE_MASK))
+    train, test, test_truth = bb.split(truth_xm, 40.0, quick)
+    return linelist, mode_mask, train, test, test_truth, bb.unblanked_training_labels(truth_xm, quick)
+
+
 def catalogue(train: CrossMatch, scale: float, outliers: float, core_missing: float, seed: int):
     gen = np.random.default_rng(seed)
     errors = np.full(train.labels.shape, np.nan)
@@ -82,15 +97,10 @@ def main(argv=None) -> int:
     parser.add_argument("--save", default=None, help="write the training stars' latent labels to this .npz")
     parser.add_argument("--no-json", action="store_true", help="do not write benchmarks/results/bench_noisy_labels_*.json")
     args = parser.parse_args(argv)
-    physset = ROOT / bb.DEFAULT_PHYSSET
-    if not physset.exists():
-        print(f"{physset} not found: this benchmark needs the development data in ../shared")
+    loaded = recipe(args.quick)
+    if loaded is None:
         return 0
-    truth_xm = CrossMatch.from_physset(physset)
-    linelist = read_turbospectrum_linelist(bb.resolve(bb.LINELIST), elements=bb.HEAVY_ELEMENTS)
-    mode_mask = read_galah_mode_mask(bb.resolve(bb.MODE_MASK))
-    train, test, test_truth = bb.split(truth_xm, 40.0, args.quick)
-    truth_train = bb.unblanked_training_labels(truth_xm, args.quick)
+    linelist, mode_mask, train, test, test_truth, truth_train = loaded
     truth_test = test_truth.labels_for(bb.LABELS)
     noisy, outlying = catalogue(train, args.error_scale, args.outliers, args.core_missing, args.seed)
     outlying_all = outlying & np.isfinite(noisy.labels)

@@ -31,8 +31,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_bridge as bb  # noqa: E402
 import bench_noisy_labels as bn  # noqa: E402
 from cannon_bridge.backends.polynomial import monomials  # noqa: E402
-from cannon_bridge.data import CrossMatch  # noqa: E402
-from cannon_bridge.lines import read_galah_mode_mask, read_turbospectrum_linelist  # noqa: E402
 from cannon_bridge.vectorizer import polynomial_exponents  # noqa: E402
 
 
@@ -54,16 +52,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
-    physset = ROOT / bb.DEFAULT_PHYSSET
-    if not physset.exists():
-        print(f"{physset} not found: this benchmark needs the development data in ../shared")
+    loaded = bn.recipe()
+    if loaded is None:
         return 0
-    truth_xm = CrossMatch.from_physset(physset)
-    linelist = read_turbospectrum_linelist(bb.resolve(bb.LINELIST), elements=bb.HEAVY_ELEMENTS)
-    mode_mask = read_galah_mode_mask(bb.resolve(bb.MODE_MASK))
-    train, test, test_truth = bb.split(truth_xm, 40.0, False)
+    linelist, mode_mask, train, test, test_truth, truth_train = loaded
     truth_test = test_truth.labels_for(bb.LABELS)
-    truth_train = bb.unblanked_training_labels(truth_xm, False)
     noisy, outlying = bn.catalogue(train, 1.0, 0.03, 0.05, args.seed)
     catalogue = noisy.labels_for(bb.LABELS)
     good = np.isfinite(catalogue) & ~outlying[:, noisy.label_index(bb.LABELS)]

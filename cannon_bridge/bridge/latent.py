@@ -312,7 +312,7 @@ def _tempered(values, errors, mean, covariance, trusted) -> np.ndarray:
     vmic z-scores at 1.45-1.5; adding gave 0.9-1.33, physset at 1x). Each R_kk is taken
     :data:`SPREAD_MARGIN` standard errors up: where the catalogue's errors dominate, R_kk is not measured and
     the spectra must not be believed to the precision their own noise gives (on the mock of the tests, the
-    training stars' [Fe/H] came out 2.7x overconfident at no margin, 1.7x at one standard error)."""
+    training stars' [Fe/H] came out 1.7x overconfident with no margin or one standard error, 1.06x with two)."""
     spread, uncertainty = _error_spread(values, errors, mean, trusted)
     excess = spread + SPREAD_MARGIN * np.diag(uncertainty) - np.nanmean(covariance, axis=0)
     eigenvalues, vectors = np.linalg.eigh(0.5 * (excess + excess.T))
