@@ -256,7 +256,7 @@ def _empty_table(label_names):
     k = len(label_names)
     empty = InferenceResult(np.zeros((0, k)), np.zeros((0, k, k)), np.zeros(0), np.zeros(0),
                             np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), list(label_names))
-    return empty.to_table()
+    return empty.to_table(covariance=True)
 
 
 def _ascii(text: str, limit: int = 2000) -> str:
@@ -295,7 +295,7 @@ def _label_chunk(model, paths: Sequence[str], reader, resample: bool):
             good.append((path, flux, ivar, ids))
 
     def table_for(items, result):
-        table = result.to_table()
+        table = result.to_table(covariance=True)
         table.add_column([_ascii(p) for p, _, _, ids in items for _ in ids], name="path", index=0)
         table.add_column([_ascii(i) for _, _, _, ids in items for i in ids], name="id", index=1)
         table.add_column(np.concatenate([np.arange(len(ids)) for _, _, _, ids in items]).astype(np.int64),
@@ -507,7 +507,8 @@ def predict_files(model, paths: Sequence, output, client=None, chunk_size: int =
     astropy.table.Table
         One row per labelled spectrum: ``path``, ``id``, ``row`` (spectrum
         within its file), the labels, ``e_<label>``, ``chi2``, ``reduced_chi2``,
-        ``n_iter``, ``flags``. Also written to ``output/labels.fits``; the
+        ``n_iter``, ``flags``, ``covariance`` (n_labels x n_labels per row, label
+        units). Also written to ``output/labels.fits``; the
         files that could not be labelled (unreadable, wrong grid, no usable
         pixels, not normalised, ...) are in ``output/failures.fits`` with
         ``path``, ``chunk``, ``error`` (exception class) and ``message``, and a

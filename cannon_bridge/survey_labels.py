@@ -30,9 +30,12 @@ def label_apogee(model, apogee_allstar, cache_dir, output, client="sync", chunk_
     flags); and one row per star that could not be labelled (``APOGEE_ID``, ``reason``: "missing file", or the
     reader's or the test step's message). Writes both: ``output`` (FITS) and ``<stem>_report.ecsv``.
 
-    ``galah_spectra`` (a BridgeModel): also the GALAH spectrum of every labelled star, the bridge's GALAH model
-    at its labels, in ``<stem>_galah.fits`` (HDUs FLUX (n_stars, n_pixels) float32, WAVELENGTH (air Angstrom),
-    IDS: the APOGEE_ID of each row, in the catalogue's order).
+    ``galah_spectra`` (a BridgeModel): also the GALAH spectrum of every labelled star regenerated from its
+    APOGEE spectrum as :meth:`~cannon_bridge.bridge.BridgeModel.transfer` gives it (the model flux over the
+    label posterior and its predictive variance: the posterior's spread plus the model's scatter; a star the
+    model fits poorly gets the model at its labels), in ``<stem>_galah.fits`` (HDUs FLUX and VARIANCE
+    (n_stars, n_pixels) float32, WAVELENGTH (air Angstrom), IDS: the APOGEE_ID of each row, in the
+    catalogue's order).
     """
     output = Path(output)
     bridge = _bridge(model) if galah_spectra else None
@@ -88,15 +91,29 @@ def _bridge(model):
 
 
 def _write_galah(bridge, catalogue, path, block: int = 4096) -> None:
-    """The bridge's GALAH model at each labelled star's labels, block by block (float32 output)."""
+    """Each labelled star's GALAH spectrum over its label posterior and the predictive variance, block by
+    block (float32 output), from the catalogue's labels and ``covariance`` column."""
     from astropy.io import fits
 
+    from .engine import StarFlag
+
+    if "covariance" not in catalogue.colnames:
+        raise InvalidInputError("the labelled catalogue has no covariance column (its chunks were written by an "
+                                "older version): delete the _work folder and label again")
     labels = np.column_stack([np.asarray(catalogue[name], dtype=float) for name in bridge.label_names_])
+    covariance = np.asarray(catalogue["covariance"], dtype=float)
+    poor = (np.asarray(catalogue["flags"]) & int(StarFlag.POOR_FIT)) != 0
     flux = np.empty((len(labels), bridge.galah_model_.n_features_in_), np.float32)
+    variance = np.empty_like(flux)
     for start in range(0, len(labels), block):
-        flux[start:start + block] = bridge.generate_galah(labels[start:start + block])
+        rows = slice(start, start + block)
+        flux[rows], variance[rows] = bridge.generate_galah(labels[rows], covariance[rows])
+        # as transfer(): a posterior too wide to average the model over gives the model at the labels
+        at_labels = np.flatnonzero(poor[rows]) + start
+        if len(at_labels):
+            flux[at_labels] = bridge.generate_galah(labels[at_labels])
     ids = fits.BinTableHDU(Table({"APOGEE_ID": np.asarray(catalogue["APOGEE_ID"], dtype=str)}), name="IDS")
-    hdus = [fits.PrimaryHDU(), fits.ImageHDU(flux, name="FLUX")]
+    hdus = [fits.PrimaryHDU(), fits.ImageHDU(flux, name="FLUX"), fits.ImageHDU(variance, name="VARIANCE")]
     if bridge.galah_wavelength_ is not None:  # a bridge fitted without wavelengths has none to give
         hdus.append(fits.ImageHDU(np.asarray(bridge.galah_wavelength_, dtype=float), name="WAVELENGTH"))
     fits.HDUList(hdus + [ids]).writeto(path, overwrite=True)

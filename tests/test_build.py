@@ -332,6 +332,38 @@ def test_label_apogee_labels_every_cached_star_joined_to_its_id_and_resumes(shar
     assert Table.read(tmp_path / "cat_report.ecsv", format="ascii.ecsv")["reason"].tolist() == ["missing file"]
 
 
+def test_label_apogee_regenerates_galah_over_each_stars_posterior_as_transfer_does(shared_dir, tmp_path):
+    """label-apogee --galah-spectra: each star's GALAH spectrum and predictive variance are those of
+    BridgeModel.transfer on the same (normalised, resampled) apStar spectrum, not the model at the labels."""
+    from astropy.io import fits
+
+    from cannon_bridge.bridge import BridgeModel
+    from cannon_bridge.build.spectra import apogee_on_grid, cached_apogee_paths
+    from cannon_bridge.mock import CORE_LABELS, make_crossmatch
+    from cannon_bridge.survey_labels import label_apogee
+
+    cache, _ = _mirror(shared_dir, tmp_path)
+    data = make_crossmatch(60, seed=1, missing_fraction=0.0)
+    bridge = BridgeModel(CORE_LABELS[:3], ["ba_fe"], backend="numpy", calibrate=False, apogee_order=2,
+                         galah_order=2, apogee_regularization=0.0, galah_regularization=0.0, scatter_iterations=0,
+                         progress=False).fit(data)
+    bridge.save(tmp_path / "bridge.fits")
+    apogee = _apogee()[:2]
+    apogee["APOGEE_ID"], apogee["FIELD"] = list(APSTARS), list(APSTARS.values())
+    apogee.write(tmp_path / "allStar.fits")
+    table, _ = label_apogee(tmp_path / "bridge.fits", tmp_path / "allStar.fits", cache, tmp_path / "cat.fits",
+                            chunk_size=1, progress=False, galah_spectra=True)
+    spectra = [apogee_on_grid(cached_apogee_paths(cache, row["APOGEE_ID"], row["FIELD"], row["TELESCOPE"]))
+               for row in table]
+    expected = BridgeModel.load(tmp_path / "bridge.fits").transfer(np.vstack([s[0] for s in spectra]),
+                                                                   np.vstack([s[1] for s in spectra]))
+    with fits.open(tmp_path / "cat_galah.fits") as written:
+        assert [str(i) for i in written["IDS"].data["APOGEE_ID"]] == list(table["APOGEE_ID"])
+        np.testing.assert_allclose(written["FLUX"].data, expected.galah_flux, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(written["VARIANCE"].data, expected.galah_variance, rtol=1e-4, atol=1e-9)
+        assert np.all(np.isfinite(written["VARIANCE"].data)) and np.all(written["VARIANCE"].data > 0)
+
+
 def test_files_named_in_path_columns_are_used_a_galah_dr4_product_included(shared_dir, tmp_path):
     """apogee_path (absolute) and galah_path (relative to the cache: a real GALAH DR4 per-star product) stand in
     for the archive layout; TELESCOPE and FIELD are then not needed."""

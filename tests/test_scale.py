@@ -150,6 +150,7 @@ def test_bridge_model_labels_apogee_files(tmp_path):
     assert table.colnames[:5] == ["path", "id", "row", "teff", "e_teff"]
     np.testing.assert_allclose(np.column_stack([table[n] for n in bridge.label_names_]), expected.labels,
                                rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(np.asarray(table["covariance"]), expected.covariance, rtol=1e-9, atol=1e-12)
     assert BridgeModel.load(tmp_path / "out" / "model.fits").label_names_ == bridge.label_names_
 
 

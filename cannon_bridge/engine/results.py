@@ -73,8 +73,10 @@ class InferenceResult:
         """Standard deviations (n_stars, n_labels): sqrt of the covariance diagonal."""
         return np.sqrt(np.einsum("sii->si", self.covariance))
 
-    def to_table(self):
-        """An astropy Table with one row per star (labels, ``e_<label>``, chi2, flags)."""
+    def to_table(self, covariance: bool = False):
+        """An astropy Table with one row per star (labels, ``e_<label>``, chi2, flags); with ``covariance``
+        also a ``covariance`` column, (n_labels, n_labels) per star in the labels' units (the correlations
+        that regenerating a spectrum over the posterior needs)."""
         from astropy.table import Table
 
         table = Table()
@@ -89,6 +91,9 @@ class InferenceResult:
         for name, value in self.extra.items():
             if np.ndim(value) >= 1 and len(value) == len(table):
                 table[name] = value
+        if covariance:
+            table["covariance"] = np.asarray(self.covariance, dtype=float).reshape(len(table), len(self.label_names),
+                                                                                 len(self.label_names))
         return table
 
 
