@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from cannon_bridge.bridge import BridgeModel
-from cannon_bridge.bridge.latent import (LatentLabels, _calibrated, _responsibilities, _tempered,
-                                          _variance_factor)
+from cannon_bridge.bridge.latent import (BROAD_WIDTH, LatentLabels, _calibrated, _effective_ivar,
+                                          _population_information, _responsibilities, _tempered, _variance_factor)
 from cannon_bridge.bridge.state import FittedBridge
 from cannon_bridge.engine import StarFlag
 from cannon_bridge.errors import InvalidInputError
@@ -150,6 +150,61 @@ def test_the_m_step_fits_on_the_posterior_means_in_physical_units_ambiguous_labe
     physical = latent.fit_labels(Scale())
     # an ambiguous label stays in the fit at its posterior mean (the disputed stars hold the model's edges)
     np.testing.assert_allclose(physical, mean * Scale.scales + Scale.pivots, rtol=1e-14)
+
+
+def test_the_m_step_weighs_a_star_by_its_label_posterior_through_the_model_gradient():
+    """_effective_ivar against a finite-difference gradient: 1/ivar + g^T C g per pixel, by the fold model that
+    did not train on the star; a star whose Teff is disputed (wide posterior) loses its weight where Teff moves
+    the flux, and keeps it where the model does not depend on Teff."""
+    from cannon_bridge.bridge.propagation import generate
+
+    data = make_crossmatch(60, seed=1, missing_fraction=0.0)
+    bridge = BridgeModel(CORE_LABELS[:3], ["ba_fe"], backend="numpy", calibrate=False, apogee_order=2,
+                         galah_order=2, apogee_regularization=0.0, galah_regularization=0.0, scatter_iterations=0,
+                         progress=False).fit(data)
+    fitted = bridge.fitted_bridge()
+    labels = data.labels_for(bridge.label_names_)[:6]
+    covariance = np.broadcast_to(np.diag([20.0, 0.05, 0.02, 0.05]) ** 2, (6, 4, 4)).copy()
+    covariance[0, 0, 0] = 400.0**2  # star 0: Teff disputed
+    parts = {"apogee": fitted.apogee, "galah": fitted.galah}
+    ivar = data.galah_ivar[:6]
+    got = _effective_ivar(ivar, [(np.arange(3), parts), (np.arange(3, 6), parts)], "galah", labels, covariance)
+    step = np.array([0.5, 1e-3, 1e-3, 1e-3])
+    gradient = np.stack([(generate(fitted, "galah", labels + step[k] * np.eye(4)[k])
+                          - generate(fitted, "galah", labels - step[k] * np.eye(4)[k])) / (2 * step[k])
+                         for k in range(4)], axis=-1)
+    spread = np.einsum("spk,skl,spl->sp", gradient, covariance, gradient)
+    expected = np.where(ivar > 0, 1.0 / (1.0 / np.where(ivar > 0, ivar, 1.0) + spread), 0.0)
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+    teff_slope = np.abs(gradient[0, :, 0])
+    moved, still = teff_slope > np.quantile(teff_slope, 0.9), teff_slope < 1e-12
+    # the disputed Teff: less than half the weight where it matters; the others nearly all of theirs
+    assert np.median(got[0, moved] / ivar[0, moved]) < 0.5 < 0.9 < np.median(got[1:, moved] / ivar[1:, moved])
+    if still.any():
+        np.testing.assert_allclose(got[0, still], ivar[0, still], rtol=1e-5)
+
+
+def test_the_population_pulls_the_heavy_labels_given_the_core_labels_and_not_the_core_labels_to_its_trends(rng):
+    """_population_information: the quadratic form of -2 log p(heavy | core) (brute force: the Gaussian's
+    conditional), plus only a weak diagonal bound on the core labels; a star on the heavy labels' conditional
+    mean feels no pull along the core labels' correlations."""
+    root = rng.normal(size=(5, 5))
+    covariance = root @ root.T + 0.5 * np.eye(5)
+    n_core = 3
+    information = _population_information(covariance, n_core)
+    core, heavy = slice(0, 3), slice(3, 5)
+    slope = covariance[heavy, core] @ np.linalg.inv(covariance[core, core])
+    conditional = covariance[heavy, heavy] - slope @ covariance[core, heavy]
+    bound = np.diag(1.0 / (BROAD_WIDTH**2 * np.diag(covariance)[core]))
+    for x in rng.normal(size=(20, 5)):
+        residual = x[heavy] - slope @ x[core]
+        expected = residual @ np.linalg.solve(conditional, residual) + x[core] @ bound @ x[core]
+        np.testing.assert_allclose(x @ information @ x, expected, rtol=1e-10)
+    c = rng.normal(size=3)
+    on_trend = np.concatenate([c, slope @ c])
+    np.testing.assert_allclose(information @ on_trend, np.concatenate([bound @ c, np.zeros(2)]), atol=1e-10)
+    # the full population's information would pull the core labels along their correlations
+    assert not np.allclose(np.linalg.inv(covariance)[core, core], bound)
 
 
 CORE = CORE_LABELS[:3]

@@ -14,12 +14,14 @@ from a broad component), with a rate per label fitted from the data. EM:
   mixture (catalogue good or outlying, times spectra good or failed; the label's population as the third
   witness; the spectra fail more often where the fold model extrapolates) gives each its probability
   (:func:`_responsibilities`).
-- E-step, posterior: spectra, catalogue values (precision times the probability that the value is good) and a
-  Gaussian population over every label combined per star: mean and covariance. A label that the catalogue and
+- E-step, posterior: spectra, catalogue values (precision times the probability that the value is good) and
+  the Gaussian population of the heavy labels given the core labels combined per star: mean and covariance
+  (:func:`_population_information`). A label that the catalogue and
   the spectra give differently, with neither clearly failed, is *ambiguous* (recorded; its posterior carries
   the spread of the two answers).
 - M-step: every pixel's coefficients and scatter refitted on the posterior means of every star, ambiguous
-  labels included, with the L1 strengths chosen anew by cross-validation on them. Leaving the ambiguous
+  labels included, each star's pixels weighted by its noise plus its posterior's spread through the model's
+  gradient (:func:`_effective_ivar`), with the L1 strengths chosen anew by cross-validation on them. Leaving the ambiguous
   labels out cost more than it saved: the disputes are where the fold models extrapolate (the coolest and
   hottest dwarfs, the metal-poor stars), so the stars left out were those that hold the model's edges; with
   exact catalogue values (errors -> 0) 36 were left out and the held-out [Fe/H] from APOGEE was 1.4x that
@@ -46,7 +48,8 @@ from tqdm import tqdm  # plain: tqdm.auto warns in notebooks without ipywidgets
 from ..engine import INFER_BATCH
 from .inference import infer_single
 from .state import SURVEYS, Calibration, FittedBridge
-from .training import fit_surveys, select_regularization
+from .._blocks import SpectraBlocks
+from .training import band_limited, fit_surveys, select_regularization
 
 __all__ = ["LatentLabels", "fit_latent", "training_labels", "training_posterior"]
 
@@ -141,6 +144,35 @@ def _population(mean, covariance):
     values, vectors = np.linalg.eigh(0.5 * (spread + spread.T))
     values = np.maximum(values, 1e-6 * max(values.max(), 1e-12))
     return centre, (vectors * values) @ vectors.T
+
+
+#: the population enters the posterior over every label (True) or only as the heavy labels' distribution
+#: given the core labels (False, the default; see :func:`_population_information`)
+CORE_POPULATION = False
+
+
+def _population_information(covariance, n_core: int) -> np.ndarray:
+    """(n_labels, n_labels) information of the population term of the posterior: the inverse covariance, or
+    (:data:`CORE_POPULATION` False) that of p(heavy | core) alone, A^T S^-1 A with A = [-B, I],
+    B = C_hc C_cc^-1, S = C_hh - B C_ch, plus a weak bound on each core label: no pull on the core labels
+    toward the population's trends.
+
+    A pull toward the trends (the alpha-[Fe/H] sequence, vmic's Teff-logg relation) moves every atypical star's
+    core labels toward them, an error that follows the labels, and a model trained on such labels learns it
+    for every new star (held-out [alpha/Fe] from APOGEE 1.23-1.24x the true-label model's with the full
+    population, 1.15-1.16x with p(heavy | core), physset 1x, two seeds; ``benchmarks/README.md``, session 18).
+    The heavy labels keep their relation to the core labels (their posteriors were worse without it)."""
+    if CORE_POPULATION or n_core >= len(covariance):
+        return np.linalg.inv(covariance)
+    core, heavy = slice(0, n_core), slice(n_core, None)
+    slope = covariance[heavy, core] @ np.linalg.inv(covariance[core, core])
+    conditional = covariance[heavy, heavy] - slope @ covariance[core, heavy]
+    a = np.hstack([-slope, np.eye(len(covariance) - n_core)])
+    information = a.T @ np.linalg.solve(conditional, a)
+    # a weak, trend-free bound on the core labels (BROAD_WIDTH times each one's spread) keeps the posterior
+    # proper for a star whose spectra failed where its catalogue value is missing
+    information[core, core] += np.diag(1.0 / (BROAD_WIDTH**2 * np.diag(covariance)[core]))
+    return information
 
 
 def _catalogue_variance(errors) -> np.ndarray:
@@ -428,9 +460,11 @@ def fit_latent(params, setup, fitted: FittedBridge, sources: dict, prepared: dic
     bar = tqdm(total=max_iter * (len(splits) + 1) + 1, desc="latent labels (EM)", unit="fit",
                disable=not setup.progress)
     for iteration in range(1, max_iter + 1):
+        fold_parts = []
         for train, test in splits:  # each star's spectra through the fold model that did not train on it
             bar.update()
             parts = _fit_on(params, setup, sources, prepared, train, labels if fit_labels is None else fit_labels)
+            fold_parts.append((test, parts))
             fold = replace(base, apogee=parts["apogee"], galah=parts["galah"])
             sub_spectra = {s: (spectra[s][0][test], None if spectra[s][1] is None else spectra[s][1][test])
                            for s in SURVEYS}
@@ -468,15 +502,20 @@ def fit_latent(params, setup, fitted: FittedBridge, sources: dict, prepared: dic
         precision = np.where(given, (1.0 - np.nan_to_num(p_outlier)) / catalogue_variance, 0.0)
         keep = 1.0 / np.sqrt(np.maximum(1.0 - p_failure, 1e-3))
         information = _information(tempered * keep[:, :, None] * keep[:, None, :])
-        population_information = np.linalg.inv(population[1])
+        population_information = _population_information(population[1], fitted.n_core)
         new_covariance = np.linalg.inv(information + precision[:, :, None] * np.eye(n_labels)[None]
                                        + population_information[None])
         new_mean = np.einsum("skl,sl->sk", new_covariance, np.einsum("skl,sl->sk", information, spectral_mean)
                              + precision * np.nan_to_num(values) + (population_information @ population[0])[None])
-        # an unsettled disagreement leaves two answers (the catalogue's, the spectra's): the spread of that two-point
-        # mixture belongs in the label's variance
-        split = np.nan_to_num(p_outlier) * (1.0 - np.nan_to_num(p_outlier)) + p_failure * (1.0 - p_failure)
-        spread = np.minimum(split, 0.25) * np.nan_to_num(values - spectral_mean) ** 2
+        # an unsettled disagreement leaves two answers: the spread of that two-point mixture belongs in the
+        # label's variance. The posterior mean moves by the catalogue's weight times the difference when the
+        # value is an outlier, by the spectra's weight when they failed (an exact catalogue value leaves nothing
+        # to dispute: the M-step weighs the star by this variance)
+        spectral_precision = 1.0 / np.maximum(np.einsum("sii->si", tempered), 1e-300)
+        spectral_weight = spectral_precision / (spectral_precision + np.where(given, 1.0 / catalogue_variance, 0.0))
+        p_bad = np.nan_to_num(p_outlier)
+        spread = ((p_bad * (1.0 - p_bad) * (1.0 - spectral_weight) ** 2 + p_failure * (1.0 - p_failure)
+                   * spectral_weight**2) * np.nan_to_num(values - spectral_mean) ** 2)
         new_covariance = new_covariance + spread[:, :, None] * np.eye(n_labels)[None]
         population = _population(new_mean, new_covariance)
         history.append(float(-np.mean(log_likelihood)))
@@ -498,10 +537,52 @@ def fit_latent(params, setup, fitted: FittedBridge, sources: dict, prepared: dic
         bar.update()
         if converged:
             break
+    if EFFECTIVE_VARIANCE:
+        # each star weighted, pixel by pixel, by its label posterior's spread through the model's gradient
+        physical_covariance = latent.covariance * np.outer(fitted.scales, fitted.scales)[None]
+        weighted = {s: SpectraBlocks(spectra[s][0], _effective_ivar(spectra[s][1], fold_parts, s, fit_labels,
+                                                                     physical_covariance)) for s in SURVEYS
+                    if spectra[s][1] is not None}
+        prepared = {s: band_limited(params, setup, s, weighted[s]) if s in weighted else prepared[s]
+                    for s in SURVEYS}
     parts = _fit_on(params, setup, sources, prepared, np.arange(n_stars), fit_labels)  # the M-step, every star
     bar.update(bar.total - bar.n)
     bar.close()
     return parts, replace(latent, converged=converged), choice
+
+
+#: the M-step weights each star's pixels by its noise plus its label posterior's variance through the model
+#: (see :func:`_effective_ivar`)
+EFFECTIVE_VARIANCE = True
+
+
+def _effective_ivar(ivar, fold_parts, survey: str, labels, covariance, block: int = 256) -> np.ndarray:
+    """(n_stars, n_pixels) float32: 1 / (1/ivar + g^T C g), g the flux gradient at each star's posterior mean
+    (``labels``, physical) by the fold model that did not train on it, C its posterior covariance (physical).
+
+    A posterior mean is the star's label up to an error independent of it (of spread C): the residual of the
+    flux about the model at the mean has that error's variance through the gradient on top of the noise, so
+    a star whose label the spectra and the catalogue dispute (a wide posterior) weighs little in the pixels
+    that label moves and fully in the others; the slopes are not attenuated (the error is not in the mean).
+    """
+    from ..backends.polynomial import monomial_jacobian
+
+    out = np.zeros(ivar.shape, dtype=np.float32)
+    for test, parts in fold_parts:
+        model, index = parts[survey].model, parts[survey].label_index
+        coef = np.asarray(model.coef_, dtype=float)
+        for start in range(0, len(test), block):
+            rows = test[start:start + block]
+            scaled = model.vectorizer_.scale(labels[rows][:, index])
+            jacobian = monomial_jacobian(scaled, model.term_exponents_) / np.asarray(model.label_scales_)[None, None]
+            gradient = np.einsum("pt,stk->spk", coef, jacobian)
+            spread = np.einsum("spk,skl,spl->sp", gradient, covariance[rows][:, index[:, None], index[None, :]],
+                               gradient)
+            given = np.asarray(ivar[rows], dtype=float)
+            with np.errstate(divide="ignore"):
+                out[rows] = np.where(given > 0, 1.0 / (1.0 / np.where(given > 0, given, 1.0) + np.maximum(spread, 0.0)),
+                                     0.0)
+    return out
 
 
 def _fit_on(params, setup, sources, prepared, stars, labels):
