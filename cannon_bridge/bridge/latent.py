@@ -556,7 +556,7 @@ def fit_latent(params, setup, fitted: FittedBridge, sources: dict, prepared: dic
 EFFECTIVE_VARIANCE = True
 
 
-def _effective_ivar(ivar, fold_parts, survey: str, labels, covariance, block: int = 256) -> np.ndarray:
+def _effective_ivar(ivar, fold_parts, survey: str, labels, covariance, block: int = 64) -> np.ndarray:
     """(n_stars, n_pixels) float32: 1 / (1/ivar + g^T C g), g the flux gradient at each star's posterior mean
     (``labels``, physical) by the fold model that did not train on it, C its posterior covariance (physical).
 
@@ -570,19 +570,27 @@ def _effective_ivar(ivar, fold_parts, survey: str, labels, covariance, block: in
     out = np.zeros(ivar.shape, dtype=np.float32)
     for test, parts in fold_parts:
         model, index = parts[survey].model, parts[survey].label_index
-        coef = np.asarray(model.coef_, dtype=float)
+        coef = np.asarray(model.coef_, dtype=np.float32)  # weights: single precision is plenty
         for start in range(0, len(test), block):
             rows = test[start:start + block]
             scaled = model.vectorizer_.scale(labels[rows][:, index])
             jacobian = monomial_jacobian(scaled, model.term_exponents_) / np.asarray(model.label_scales_)[None, None]
-            gradient = np.einsum("pt,stk->spk", coef, jacobian)
-            spread = np.einsum("spk,skl,spl->sp", gradient, covariance[rows][:, index[:, None], index[None, :]],
-                               gradient)
+            # g^T C g = |L^T g|^2 (C = L L^T): the factor goes into the design's derivatives, then one GEMM
+            root = _covariance_root(covariance[rows][:, index[:, None], index[None, :]])
+            turned = np.ascontiguousarray((jacobian @ root).transpose(1, 0, 2), dtype=np.float32)
+            gradient = (coef @ turned.reshape(coef.shape[1], -1)).reshape(coef.shape[0], len(rows), len(index))
+            spread = np.einsum("psk,psk->sp", gradient, gradient)
             given = np.asarray(ivar[rows], dtype=float)
             with np.errstate(divide="ignore"):
                 out[rows] = np.where(given > 0, 1.0 / (1.0 / np.where(given > 0, given, 1.0) + np.maximum(spread, 0.0)),
                                      0.0)
     return out
+
+
+def _covariance_root(covariance) -> np.ndarray:
+    """(n, k, k) L with L L^T = covariance (eigen-decomposition: a singular covariance has one too)."""
+    values, vectors = np.linalg.eigh(0.5 * (covariance + covariance.transpose(0, 2, 1)))
+    return vectors * np.sqrt(np.maximum(values, 0.0))[:, None, :]
 
 
 def _fit_on(params, setup, sources, prepared, stars, labels):
