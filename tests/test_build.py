@@ -253,6 +253,29 @@ def test_build_puts_real_files_on_the_model_grids_and_reports_missing_and_damage
     assert Table.read(report, format="ascii.ecsv")["reason"].tolist() == list(result.report["reason"])
 
 
+def test_a_star_whose_spectrum_has_no_usable_pixels_is_reported_and_the_build_goes_on(shared_dir, tmp_path):
+    """A real apStar file with every pixel masked (PIXELMASK all bits): "no usable pixels", naming the survey;
+    the other star is built."""
+    from astropy.io import fits
+
+    from cannon_bridge.build import build_crossmatch
+    from cannon_bridge.build.spectra import cached_apogee_paths
+
+    cache, apogee = _two_matched_stars(shared_dir, tmp_path)
+    apogee_id, field = list(APSTARS.items())[0]
+    target = cached_apogee_paths(cache, apogee_id, field, "apo25m")[0]
+    with fits.open(target) as hdus:
+        copies = fits.HDUList([hdu.copy() for hdu in hdus])
+    copies[3].data[...] = np.iinfo(copies[3].data.dtype).max
+    target.unlink()  # the mirror's link to the shared file
+    copies.writeto(target)
+    result = build_crossmatch(tmp_path / "allStar.fits", tmp_path / "galah.fits", cache, progress=False)
+    assert len(result.crossmatch) == 1 and result.crossmatch.ids[0].startswith(list(APSTARS)[1])
+    rows = [tuple(row) for row in result.report[["id", "reason"]]]
+    assert rows == [(apogee_id, "no usable pixels")]
+    assert "APOGEE" in result.report["detail"][0]
+
+
 def test_the_build_command_gives_the_same_as_the_function(shared_dir, tmp_path):
     from cannon_bridge.build import build_crossmatch
     from cannon_bridge.cli import main
