@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(VENV)/bin/cannon-bridge demo --output demo_output
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" --durations=15
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q

@@ -11,7 +11,7 @@ extrapolation to 30,000 stars (the arrays it holds then: float32 flux + ivar of 
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_build.py --stars 500
+    .venv/bin/python benchmarks/bench_build.py --stars 500 [--parallel]
 """
 from __future__ import annotations
 
@@ -42,6 +42,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stars", type=int, default=500)
     parser.add_argument("--chunk-size", type=int, default=256)
+    parser.add_argument("--parallel", action="store_true",
+                        help="also build on a dask LocalCluster (one single-threaded worker per core)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as name:
         folder = Path(name)
@@ -56,6 +58,13 @@ def main(argv=None) -> int:
                                  progress=False)
         resumed = time.perf_counter() - start
         assert np.array_equal(again.crossmatch.galah_flux, result.crossmatch.galah_flux)
+        parallel = None
+        if args.parallel:
+            start = time.perf_counter()
+            spread = build_crossmatch(apogee, galah, cache, work_dir=folder / "work_parallel",
+                                      chunk_size=args.chunk_size, client="local", progress=False)
+            parallel = time.perf_counter() - start
+            assert np.array_equal(spread.crossmatch.galah_flux, result.crossmatch.galah_flux)
     xm = result.crossmatch
     per_star = built / args.stars
     # against the mock's own (normalised, rest-frame) spectra: what normalisation, shift and resampling cost
@@ -76,6 +85,12 @@ def main(argv=None) -> int:
                "resume_seconds": resumed, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
                "extrapolated_30000_hours": 30000 * per_star / 3600,
                "arrays_30000_gb": 30000 * bytes_per_star / 1e9, "against_mock_spectra": accuracy}
+    if parallel is not None:
+        import os
+
+        results.update({"parallel_build_seconds": parallel, "parallel_workers": os.cpu_count(),
+                        "parallel_speedup": built / parallel,
+                        "parallel_extrapolated_30000_hours": 30000 * parallel / args.stars / 3600})
     print(json.dumps(results, indent=1))
     out = HERE / "results" / f"bench_build_{args.stars}.json"
     out.write_text(json.dumps(results, indent=1))

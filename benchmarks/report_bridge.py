@@ -325,7 +325,9 @@ def section_noisy_labels():
              f"{100 * meta['outliers']:.0f}% of the values moved 5–15 errors (far off: binaries, failed fits) and "
              f"{100 * meta['core_missing']:.0f}% of the core labels blanked. Three bridges side by side: trained on the "
              "true labels, on the catalogue values with their errors ignored (as before: the stars without a core "
-             "label dropped), and with `label_errors` (the training labels latent: `cannon_bridge.bridge.latent`).", ""]
+             "label dropped), and with `label_errors` (the training labels latent: `cannon_bridge.bridge.latent`). "
+             "Fit times are wall clock as each run found the machine (runs may have shared its cores); the fit-time "
+             "ratio that counts is the 30,000-star mock's (`bench_full.py --label-errors`, `benchmarks/README.md`).", ""]
     for title, run in runs:
         variants = run["variants"]
         true, ignored, used = variants["true"], variants["ignored"], variants["used"]
