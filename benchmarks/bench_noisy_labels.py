@@ -14,6 +14,7 @@ noise-free truth, predictive calibration).
 Usage::
 
     .venv/bin/python benchmarks/bench_noisy_labels.py [--error-scale 1] [--outliers 0.03] [--seed 1]
+    .venv/bin/python benchmarks/bench_noisy_labels.py --only used --latent CORE_POPULATION=true   # an experiment
 """
 from __future__ import annotations
 
@@ -86,6 +87,19 @@ def regenerated(model, test, test_truth, windows) -> dict:
     return {window: (metrics["rms"][window], metrics["calibration"][window]) for window in ("overall", "heavy")}
 
 
+def _override_latent(settings) -> None:
+    import cannon_bridge.bridge.latent as latent
+
+    for setting in settings:
+        name, _, value = setting.partition("=")
+        if not name.isupper() or not hasattr(latent, name):
+            raise SystemExit(f"--latent {setting}: cannon_bridge.bridge.latent has no switch {name!r}")
+        old = getattr(latent, name)
+        new = value.lower() in ("1", "true", "yes") if isinstance(old, bool) else type(old)(value)
+        setattr(latent, name, new)
+        print(f"latent.{name} = {new!r} (default {old!r})")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--error-scale", type=float, default=1.0)
@@ -96,7 +110,13 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="+", default=["true", "ignored", "used"])
     parser.add_argument("--save", default=None, help="write the training stars' latent labels to this .npz")
     parser.add_argument("--no-json", action="store_true", help="do not write benchmarks/results/bench_noisy_labels_*.json")
+    parser.add_argument("--latent", nargs="+", default=[], metavar="NAME=VALUE",
+                        help="override switches of cannon_bridge.bridge.latent for an experiment, e.g. "
+                             "CORE_POPULATION=true SPREAD_MARGIN=0 (implies --no-json)")
     args = parser.parse_args(argv)
+    if args.latent:
+        _override_latent(args.latent)
+        args.no_json = True
     loaded = recipe(args.quick)
     if loaded is None:
         return 0
