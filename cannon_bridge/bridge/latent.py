@@ -21,8 +21,8 @@ from a broad component), with a rate per label fitted from the data. EM:
   the spread of the two answers).
 - M-step: every pixel's coefficients and scatter refitted on the posterior means of every star, ambiguous
   labels included, each star's pixels weighted by its noise plus its posterior's spread through the model's
-  gradient (:func:`_effective_ivar`), with the L1 strengths chosen anew by cross-validation on them. Leaving the ambiguous
-  labels out cost more than it saved: the disputes are where the fold models extrapolate (the coolest and
+  gradient (:func:`_effective_ivar`), with the L1 strengths chosen anew by cross-validation on them. Leaving
+  the ambiguous labels out cost more than it saved: the disputes are where the fold models extrapolate (the coolest and
   hottest dwarfs, the metal-poor stars), so the stars left out were those that hold the model's edges; with
   exact catalogue values (errors -> 0) 36 were left out and the held-out [Fe/H] from APOGEE was 1.4x that
   of the fit on the same labels taken as exact (``benchmarks/README.md``, session 16).
@@ -45,10 +45,10 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from tqdm import tqdm  # plain: tqdm.auto warns in notebooks without ipywidgets
 
+from .._blocks import SpectraBlocks
 from ..engine import INFER_BATCH
 from .inference import infer_single
 from .state import SURVEYS, Calibration, FittedBridge
-from .._blocks import SpectraBlocks
 from .training import band_limited, fit_surveys, select_regularization
 
 __all__ = ["LatentLabels", "fit_latent", "training_labels", "training_posterior"]
@@ -580,10 +580,8 @@ def _effective_ivar(ivar, fold_parts, survey: str, labels, covariance, block: in
             turned = np.ascontiguousarray((jacobian @ root).transpose(1, 0, 2), dtype=np.float32)
             gradient = (coef @ turned.reshape(coef.shape[1], -1)).reshape(coef.shape[0], len(rows), len(index))
             spread = np.einsum("psk,psk->sp", gradient, gradient)
-            given = np.asarray(ivar[rows], dtype=float)
-            with np.errstate(divide="ignore"):
-                out[rows] = np.where(given > 0, 1.0 / (1.0 / np.where(given > 0, given, 1.0) + np.maximum(spread, 0.0)),
-                                     0.0)
+            given = np.maximum(np.asarray(ivar[rows], dtype=float), 0.0)
+            out[rows] = given / (1.0 + given * np.maximum(spread, 0.0))  # 1 / (1/ivar + g^T C g); 0 stays 0
     return out
 
 
