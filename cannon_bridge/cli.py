@@ -156,7 +156,7 @@ def main(argv=None) -> int:
 
             if args.output.exists() and not args.overwrite:
                 raise FileExistsError(f"{args.output} exists; pass --overwrite")
-            from .scale import open_client
+            from ._cluster import open_client
 
             sources = DEFAULT_LABEL_SOURCES if args.labels is None else read_label_sources(args.labels)
             client, close = open_client(args.cluster)

@@ -84,7 +84,7 @@ def fit_distributed(model, flux, labels, ivar=None, wavelength=None, client=None
                                  or n_blocks < 1):
         raise InvalidInputError(f"n_blocks must be an int >= 1 (pixel blocks); got {n_blocks!r}")
 
-    from .scale import open_client  # the cluster connection predict_files shares
+    from ._cluster import open_client  # the cluster connection predict_files shares
 
     connection, close = open_client(client)
     try:

@@ -32,14 +32,14 @@ import tempfile
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
+from ._cluster import open_client
 from ._fitsio import _canonical_digest, read_model_file, write_hdus_atomically
 from ._validation import check_spectra
-from .errors import (BackendUnavailableError, CannonBridgeWarning, GridMismatchError, InvalidInputError,
-                     ModelFileError)
+from .errors import CannonBridgeWarning, GridMismatchError, InvalidInputError, ModelFileError
 
 __all__ = ["predict_files", "fit_distributed", "open_client", "MANIFEST_NAME", "LABELS_NAME", "FAILURES_NAME"]
 
@@ -54,55 +54,9 @@ _MANIFEST_FORMAT = "cannon_bridge.predict_files"
 _MANIFEST_VERSION = 1
 _CHUNK_KIND = "predict_files chunk"
 _FILE_COLUMNS = ("path", "id", "row")
-_INSTALL_HINT = "pip install 'cannon_bridge[distributed]'"
 
 
 # ---------------------------------------------------------------- the cluster
-def _import_distributed():
-    try:
-        import distributed
-    except ImportError as exc:
-        raise BackendUnavailableError(
-            f"a dask cluster was requested but dask.distributed cannot be imported ({exc}): install the "
-            f"'distributed' extra ({_INSTALL_HINT}), or pass client=False to run in this process"
-        ) from None
-    return distributed
-
-
-def open_client(client) -> tuple[Any, Callable[[], None]]:
-    """(client or None for in-process, close function) from a ``client`` argument as :func:`predict_files`
-    takes it (None or "local", False or "sync", a scheduler address, a Client or a cluster object)."""
-    if client is False or (isinstance(client, str) and client in ("sync", "synchronous")):
-        return None, lambda: None
-    if client is None or (isinstance(client, str) and client == "local"):
-        distributed = _import_distributed()
-        # processes, one thread each: the test step holds the GIL in its Python loops. The scheduler's
-        # HTTP server binds a port even without a dashboard, 8787 by default; ":0" picks a free one, so a
-        # second cluster on this machine neither fails nor warns
-        cluster = distributed.LocalCluster(processes=True, threads_per_worker=1, dashboard_address=":0")
-        own = distributed.Client(cluster)
-
-        def close():
-            own.close()
-            cluster.close()
-
-        return own, close
-    if isinstance(client, str):
-        distributed = _import_distributed()
-        own = distributed.Client(client)
-        return own, own.close
-    distributed = _import_distributed()
-    if isinstance(client, distributed.Client):
-        return client, lambda: None  # the caller's client: the caller closes it
-    if hasattr(client, "scheduler_address"):  # a cluster object (LocalCluster, ...)
-        own = distributed.Client(client)
-        return own, own.close
-    raise InvalidInputError(
-        f"client must be None or 'local' (start a LocalCluster), False or 'sync' (run in this process), "
-        f"a scheduler address string, a dask.distributed Client or a cluster object; got {type(client).__name__}"
-    )
-
-
 # ------------------------------------------------------------------- the model
 def _resolve_model(model):
     """A fitted CannonModel or BridgeModel; a path is loaded by the kind written in its header."""

@@ -414,7 +414,7 @@ def test_files_named_in_path_columns_are_used_a_galah_dr4_product_included(share
 
 def test_a_build_keeps_its_finished_chunks_and_a_restart_reads_them_back(shared_dir, tmp_path):
     """chunk_size 1 with a work folder: a second build reads every chunk back (the cache can even be gone); a
-    chunk cut short is built again; a dask client gives the same."""
+    chunk cut short is built again; a dask client gives the same, and so does client="sync"."""
     from dask.distributed import Client
 
     from cannon_bridge.build import build_crossmatch
@@ -440,6 +440,10 @@ def test_a_build_keeps_its_finished_chunks_and_a_restart_reads_them_back(shared_
     np.testing.assert_array_equal(rebuilt.apogee_flux, first.apogee_flux)
     np.testing.assert_array_equal(rebuilt.apogee_ivar, first.apogee_ivar)
     assert (work / "chunk_00001.npz").stat().st_size > len(data) // 3
+    # the client argument as predict_files takes it ("local" starts a LocalCluster: benchmarks/bench_build.py)
+    np.testing.assert_array_equal(build(client="sync").galah_flux, first.galah_flux)
+    with pytest.raises(InvalidInputError, match="client must be"):
+        build(client=3)
 
 
 # ---------------------------------------------------------------- the DR17 aspcapStar layout

@@ -12,6 +12,7 @@ import numpy as np
 from astropy.table import Table, vstack
 from tqdm.auto import tqdm
 
+from .._cluster import open_client
 from ..data import CrossMatch
 from ..errors import InvalidInputError
 from .catalogues import match_catalogues
@@ -62,8 +63,10 @@ def build_crossmatch(apogee_allstar, galah_allstar, cache_dir, label_sources=DEF
 
     ``chunk_size`` stars are read at a time; with ``work_dir`` each finished chunk is kept there
     (``chunk_NNNNN.npz``, written atomically) and a build started again with the same catalogues, cache and
-    grid reads it back instead of the files. ``client``: a ``dask.distributed.Client`` to read the chunks on
-    its workers (None: this process).
+    grid reads it back instead of the files. ``client``: where the chunks are read — None (the default) or
+    False or "sync": this process; "local": a dask LocalCluster started for the build; a scheduler address, a
+    ``dask.distributed`` Client or a cluster object: its workers (as ``predict_files`` takes it, except that
+    None stays in this process).
     """
     matched = match_catalogues(apogee_allstar, galah_allstar, label_sources, **crossmatch_options)
     galah_wavelength, galah_ccd = galah_model_grid(galah_grid)
@@ -77,12 +80,16 @@ def build_crossmatch(apogee_allstar, galah_allstar, cache_dir, label_sources=DEF
     galah_ivar = np.zeros((n_stars, galah_wavelength.size), np.float32)
     kept = np.zeros(n_stars, bool)
     problems = []
-    for k, chunk in _chunk_results(chunks, galah_grid, work_dir, client, progress):
-        rows = slice(k * chunk_size, k * chunk_size + len(chunks[k]))  # chunks are consecutive stars
-        apogee_flux[rows], apogee_ivar[rows] = chunk["apogee_flux"], chunk["apogee_ivar"]
-        galah_flux[rows], galah_ivar[rows] = chunk["galah_flux"], chunk["galah_ivar"]
-        kept[rows] = chunk["kept"]
-        problems += [tuple(p) for p in json.loads(str(chunk["problems"]))]
+    connection, close = open_client(False if client is None else client)
+    try:  # each chunk copied in as it comes (never all chunks held at once)
+        for k, chunk in _chunk_results(chunks, galah_grid, work_dir, connection, progress):
+            rows = slice(k * chunk_size, k * chunk_size + len(chunks[k]))  # chunks are consecutive stars
+            apogee_flux[rows], apogee_ivar[rows] = chunk["apogee_flux"], chunk["apogee_ivar"]
+            galah_flux[rows], galah_ivar[rows] = chunk["galah_flux"], chunk["galah_ivar"]
+            kept[rows] = chunk["kept"]
+            problems += [tuple(p) for p in json.loads(str(chunk["problems"]))]
+    finally:
+        close()
     problems.sort()
     report = matched.report.copy()
     report["detail"] = np.zeros(len(report), dtype="U1")  # the catalogue half has no reader message
