@@ -93,6 +93,8 @@ def test_save_load_round_trip(fitted, mock_pair, tmp_path):
     assert np.array_equal(a.labels, b.labels) and np.array_equal(a.covariance, b.covariance)
     assert loaded.misfit_reference_ == {mode: tuple(map(float, value)) for mode, value in fitted.misfit_reference_.items()}
     assert set(loaded.weighting_scale_) == {"apogee", "galah"}
+    # trained on exact labels: no improved training labels, before or after the round trip
+    assert fitted.training_labels_ is None and loaded.training_labels_ is None and loaded.catalogue_outliers_ is None
     for mode, scale in fitted.weighting_scale_.items():
         assert np.array_equal(loaded.weighting_scale_[mode], scale)
     both = dict(apogee_flux=test.apogee_flux, apogee_ivar=test.apogee_ivar, galah_flux=test.galah_flux,

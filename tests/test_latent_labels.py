@@ -290,6 +290,25 @@ def test_the_latent_fit_keeps_its_record(trained):
     assert trained.catalogue_outlier_rate_.shape == (5,)
 
 
+def test_the_improved_training_labels_travel_with_the_saved_model(trained, tmp_path):
+    """save/load keeps training_labels_ (labels, covariance, flags), training_labels_spectra_,
+    catalogue_outliers_ and the latent fit's record; a bridge trained on exact labels loads with None."""
+    trained.save(tmp_path / "bridge.fits")
+    loaded = BridgeModel.load(tmp_path / "bridge.fits")
+    for name in ("training_labels_", "training_labels_spectra_"):
+        a, b = getattr(trained, name), getattr(loaded, name)
+        np.testing.assert_array_equal(b.labels, a.labels)
+        np.testing.assert_array_equal(b.covariance, a.covariance)
+        np.testing.assert_array_equal(b.flags, a.flags)
+        assert b.label_names == a.label_names
+    np.testing.assert_array_equal(loaded.catalogue_outliers_, trained.catalogue_outliers_)
+    assert loaded.catalogue_outliers_.dtype == bool
+    assert loaded.latent_history_ == trained.latent_history_ and loaded.latent_n_iter_ == trained.latent_n_iter_
+    assert loaded.latent_converged_ == trained.latent_converged_
+    np.testing.assert_array_equal(loaded.catalogue_outlier_rate_, trained.catalogue_outlier_rate_)
+    np.testing.assert_array_equal(loaded.training_labels_table()["flags"], trained.training_labels_table()["flags"])
+
+
 def test_without_errors_core_labels_must_be_complete(catalogue):
     _, _, noisy, _ = catalogue
     from dataclasses import replace

@@ -137,7 +137,7 @@ class BridgeModel(BaseEstimator):
     catalogue_outliers_ : ndarray (n_stars, n_labels) bool or None, catalogue values the spectra contradict
     catalogue_outlier_rate_ : ndarray (n_labels,) or None, the fitted rate of outlying values per label
     latent_history_, latent_n_iter_, latent_converged_ : the latent fit's objective per iteration, its
-        iterations and whether it converged
+        iterations and whether it converged (these and the three above are saved with the model)
     """
 
     _parameter_constraints: dict = BRIDGE_MODEL_CONSTRAINTS
@@ -477,19 +477,56 @@ class BridgeModel(BaseEstimator):
 
     # ------------------------------------------------------------------ I/O
     def save(self, path, overwrite: bool = False):
-        """Write the bridge (both survey models, prior, calibration) to one FITS file."""
+        """Write the bridge (both survey models, prior, calibration; trained through catalogue errors, also
+        ``training_labels_``, ``training_labels_spectra_``, ``catalogue_outliers_`` and the latent fit's
+        record) to one FITS file."""
         fitted = self.fitted_bridge()
         return save_bridge(path, fitted, self.get_params(),
                            {"apogee": self.apogee_regularization_, "galah": self.galah_regularization_},
-                           overwrite=overwrite)
+                           overwrite=overwrite, training=self._training_record())
+
+    def _training_record(self) -> dict | None:
+        """The training labels' arrays as :func:`~cannon_bridge.bridge.persistence.save_bridge` keeps them
+        (None for a bridge trained on exact labels)."""
+        if getattr(self, "training_labels_", None) is None:
+            return None
+        improved, spectral = self.training_labels_, self.training_labels_spectra_
+        return {"labels": improved.labels, "covariance": improved.covariance, "flags": improved.flags,
+                "labels_spectra": spectral.labels, "covariance_spectra": spectral.covariance,
+                "catalogue_outliers": np.asarray(self.catalogue_outliers_, bool),
+                "history": np.asarray(self.latent_history_, float),
+                "catalogue_outlier_rate": np.asarray(self.catalogue_outlier_rate_, float),
+                "latent": {"n_iter": self.latent_n_iter_, "converged": self.latent_converged_}}
+
+    def _restore_training_labels(self, record: dict | None) -> None:
+        """The training-label attributes from a saved record (None: a bridge trained on exact labels)."""
+        from ..engine import BridgeInferenceResult
+
+        if record is None:
+            self._adopt_training_labels(None, None, None, None)
+            return
+        n_stars = len(record["labels"])
+        none, zeros = np.full(n_stars, np.nan), np.zeros(n_stars, dtype=np.int64)
+        names = list(self.label_names_)
+        self.training_labels_ = BridgeInferenceResult(record["labels"], record["covariance"], none, none.copy(),
+                                                      zeros, record["flags"].astype(np.int64), names, mode="both")
+        self.training_labels_spectra_ = BridgeInferenceResult(record["labels_spectra"], record["covariance_spectra"],
+                                                              none.copy(), none.copy(), zeros.copy(), zeros.copy(),
+                                                              names, mode="both")
+        self.catalogue_outliers_ = np.asarray(record["catalogue_outliers"], bool)
+        self.latent_history_ = [float(v) for v in record["history"]]
+        self.latent_n_iter_ = int(record["latent"]["n_iter"])
+        self.latent_converged_ = bool(record["latent"]["converged"])
+        self.catalogue_outlier_rate_ = np.asarray(record["catalogue_outlier_rate"], float)
 
     @classmethod
     def load(cls, path) -> "BridgeModel":
         """Read a bridge written by :meth:`save`."""
-        params, fitted, strengths = load_bridge(path)
+        params, fitted, strengths, training = load_bridge(path)
         model = cls(**params)
         wavelengths = {"apogee": fitted.apogee.model.wavelength_, "galah": fitted.galah.model.wavelength_}
         model._adopt(fitted, {"apogee": None, "galah": None}, wavelengths, strengths, {}, None)
+        model._restore_training_labels(training)
         return model
 
 

@@ -2,7 +2,8 @@
 
 Both surveys' models (their arrays, as :class:`~cannon_bridge.model.CannonModel` writes them, under a
 survey prefix), the label scaling, the population prior, the per-pixel L1 strengths and the
-calibration; the constructor parameters (but the line lists) travel as JSON metadata.
+calibration; the constructor parameters (but the line lists) travel as JSON metadata. A bridge trained
+through catalogue errors also keeps its training stars' improved labels (``training_*`` arrays).
 """
 from __future__ import annotations
 
@@ -20,10 +21,19 @@ __all__ = ["load_bridge", "save_bridge"]
 TABLE_PARAMETERS = ("galah_linelist", "galah_mode_mask", "apogee_linelist")
 
 
-def save_bridge(path, fitted: FittedBridge, params: dict, regularization: dict, overwrite: bool = False):
-    """Write ``fitted`` with its constructor ``params`` and per-pixel L1 ``regularization`` (survey -> array
-    or None) to ``path``."""
+#: the training record's boolean arrays (stored as bytes)
+TRAINING_BOOL = ("training_catalogue_outliers",)
+
+
+def save_bridge(path, fitted: FittedBridge, params: dict, regularization: dict, overwrite: bool = False,
+                training: dict | None = None):
+    """Write ``fitted`` with its constructor ``params``, per-pixel L1 ``regularization`` (survey -> array
+    or None) and, when it was trained through catalogue errors, its ``training`` record (name -> array, and
+    ``"latent"``: {"n_iter", "converged"}) to ``path``."""
     arrays = {}
+    training = dict(training or {})
+    latent = training.pop("latent", None)
+    arrays.update({f"training_{name}": np.asarray(value) for name, value in training.items()})
     for survey in SURVEYS:
         part = fitted.survey(survey)
         for name, value in part.model._arrays().items():
@@ -54,15 +64,21 @@ def save_bridge(path, fitted: FittedBridge, params: dict, regularization: dict, 
     metadata = {"label_names": list(fitted.label_names), "n_core": fitted.n_core, "params": params,
                 "apogee_labels": [fitted.label_names[k] for k in fitted.apogee.label_index],
                 "galah_labels": [fitted.label_names[k] for k in fitted.galah.label_index]}
+    if latent is not None:
+        metadata["latent"] = {"n_iter": int(latent["n_iter"]), "converged": bool(latent["converged"])}
     return write_model_file(path, "BridgeModel", metadata, arrays, overwrite=overwrite)
 
 
-def load_bridge(path) -> tuple[dict, FittedBridge, dict]:
-    """(constructor parameters, FittedBridge, per-pixel L1 strengths per survey) read from a file written by
-    :func:`save_bridge` (refuses tampered, truncated or foreign files)."""
-    metadata, arrays = read_model_file(path, "BridgeModel", bool_arrays=("apogee_censors", "galah_censors"))
+def load_bridge(path) -> tuple[dict, FittedBridge, dict, dict | None]:
+    """(constructor parameters, FittedBridge, per-pixel L1 strengths per survey, training record or None)
+    read from a file written by :func:`save_bridge` (refuses tampered, truncated or foreign files)."""
+    metadata, arrays = read_model_file(path, "BridgeModel",
+                                       bool_arrays=("apogee_censors", "galah_censors") + TRAINING_BOOL)
+    training = {name[len("training_"):]: value for name, value in arrays.items() if name.startswith("training_")}
+    if "latent" in metadata:
+        training["latent"] = metadata["latent"]
     try:
-        return _from_parts(path, metadata, arrays)
+        return _from_parts(path, metadata, arrays) + (training or None,)
     except KeyError as missing:  # a digest-valid file written by another program or version
         raise ModelFileError(f"could not read model file {path}: it lacks {missing} of a BridgeModel file. What to "
                              "do: re-save the model with BridgeModel.save of this version, or retrain it") from None
