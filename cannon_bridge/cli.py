@@ -157,16 +157,11 @@ def main(argv=None) -> int:
 
             if args.output.exists() and not args.overwrite:
                 raise FileExistsError(f"{args.output} exists; pass --overwrite")
-            from ._cluster import open_client
-
             sources = DEFAULT_LABEL_SOURCES if args.labels is None else read_label_sources(args.labels)
-            client, close = open_client(args.cluster)
-            try:  # finished chunks are kept beside the output: a killed build started again skips them
-                result = build_crossmatch(args.apogee_allstar, args.galah_allstar, args.cache, sources,
-                                          galah_grid=args.galah_grid, chunk_size=args.chunk_size, client=client,
-                                          work_dir=args.output.with_name(args.output.stem + "_work"))
-            finally:
-                close()
+            # finished chunks are kept beside the output: a killed build started again skips them
+            result = build_crossmatch(args.apogee_allstar, args.galah_allstar, args.cache, sources,
+                                      galah_grid=args.galah_grid, chunk_size=args.chunk_size, client=args.cluster,
+                                      work_dir=args.output.with_name(args.output.stem + "_work"))
             written, report = result.write(args.output, overwrite=args.overwrite)
             print(f"wrote {written}: {len(result.crossmatch)} stars; {report}: {len(result.report)} catalogue "
                   "stars not used (see its reason column)")

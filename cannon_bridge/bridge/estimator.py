@@ -25,7 +25,7 @@ from sklearn.model_selection import KFold
 from .calibration import calibrate, with_scatter
 from .censoring import allowed_labels
 from .inference import infer
-from .latent import fit_latent, training_labels
+from .latent import fit_latent, training_labels, training_result
 from .persistence import load_bridge, save_bridge
 from .prior import PopulationPrior
 from .propagation import generate
@@ -500,19 +500,13 @@ class BridgeModel(BaseEstimator):
 
     def _restore_training_labels(self, record: dict | None) -> None:
         """The training-label attributes from a saved record (None: a bridge trained on exact labels)."""
-        from ..engine import BridgeInferenceResult
-
         if record is None:
             self._adopt_training_labels(None, None, None, None)
             return
-        n_stars = len(record["labels"])
-        none, zeros = np.full(n_stars, np.nan), np.zeros(n_stars, dtype=np.int64)
-        names = list(self.label_names_)
-        self.training_labels_ = BridgeInferenceResult(record["labels"], record["covariance"], none, none.copy(),
-                                                      zeros, record["flags"].astype(np.int64), names, mode="both")
-        self.training_labels_spectra_ = BridgeInferenceResult(record["labels_spectra"], record["covariance_spectra"],
-                                                              none.copy(), none.copy(), zeros.copy(), zeros.copy(),
-                                                              names, mode="both")
+        names = self.label_names_
+        self.training_labels_ = training_result(record["labels"], record["covariance"], record["flags"], names)
+        self.training_labels_spectra_ = training_result(record["labels_spectra"], record["covariance_spectra"],
+                                                        np.zeros(len(record["labels"]), dtype=np.int64), names)
         self.catalogue_outliers_ = np.asarray(record["catalogue_outliers"], bool)
         self.latent_history_ = [float(v) for v in record["history"]]
         self.latent_n_iter_ = int(record["latent"]["n_iter"])

@@ -51,7 +51,7 @@ from .inference import infer_single
 from .state import SURVEYS, Calibration, FittedBridge
 from .training import band_limited, fit_surveys, select_regularization
 
-__all__ = ["LatentLabels", "fit_latent", "training_labels", "training_posterior"]
+__all__ = ["LatentLabels", "fit_latent", "training_labels", "training_posterior", "training_result"]
 
 logger = logging.getLogger("cannon_bridge.bridge")
 
@@ -565,16 +565,14 @@ def _effective_ivar(ivar, fold_parts, survey: str, labels, covariance, block: in
     a star whose label the spectra and the catalogue dispute (a wide posterior) weighs little in the pixels
     that label moves and fully in the others; the slopes are not attenuated (the error is not in the mean).
     """
-    from ..backends.polynomial import monomial_jacobian
-
     out = np.zeros(ivar.shape, dtype=np.float32)
     for test, parts in fold_parts:
         model, index = parts[survey].model, parts[survey].label_index
+        vectorizer = model.vectorizer_
         coef = np.asarray(model.coef_, dtype=np.float32)  # weights: single precision is plenty
         for start in range(0, len(test), block):
             rows = test[start:start + block]
-            scaled = model.vectorizer_.scale(labels[rows][:, index])
-            jacobian = monomial_jacobian(scaled, model.term_exponents_) / np.asarray(model.label_scales_)[None, None]
+            jacobian = vectorizer.jacobian(labels[rows][:, index])  # d terms / d label, physical units
             # g^T C g = |L^T g|^2 (C = L L^T): the factor goes into the design's derivatives, then one GEMM
             root = _covariance_root(covariance[rows][:, index[:, None], index[None, :]])
             turned = np.ascontiguousarray((jacobian @ root).transpose(1, 0, 2), dtype=np.float32)
@@ -603,20 +601,26 @@ def training_labels(fitted: FittedBridge, labels, latent: LatentLabels):
     catalogue errors, in physical units: the last E-step's posterior (spectra out of fold, tempered, with the
     catalogue values and the population), the spectra's out-of-fold estimate alone, and the catalogue values
     judged outlying (probability above :data:`OUTLIER_PROBABILITY`)."""
-    from ..engine import BridgeInferenceResult, StarFlag
+    from ..engine import StarFlag
 
     scales = np.outer(fitted.scales, fitted.scales)
-    n_stars = len(labels)
-    none = np.full(n_stars, np.nan)
-    zeros = np.zeros(n_stars, dtype=np.int64)
     outliers = latent.outliers & np.isfinite(labels)
     flags = np.where(outliers.any(axis=1), StarFlag.CATALOGUE_OUTLIER, 0).astype(np.int64)
-    improved = BridgeInferenceResult(fitted.physical(latent.mean), latent.covariance * scales, none,
-                                     none, zeros, flags, list(fitted.label_names), mode="both")
-    spectral = BridgeInferenceResult(fitted.physical(latent.spectral_mean),
-                                     latent.spectral_covariance * scales, none, none, zeros, zeros.copy(),
-                                     list(fitted.label_names), mode="both")
+    improved = training_result(fitted.physical(latent.mean), latent.covariance * scales, flags, fitted.label_names)
+    spectral = training_result(fitted.physical(latent.spectral_mean), latent.spectral_covariance * scales,
+                               np.zeros(len(labels), dtype=np.int64), fitted.label_names)
     return improved, spectral, outliers
+
+
+def training_result(labels, covariance, flags, label_names):
+    """A training star's labels as a ``BridgeInferenceResult`` (physical units; no chi^2 or test-step
+    iterations of its own): how ``training_labels_`` and ``training_labels_spectra_`` are made, and read back."""
+    from ..engine import BridgeInferenceResult
+
+    n_stars = len(labels)
+    return BridgeInferenceResult(np.asarray(labels, float), np.asarray(covariance, float), np.full(n_stars, np.nan),
+                                 np.full(n_stars, np.nan), np.zeros(n_stars, dtype=np.int64),
+                                 np.asarray(flags, dtype=np.int64), list(label_names), mode="both")
 
 
 def _information(covariance):
