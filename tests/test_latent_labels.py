@@ -1,5 +1,7 @@
 """Training through noisy catalogue labels (issue 22): the E-step's parts against injected truth, and the
 bridge trained on a mock catalogue with errors, missing core labels and far-off values."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -150,6 +152,43 @@ def test_the_m_step_fits_on_the_posterior_means_in_physical_units_ambiguous_labe
     physical = latent.fit_labels(Scale())
     # an ambiguous label stays in the fit at its posterior mean (the disputed stars hold the model's edges)
     np.testing.assert_allclose(physical, mean * Scale.scales + Scale.pivots, rtol=1e-14)
+
+
+def test_the_last_m_step_refits_on_the_core_labels_refined_in_sample_with_the_catalogue(rng, monkeypatch):
+    """_refined: each core label the model's own estimate from the star's spectra and its catalogue value weighted
+    by their precisions (the spectra's: the tempered out-of-fold variance); the heavy labels and any label the
+    spectra could not give keep their posterior means; fit_labels then returns the refined labels."""
+    from cannon_bridge.bridge import latent as module
+
+    n_stars, n_core, n_labels = 300, 2, 3
+    posterior = rng.normal(size=(n_stars, n_labels))
+    own = posterior + rng.normal(scale=0.1, size=(n_stars, n_labels))
+    own[7, 1] = np.nan  # the spectra gave nothing
+    variance = rng.uniform(0.01, 0.04, size=(n_stars, n_labels))
+    spectral_covariance = np.einsum("si,ij->sij", variance, np.eye(n_labels))
+    values = posterior + rng.normal(scale=0.2, size=(n_stars, n_labels))
+    values[11, 0] = np.nan
+    precision = np.where(np.isfinite(values), rng.uniform(0.0, 100.0, size=(n_stars, n_labels)), 0.0)
+    monkeypatch.setattr(module, "training_posterior", lambda model, spectra, v, p: (own, None, None))
+    latent = LatentLabels(posterior, spectral_covariance, np.zeros((n_stars, n_labels)), np.zeros((n_stars, n_labels)),
+                          {}, np.zeros((n_stars, n_labels), bool), posterior, spectral_covariance, ["linear"] * n_labels)
+    refined = module._refined(None, {}, latent, values, precision, n_core)
+    for s in range(n_stars):
+        for k in range(n_labels):
+            if k >= n_core or not np.isfinite(own[s, k]):
+                expected = posterior[s, k]
+            else:
+                weight = 1.0 / variance[s, k]
+                value = 0.0 if not np.isfinite(values[s, k]) else values[s, k]
+                expected = (weight * own[s, k] + precision[s, k] * value) / (weight + precision[s, k])
+            assert refined[s, k] == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    assert refined[11, 0] == pytest.approx(own[11, 0])  # no catalogue value: the spectra's estimate
+
+    class Scale:  # the FittedBridge fields and method fit_labels() reads
+        scales, pivots = np.ones(n_labels), np.zeros(n_labels)
+        physical = FittedBridge.physical
+
+    np.testing.assert_allclose(replace(latent, refined=refined).fit_labels(Scale()), refined)
 
 
 def test_the_m_step_weighs_a_star_by_its_label_posterior_through_the_model_gradient():

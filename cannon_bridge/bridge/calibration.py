@@ -115,8 +115,8 @@ def fit_folds(params, fitted: FittedBridge, setup: TrainingSetup, sources: dict,
     """([(test rows, fold's FittedBridge)], cv scatter): each fold's bridge and every pixel's scatter from
     the held-out stars' residuals at their true labels (where every label the pixel needs is known).
 
-    With ``latent``, a fold is fitted on its training stars' posterior means (from the whole training set, as
-    the bridge's last M-step) and the residuals are taken at the posterior means.
+    With ``latent``, a fold is fitted on its training stars' labels as the bridge's last M-step was (from the
+    whole training set) and the residuals are taken at them; its population prior is fitted on the posterior means.
     """
     fold_setup = replace(setup, progress=False)
     if latent is not None:
@@ -143,7 +143,7 @@ def fit_folds(params, fitted: FittedBridge, setup: TrainingSetup, sources: dict,
             model, index = sub.survey(survey).model, sub.survey(survey).label_index
             allowed = model.censors_.T.astype(np.int32)
             for rows in _row_chunks(test, 1024):
-                truth = labels[rows][:, index]
+                truth = fit_labels[rows][:, index]
                 finite = np.isfinite(truth)
                 usable = ((~finite).astype(np.int32) @ allowed) == 0
                 model_flux = model.generate(np.where(finite, truth, model.label_pivots_))
