@@ -109,7 +109,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", nargs="+", default=["true", "ignored", "used"])
     parser.add_argument("--save", default=None, help="write the training stars' latent labels to this .npz")
-    parser.add_argument("--no-json", action="store_true", help="do not write benchmarks/results/bench_noisy_labels_*.json")
+    parser.add_argument("--no-json", action="store_true",
+                        help="do not write benchmarks/results/bench_noisy_labels_*.json (a run of some variants "
+                             "only updates those in the existing record of the same recipe)")
     parser.add_argument("--latent", nargs="+", default=[], metavar="NAME=VALUE",
                         help="override switches of cannon_bridge.bridge.latent for an experiment, e.g. "
                              "CORE_POPULATION=true SPREAD_MARGIN=0 (implies --no-json)")
@@ -205,11 +207,33 @@ def main(argv=None) -> int:
             print("regenerated GALAH RMS ratio: " + "; ".join(
                 f"{window} {spectra[name][window][0] / spectra['true'][window][0]:.3f}" for window in spectra[name]))
     print("\nlabels:", " ".join(bb.LABELS))
-    if not args.no_json and not args.quick and set(args.only) == {"true", "ignored", "used"}:
+    if not args.no_json and not args.quick:
         suffix = f"scale{args.error_scale:g}" + ("" if args.seed == 1 else f"_seed{args.seed}")
         path = ROOT / "benchmarks" / "results" / f"bench_noisy_labels_{suffix}.json"
+        if not {"true", "ignored", "used"} <= set(args.only):
+            # a partial run (e.g. --only used after a change to the latent fit) updates the variants it ran in
+            # the record of the same recipe; the others are unchanged by such a change
+            if not path.exists():
+                print(f"{path} not written: a partial run updates an existing record only")
+                return 0
+            old = json.loads(path.read_text())
+            keys = ("error_scale", "outliers", "core_missing", "seed", "quick", "n_train", "n_test")
+            if any(old["meta"].get(key) != record["meta"][key] for key in keys):
+                print(f"{path} not updated: it holds another recipe")
+                return 0
+            old["variants"].update(record["variants"])
+            old["meta"].setdefault("updated", []).append({"variants": list(args.only),
+                                                          "command": record["meta"]["command"]})
+            record = old
         path.write_text(json.dumps(record, indent=1))
         print(f"wrote {path}")
+        if "true" in record["variants"] and "true" not in rows:
+            true = record["variants"]["true"]["labels"]
+            for name in rows:
+                print(f"\n## {name} / true of the record (RMS ratio)")
+                for mode in rows[name]:
+                    print(f"| {mode} | " + " | ".join(f"{a / b:.2f}" for a, b in zip(rows[name][mode][0],
+                                                                                 true[mode]["rms"])) + " |")
     return 0
 
 
