@@ -56,7 +56,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", nargs="+", default=["noise", "vmic-smooth", "vmic-own-apogee"], choices=VARIANTS)
     parser.add_argument("--latent-file", default=None)
-    parser.add_argument("--noise", nargs=5, type=float, default=DEFAULT_NOISE, metavar=("TEFF", "LOGG", "FE_H", "ALPHA", "VMIC"))
+    parser.add_argument("--noise", nargs=5, type=float, default=DEFAULT_NOISE,
+                        metavar=("TEFF", "LOGG", "FE_H", "ALPHA", "VMIC"))
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args(argv)
     loaded = bn.recipe(False)

@@ -137,21 +137,27 @@ def test_the_mapping_is_trusted_less_where_it_extrapolates(rng):
     assert np.all(np.abs(flat - 1.0) < 0.15)
 
 
+class _Scale:
+    """The FittedBridge fields and method that LatentLabels.fit_labels() reads."""
+
+    physical = FittedBridge.physical
+
+    def __init__(self, scales, pivots):
+        self.scales, self.pivots = scales, pivots
+
+
 def test_the_m_step_fits_on_the_posterior_means_in_physical_units_ambiguous_labels_included(rng):
     mean = rng.normal(size=(500, 2))
     covariance = np.broadcast_to(0.04 * np.eye(2), (500, 2, 2)).copy()
 
-    class Scale:  # the FittedBridge fields and method fit_labels() reads
-        scales, pivots = np.array([2.0, 1.0]), np.array([10.0, 0.0])
-        physical = FittedBridge.physical
-
+    scale = _Scale(np.array([2.0, 1.0]), np.array([10.0, 0.0]))
     ambiguous = np.zeros((500, 2), bool)
     ambiguous[3, 1] = True
     latent = LatentLabels(mean, covariance, np.zeros((500, 2)), np.zeros((500, 2)), {}, ambiguous, mean, covariance,
                           ["linear", "linear"])
-    physical = latent.fit_labels(Scale())
+    physical = latent.fit_labels(scale)
     # an ambiguous label stays in the fit at its posterior mean (the disputed stars hold the model's edges)
-    np.testing.assert_allclose(physical, mean * Scale.scales + Scale.pivots, rtol=1e-14)
+    np.testing.assert_allclose(physical, mean * scale.scales + scale.pivots, rtol=1e-14)
 
 
 def test_the_last_m_step_refits_on_the_core_labels_refined_in_sample_with_the_catalogue(rng, monkeypatch):
@@ -170,8 +176,9 @@ def test_the_last_m_step_refits_on_the_core_labels_refined_in_sample_with_the_ca
     values[11, 0] = np.nan
     precision = np.where(np.isfinite(values), rng.uniform(0.0, 100.0, size=(n_stars, n_labels)), 0.0)
     monkeypatch.setattr(module, "training_posterior", lambda model, spectra, v, p: (own, None, None))
-    latent = LatentLabels(posterior, spectral_covariance, np.zeros((n_stars, n_labels)), np.zeros((n_stars, n_labels)),
-                          {}, np.zeros((n_stars, n_labels), bool), posterior, spectral_covariance, ["linear"] * n_labels)
+    zeros = np.zeros((n_stars, n_labels))
+    latent = LatentLabels(posterior, spectral_covariance, zeros, zeros, {}, zeros.astype(bool), posterior,
+                          spectral_covariance, ["linear"] * n_labels)
     refined = module._refined(None, {}, latent, values, precision, n_core)
     for s in range(n_stars):
         for k in range(n_labels):
@@ -184,11 +191,8 @@ def test_the_last_m_step_refits_on_the_core_labels_refined_in_sample_with_the_ca
             assert refined[s, k] == pytest.approx(expected, rel=1e-12, abs=1e-12)
     assert refined[11, 0] == pytest.approx(own[11, 0])  # no catalogue value: the spectra's estimate
 
-    class Scale:  # the FittedBridge fields and method fit_labels() reads
-        scales, pivots = np.ones(n_labels), np.zeros(n_labels)
-        physical = FittedBridge.physical
-
-    np.testing.assert_allclose(replace(latent, refined=refined).fit_labels(Scale()), refined)
+    unit = _Scale(np.ones(n_labels), np.zeros(n_labels))
+    np.testing.assert_allclose(replace(latent, refined=refined).fit_labels(unit), refined)
 
 
 def test_the_m_step_weighs_a_star_by_its_label_posterior_through_the_model_gradient():

@@ -26,14 +26,14 @@ from a broad component), with a rate per label fitted from the data. EM:
   hottest dwarfs, the metal-poor stars), so the stars left out were those that hold the model's edges; with
   exact catalogue values (errors -> 0) 36 were left out and the held-out [Fe/H] from APOGEE was 1.4x that
   of the fit on the same labels taken as exact (``benchmarks/README.md``, session 16).
-- Refinement (:func:`_refined`): the model of the last M-step infers every training star's core labels from
-  its own spectra, these are combined with the catalogue values, and the model is fitted once more on them.
   The E-step's posterior is not conditioned on the star's flux under the model being fitted (it uses another
   fold's model, tempered), so its error is independent of the flux given the mean, and E[f | data] = theta . v(mean)
   to first order: the regression-calibration fit is consistent. Label draws from that posterior (the expected
   design products E[v v^T]) would add its variance to the design without the matching covariance with the flux
   and attenuate every slope by the posterior's share of the label's variance (``benchmarks/README.md``,
   session 14).
+- Refinement (:func:`_refined`): the model of the last M-step infers every training star's core labels from
+  its own spectra, these are combined with the catalogue values, and the model is fitted once more on them.
 
 The iterations stop when no training star's posterior mean moves by more than ``tol`` of its standard
 deviation or after ``max_iter``; the objective (per star, the negative log-likelihood of its catalogue values
@@ -550,14 +550,15 @@ def fit_latent(params, setup, fitted: FittedBridge, sources: dict, prepared: dic
                     if spectra[s][1] is not None}
         prepared = {s: band_limited(params, setup, s, weighted[s]) if s in weighted else prepared[s]
                     for s in SURVEYS}
-    parts = _fit_on(params, setup, sources, prepared, np.arange(n_stars), fit_labels)  # the M-step, every star
+    every, noise = np.arange(n_stars), bool(params.coefficient_uncertainty)
+    parts = _fit_on(params, setup, sources, prepared, every, fit_labels, noise and not REFINE)  # the M-step
     if REFINE:
         # the core labels again, as this model infers them from each star's spectra, with the catalogue
         bar.total += 1
         refined = _refined(replace(base, apogee=parts["apogee"], galah=parts["galah"]), spectra, latent,
                            values, precision, fitted.n_core)
         latent = replace(latent, refined=refined)
-        parts = _fit_on(params, setup, sources, prepared, np.arange(n_stars), latent.fit_labels(fitted))
+        parts = _fit_on(params, setup, sources, prepared, every, latent.fit_labels(fitted), noise)
     bar.update(bar.total - bar.n)
     bar.close()
     return parts, replace(latent, converged=converged), choice
@@ -631,11 +632,13 @@ def _covariance_root(covariance) -> np.ndarray:
     return vectors * np.sqrt(np.maximum(values, 0.0))[:, None, :]
 
 
-def _fit_on(params, setup, sources, prepared, stars, labels):
-    """The survey parts fitted on ``stars`` with ``labels`` (every training star's, physical units)."""
+def _fit_on(params, setup, sources, prepared, stars, labels, coefficient_noise: bool = False):
+    """The survey parts fitted on ``stars`` with ``labels`` (every training star's, physical units); their
+    coefficients' noise only for a model that will run the test step with it (the EM's own models run without:
+    ``base`` has ``coefficient_uncertainty`` False)."""
     return fit_surveys(params, replace(setup, progress=False), {s: sources[s].take_rows(stars) for s in SURVEYS},
                        labels[stars], prepared={s: prepared[s].take_rows(stars) for s in SURVEYS},
-                       coefficient_noise=bool(params.coefficient_uncertainty))
+                       coefficient_noise=coefficient_noise)
 
 
 def training_labels(fitted: FittedBridge, labels, latent: LatentLabels):
